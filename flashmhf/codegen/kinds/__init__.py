@@ -1,0 +1,20 @@
+"""Registry of kernel kinds. Each kind lives in its own module next to its template's name."""
+
+from __future__ import annotations
+
+from flashmhf.codegen.kinds.base import Config, KernelKind, Param, format_config
+from flashmhf.codegen.kinds.fwd import FWD
+
+KINDS: dict[str, KernelKind] = {k.name: k for k in (FWD,)}
+
+
+def get_kind(name: str) -> KernelKind:
+    from flashmhf.codegen.spec import SpecError
+
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise SpecError(f"kind must be one of {', '.join(KINDS)}, got {name!r}") from None
+
+
+__all__ = ["KINDS", "Config", "KernelKind", "Param", "format_config", "get_kind"]

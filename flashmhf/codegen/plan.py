@@ -1,0 +1,65 @@
+"""Derived constants a template needs for one spec: everything computed once, before rendering."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flashmhf.codegen.kinds import get_kind
+from flashmhf.codegen.kinds.base import is_pow2, next_pow2
+from flashmhf.codegen.spec import Spec, validate_spec
+
+TL_DTYPES = {"bf16": "tl.bfloat16", "fp16": "tl.float16", "fp32": "tl.float32"}
+TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: Spec
+    d_pad: int  # head dim padded to a power of two (tl.arange / tl.dot need one)
+    mask_d: bool  # whether loads and stores along d_h need a mask
+    group: int  # query heads per kv head
+    d_ff: int
+    tl_dtype: str
+    torch_dtype: str
+    # fp32 inputs are multiplied exactly (ieee); 16-bit inputs use the tensor cores' native mode.
+    dot_precision: str
+
+    def template_vars(self) -> dict:
+        s = self.spec
+        return {
+            "spec": s,
+            "H": s.n_heads,
+            "H_KV": s.n_kv_heads,
+            "GROUP": self.group,
+            "D_H": s.head_dim,
+            "D_PAD": self.d_pad,
+            "MASK_D": self.mask_d,
+            "E": s.n_experts,
+            "D_E": s.expert_dim,
+            "D_FF": self.d_ff,
+            "DTYPE": self.tl_dtype,
+            "TORCH_DTYPE": self.torch_dtype,
+            "DOT_PRECISION": self.dot_precision,
+        }
+
+    def tiles_per_expert(self, block_f: int) -> int:
+        return self.spec.expert_dim // block_f
+
+
+def plan(spec: Spec) -> Plan:
+    """Validate ``spec`` (raising ``SpecError`` with the reason) and derive its constants."""
+    from flashmhf.codegen.kinds import KINDS
+
+    validate_spec(spec, tuple(KINDS))
+    get_kind(spec.kind)
+    d_pad = next_pow2(spec.head_dim)
+    return Plan(
+        spec=spec,
+        d_pad=d_pad,
+        mask_d=not is_pow2(spec.head_dim),
+        group=spec.group,
+        d_ff=spec.d_ff,
+        tl_dtype=TL_DTYPES[spec.dtype],
+        torch_dtype=TORCH_DTYPES[spec.dtype],
+        dot_precision="ieee" if spec.dtype == "fp32" else "tf32",
+    )
