@@ -82,7 +82,7 @@ class KernelKind:
                 raise SpecError(f"config {p.name} must be a positive integer, got {value!r}")
         reason = self.reject(spec, config, tokens)
         if reason:
-            raise SpecError(f"config {format_config(config)} rejected for {spec.label()}: {reason}")
+            raise SpecError(f"{format_config(config)} rejected for {spec.label()}: {reason}")
 
     def space(self, spec: Spec, tokens: int | None = None) -> Iterator[Config]:
         """Every declared config that the constraints accept, in a deterministic order."""

@@ -1,0 +1,1 @@
+"""The SQLite store of tuning results (sqlite-utils): schema, writes, lookup and management."""

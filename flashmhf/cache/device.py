@@ -1,0 +1,57 @@
+"""Identity of the machine a tuning result belongs to: device, compute capability, compiler versions."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from functools import cache
+
+# Results measured under Triton's CPU interpreter carry this name, which no GPU can ever have.
+INTERPRETER_DEVICE_NAME = "triton-interpreter-cpu"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str  # normalised, e.g. "nvidia-h200"
+    capability: str  # e.g. "9.0"; "0.0" for the interpreter
+    triton_version: str
+    torch_version: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def normalise_device_name(raw: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200'; 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _versions() -> tuple[str, str]:
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover - triton is a dependency on Linux
+        triton_version = "none"
+    return triton_version, torch.__version__.split("+")[0]
+
+
+@cache
+def device_info(index: int | None = None) -> DeviceInfo:
+    """The identity of CUDA device ``index`` (default: current), or of the interpreter on CPU."""
+    import torch
+
+    triton_version, torch_version = _versions()
+    if index is None and (interpreting() or not torch.cuda.is_available()):
+        return DeviceInfo(INTERPRETER_DEVICE_NAME, "0.0", triton_version, torch_version)
+    idx = torch.cuda.current_device() if index is None else index
+    major, minor = torch.cuda.get_device_capability(idx)
+    name = normalise_device_name(torch.cuda.get_device_name(idx))
+    return DeviceInfo(name, f"{major}.{minor}", triton_version, torch_version)

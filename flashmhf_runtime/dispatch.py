@@ -1,0 +1,127 @@
+"""Spec + token count -> config -> launcher, memoised so a call after the first is one dict hit.
+
+Config choice, in order: an explicit ``config``; the tuned-kernel cache (flashmhf.cache); the kind's
+safe heuristic default, with a one-time warning naming the ``flashmhf tune`` command to run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import warnings
+from collections.abc import Callable
+
+from flashmhf.cache import lookup
+from flashmhf.cache.device import DeviceInfo, device_info
+from flashmhf.codegen import Config, Spec, SpecError, format_config, get_kind, load
+
+log = logging.getLogger("flashmhf.dispatch")
+
+Launcher = Callable[..., object]
+
+# (kind, H, H_kv, d_h, E, d_e, dtype, token bucket, device index) -> launcher with its config bound
+_launchers: dict[tuple, Launcher] = {}
+_chosen: dict[tuple, tuple[Config, str]] = {}
+_warned: set[tuple] = set()
+_lock = threading.Lock()
+
+
+def token_bucket(tokens: int) -> int:
+    """Tokens rounded up to a power of two: the granularity at which configs are tuned and chosen."""
+    return 1 if tokens <= 1 else 1 << (tokens - 1).bit_length()
+
+
+def tune_command(spec: Spec, bucket: int) -> str:
+    kv = f" --kv-heads {spec.n_kv_heads}" if spec.n_kv_heads != spec.n_heads else ""
+    return (
+        f"flashmhf tune --d-model {spec.d_model} --heads {spec.n_heads}{kv} --d-ff {spec.d_ff} "
+        f"--experts {spec.n_experts} --dtype {spec.dtype} --kind {spec.kind} --tokens {bucket}"
+    )
+
+
+def choose_config(spec: Spec, tokens: int, device: DeviceInfo) -> tuple[Config, str]:
+    """The tuned config for this key if one is cached, else the heuristic default (warning once)."""
+    bucket = token_bucket(tokens)
+    found = lookup.find_config(spec, bucket, device)
+    if found is not None:
+        return found
+    key = (spec, device.name)
+    if key not in _warned:
+        _warned.add(key)
+        if not device.name.startswith("triton-interpreter"):
+            warnings.warn(
+                f"flashmhf: no tuned {spec.kind} kernel for {spec.label()} on {device.name}; using a default "
+                f"config. Tune it with: {tune_command(spec, bucket)}",
+                stacklevel=4,
+            )
+    return get_kind(spec.kind).default(spec, bucket), "default"
+
+
+def _bind(spec: Spec, config: Config) -> Launcher:
+    return functools.partial(load(spec).launch, **config)
+
+
+def _first_launch(key: tuple, spec: Spec, tokens: int, device: DeviceInfo, args: tuple) -> object:
+    """Slow path of the first call for a key: choose, compile, and demote a cached config that fails."""
+    config, source = choose_config(spec, tokens, device)
+    launcher = _bind(spec, config)
+    try:
+        result = launcher(*args)
+    except Exception as exc:  # noqa: BLE001 - any compile/launch failure of a cached config
+        if source == "default":
+            raise
+        warnings.warn(
+            f"flashmhf: cached config {format_config(config)} for {spec.label()} failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); using the default",
+            stacklevel=3,
+        )
+        lookup.demote(spec, token_bucket(tokens), device, config, repr(exc))
+        config, source = get_kind(spec.kind).default(spec, token_bucket(tokens)), "default (cached demoted)"
+        launcher = _bind(spec, config)
+        result = launcher(*args)
+    log.debug("%s tokens=%d: config %s from %s", spec.label(), tokens, format_config(config), source)
+    with _lock:
+        _launchers[key] = launcher
+        _chosen[key] = (config, source)
+    return result
+
+
+def launch(spec_key: tuple, tokens: int, device_index: int | None, *args) -> object:
+    """Launch the kernel for ``spec_key`` = (kind, H, H_kv, d_h, E, d_e, dtype) on ``args``."""
+    key = (*spec_key, token_bucket(tokens), device_index)
+    launcher = _launchers.get(key)
+    if launcher is not None:
+        return launcher(*args)
+    spec = Spec(*spec_key)
+    return _first_launch(key, spec, tokens, device_info(device_index), args)
+
+
+@functools.lru_cache(maxsize=256)
+def _explicit_launcher(spec: Spec, items: tuple[tuple[str, int], ...]) -> Launcher:
+    config = dict(items)
+    get_kind(spec.kind).check_config(spec, config)
+    return _bind(spec, config)
+
+
+def launch_with_config(spec_key: tuple, config: Config, *args) -> object:
+    """Launch with an explicit config (validated once per distinct config)."""
+    try:
+        launcher = _explicit_launcher(Spec(*spec_key), tuple(sorted(config.items())))
+    except SpecError as exc:
+        raise ValueError(f"config: {exc}") from None
+    return launcher(*args)
+
+
+def chosen_configs() -> dict[tuple, tuple[Config, str]]:
+    """What this process has chosen so far, per key (for `flashmhf doctor` and debugging)."""
+    return dict(_chosen)
+
+
+def reset() -> None:
+    """Forget every memoised choice (tests, or after the cache files changed)."""
+    with _lock:
+        _launchers.clear()
+        _chosen.clear()
+        _warned.clear()
+    _explicit_launcher.cache_clear()

@@ -1,0 +1,36 @@
+"""Shared test helpers: random inputs (never zeros), the float64 reference and the error measure."""
+
+from __future__ import annotations
+
+import torch
+
+from flashmhf_runtime import reference
+
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-4}
+POISON = float("nan")
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error; NaN anywhere in ``out`` gives inf (so poison is caught)."""
+    out = out.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref.double()).norm() / ref.double().norm()).item()
+
+
+def core_inputs(tokens, h, h_kv, d_h, e, d_e, dtype, device="cpu", seed=None, lead=None, r_dtype=torch.float32):
+    """Fresh random core inputs scaled like a trained layer: q ~ N(0,1), weights ~ N(0, 1/d_h)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    lead = lead or (tokens,)
+    q = torch.randn(*lead, h, d_h, generator=g)
+    k, u, v = (torch.randn(h_kv, e, d_e, d_h, generator=g) * d_h**-0.5 for _ in range(3))
+    r = torch.softmax(torch.randn(*lead, h, e, generator=g), -1)
+    return (
+        q.to(device, dtype),
+        *(w.to(device, dtype) for w in (k, u, v)),
+        r.to(device, r_dtype),
+    )
+
+
+def reference_core(q, k, u, v, r) -> torch.Tensor:
+    return reference.flash_mhf(*(t.double().cpu() for t in (q, k, u, v, r)))
