@@ -34,7 +34,8 @@ def check_core_inputs(
         raise ValueError(f"k: expected H_kv dividing H={n_heads} heads of q, got H_kv={n_kv}")
     expected_r = (*q.shape[:-1], n_exp)
     if tuple(r.shape) != expected_r:
-        raise ValueError(f"r: expected shape ({', '.join(map(str, expected_r))}) (q's leading dims, E), got {_shape(r)}")
+        want = ", ".join(map(str, expected_r))
+        raise ValueError(f"r: expected shape ({want}) (q's leading dims, E), got {_shape(r)}")
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"q: expected dtype bfloat16, float16 or float32, got {q.dtype}")
     for name, t in (("k", k), ("u", u), ("v", v)):

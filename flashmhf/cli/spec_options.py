@@ -55,7 +55,9 @@ def shape_from_options(
         return p.n_heads, kv_heads or p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, p.name
     missing = [k for k, v in explicit.items() if v is None]
     if missing:
-        raise SpecError(f"give --preset NAME or all of --d-model/--heads/--d-ff/--experts (missing {', '.join(missing)})")
+        raise SpecError(
+            f"give --preset NAME or all of --d-model/--heads/--d-ff/--experts (missing {', '.join(missing)})"
+        )
     for name, value in explicit.items():
         if value <= 0:
             raise SpecError(f"{name} must be positive, got {value}")

@@ -1,0 +1,1 @@
+"""Side-by-side measurements of the op, the layer and the baselines."""

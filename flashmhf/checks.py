@@ -1,0 +1,40 @@
+"""Correctness checks shared by the tuner and the benchmarks: random inputs and the float64 reference."""
+
+from __future__ import annotations
+
+import torch
+
+from flashmhf_runtime import reference
+
+
+def reference_f64(q, k, u, v, r, chunk: int = 2048) -> torch.Tensor:
+    """float64 reference of the core, chunked over tokens so large T fits in memory."""
+    k64, u64, v64 = (w.double() for w in (k, u, v))
+    q2, r2 = q.reshape(-1, *q.shape[-2:]), r.reshape(-1, *r.shape[-2:])
+    parts = [
+        reference.flash_mhf(q2[i : i + chunk].double(), k64, u64, v64, r2[i : i + chunk].double())
+        for i in range(0, q2.shape[0], chunk)
+    ]
+    return torch.cat(parts).view(q.shape)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error; any non-finite value (e.g. unwritten poison) counts as inf."""
+    out = out.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def core_inputs(spec_or_shape, tokens: int, dtype: torch.dtype, device, seed: int):
+    """Fresh random inputs scaled like a trained layer (q ~ N(0,1), weights ~ N(0, 1/d_h), r on the
+    simplex). ``spec_or_shape`` is a Spec or (H, H_kv, d_h, E, d_e)."""
+    s = spec_or_shape
+    h, h_kv, d_h, e, d_e = (
+        (s.n_heads, s.n_kv_heads, s.head_dim, s.n_experts, s.expert_dim) if hasattr(s, "n_heads") else s
+    )
+    kw = dict(device=device, generator=torch.Generator(device=device).manual_seed(seed))
+    q = torch.randn(tokens, h, d_h, **kw).to(dtype)
+    k, u, v = ((torch.randn(h_kv, e, d_e, d_h, **kw) * d_h**-0.5).to(dtype) for _ in range(3))
+    r = torch.softmax(torch.randn(tokens, h, e, **kw), -1)
+    return q, k, u, v, r
