@@ -67,7 +67,7 @@ def grid(tokens: int, quick: bool):
         if quick:
             axes = dict(block_m=(128,), block_f=(64, 128), num_warps=(8,), num_stages=(3,), split=(1,))
     else:
-        axes = dict(block_m=(16, 32, 64), block_f=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4),
+        axes = dict(block_m=(16, 64), block_f=(64, 128), num_warps=(4,), num_stages=(2, 3, 4),
                     split=(1, 4, 8, 16, 32))
         if quick:
             axes = dict(block_m=(16,), block_f=(64,), num_warps=(4,), num_stages=(3,), split=(8, 16))

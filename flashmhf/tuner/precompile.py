@@ -21,26 +21,29 @@ def _example_tokens(tokens: int) -> int:
     return 32 if tokens % 16 == 0 else 33
 
 
-def _compile_one(spec: Spec, config: Config, tokens: int) -> str | None:
+def _compile_one(spec: Spec, config: Config, tokens: int, device: str = "cuda") -> str | None:
     """Run the kernel once on small inputs of the same specialisation class; return an error or None."""
     import torch
 
     from flashmhf.tuner.runner import make_args, run_kind
 
     try:
-        args = make_args(spec, _example_tokens(tokens), device="cuda", seed=0)
+        args = make_args(spec, _example_tokens(tokens), device=device, seed=0)
         run_kind(spec, config, args)
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         return None
     except Exception as exc:  # noqa: BLE001 - reported to the caller as a failed compile
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
-def precompile(jobs: Iterable[tuple[Spec, Config, int]], workers: int | None = None) -> list[str | None]:
+def precompile(
+    jobs: Iterable[tuple[Spec, Config, int]], workers: int | None = None, device: str = "cuda"
+) -> list[str | None]:
     """Compile each (spec, config, tokens) job; returns the error text (or None) per job, in order."""
     jobs = list(jobs)
     workers = workers or max(1, min(len(jobs), (os.cpu_count() or 2) - 1, 16))
     if workers <= 1 or len(jobs) <= 1:
-        return [_compile_one(*job) for job in jobs]
+        return [_compile_one(*job, device=device) for job in jobs]
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        return list(pool.map(_compile_one, *zip(*jobs)))
+        return list(pool.map(_compile_one, *zip(*jobs), [device] * len(jobs)))
