@@ -1,0 +1,155 @@
+"""The FlashMHF layer (DESIGN.md §1): a drop-in replacement for a Transformer's SwiGLU FFN.
+
+``y = W_out · core(q, K, U, V, router(q))`` with ``q = norm(W_in x)`` viewed per head; the core is
+``fm.flash_mhf`` (generated kernels on CUDA). Parameter layout and initialisation follow the
+authors' public code, so their checkpoints load through ``flashmhf_runtime.checkpoint``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from flashmhf_runtime import reference
+from flashmhf_runtime.op import flash_mhf
+from flashmhf_runtime.presets import get_preset
+
+# Initialisation of the authors' public configs (initializer_range 0.02, w_self gains 0.707).
+INIT_STD = 0.02
+PROJ_GAIN = 0.707
+HEAD_NORM_EPS = 1e-5
+
+Core = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def _check_divides(name: str, value: int, of_name: str, of: int) -> None:
+    if of % value:
+        raise ValueError(f"{name}: expected a divisor of {of_name}={of}, got {value}")
+
+
+class HeadRMSNorm(nn.Module):
+    """Per-head RMSNorm over d_h with a weight per head, (H, d_h); computed in fp32."""
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float = HEAD_NORM_EPS, *, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim, device=device, dtype=dtype))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return reference.head_rms_norm(q, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class FlashMHF(nn.Module):
+    """Flash Multi-Head FFN mapping (..., d_model) to (..., d_model).
+
+    d_model = n_heads · d_h and d_ff = n_experts · d_e. ``n_kv_heads`` < ``n_heads`` shares K/U/V
+    across groups of heads (head h uses kv head ``h // (n_heads // n_kv_heads)``). ``head_norm``
+    adds the per-head RMSNorm of q used by the authors' 370M/1.3B configs.
+
+    ``core_fn`` (an attribute, default ``None`` = ``fm.flash_mhf``) swaps the core for another
+    function of (q, k, u, v, r), e.g. the reference for a side-by-side run.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        n_experts: int,
+        *,
+        n_kv_heads: int | None = None,
+        head_norm: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        d_model = _check_positive_int("d_model", d_model)
+        n_heads = _check_positive_int("n_heads", n_heads)
+        d_ff = _check_positive_int("d_ff", d_ff)
+        n_experts = _check_positive_int("n_experts", n_experts)
+        n_kv_heads = n_heads if n_kv_heads is None else _check_positive_int("n_kv_heads", n_kv_heads)
+        _check_divides("n_heads", n_heads, "d_model", d_model)
+        _check_divides("n_experts", n_experts, "d_ff", d_ff)
+        _check_divides("n_kv_heads", n_kv_heads, "n_heads", n_heads)
+        if not isinstance(head_norm, bool):
+            raise ValueError(f"head_norm: expected a bool, got {head_norm!r}")
+
+        self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.d_ff, self.n_experts = d_ff, n_experts
+        self.expert_dim = d_ff // n_experts
+        self.core_fn: Core | None = None
+
+        factory = dict(device=device, dtype=dtype)
+        kuv_shape = (n_kv_heads, n_experts, self.expert_dim, self.head_dim)
+        self.w_in = nn.Linear(d_model, d_model, bias=False, **factory)
+        self.head_norm = HeadRMSNorm(n_heads, self.head_dim, **factory) if head_norm else None
+        self.k = nn.Parameter(torch.empty(kuv_shape, **factory))
+        self.u = nn.Parameter(torch.empty(kuv_shape, **factory))
+        self.v = nn.Parameter(torch.empty(kuv_shape, **factory))
+        self.router = nn.Parameter(torch.empty(n_heads, self.head_dim, n_experts, **factory))
+        self.w_out = nn.Linear(d_model, d_model, bias=False, **factory)
+        self.reset_parameters()
+
+    @classmethod
+    def from_preset(cls, name: str, **kw) -> FlashMHF:
+        """The layer of preset ``name`` (see ``fm.PRESETS``); ``kw`` overrides head_norm,
+        n_kv_heads, device, dtype."""
+        p = get_preset(name)
+        kw.setdefault("head_norm", p.head_norm)
+        kw.setdefault("n_kv_heads", p.n_kv_heads)
+        return cls(p.d_model, p.n_heads, p.d_ff, p.n_experts, **kw)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The authors' init: projections xavier-uniform (gain 0.707), K/U/V normal(0, 0.02),
+        router trunc_normal(0, 0.02) with torch's default bounds (±2 absolute, as in their code)."""
+        nn.init.xavier_uniform_(self.w_in.weight, gain=PROJ_GAIN)
+        nn.init.xavier_uniform_(self.w_out.weight, gain=PROJ_GAIN)
+        for w in (self.k, self.u, self.v):
+            nn.init.normal_(w, mean=0.0, std=INIT_STD)
+        if self.router.is_meta or self.router.dtype in (torch.float32, torch.float64):
+            nn.init.trunc_normal_(self.router, mean=0.0, std=INIT_STD)
+        else:  # erfinv is missing for 16-bit dtypes on some backends: draw in fp32
+            self.router.copy_(nn.init.trunc_normal_(torch.empty_like(self.router, dtype=torch.float32), std=INIT_STD))
+        if self.head_norm is not None:
+            nn.init.ones_(self.head_norm.weight)
+
+    def route(self, q: torch.Tensor) -> torch.Tensor:
+        """Router weights r (..., H, E) in fp32, also under autocast."""
+        if torch.is_autocast_enabled(q.device.type):
+            with torch.autocast(q.device.type, enabled=False):
+                return reference.router(q, self.router)
+        return reference.router(q, self.router)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.d_model,):
+            raise ValueError(f"x: expected shape (..., {self.d_model}), got {tuple(x.shape)}")
+        q = self.w_in(x).unflatten(-1, (self.n_heads, self.head_dim))
+        if self.head_norm is not None:
+            q = self.head_norm(q)
+        r = self.route(q)
+        # Under autocast q is 16-bit while the weights stay fp32: the core takes one dtype.
+        k, u, v = (w.to(q.dtype) for w in (self.k, self.u, self.v))
+        core = self.core_fn or flash_mhf
+        s = core(q, k, u, v, r)
+        return self.w_out(s.flatten(-2))
+
+    def extra_repr(self) -> str:
+        kv = f", n_kv_heads={self.n_kv_heads}" if self.n_kv_heads != self.n_heads else ""
+        return (
+            f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, d_ff={self.d_ff}, "
+            f"n_experts={self.n_experts}, expert_dim={self.expert_dim}{kv}, "
+            f"head_norm={self.head_norm is not None}"
+        )
