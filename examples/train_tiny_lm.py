@@ -43,10 +43,13 @@ def stdlib_root() -> Path:
 def load_corpus(max_bytes: int) -> torch.Tensor:
     """The first ``max_bytes`` bytes of the stdlib's .py files in sorted path order (uint8)."""
     root = stdlib_root()
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Third-party packages may live under the stdlib directory: skip them (and caches).
+        dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")]
+        paths += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
     chunks, total = [], 0
-    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
-        if {"site-packages", "dist-packages", "__pycache__"} & set(path.relative_to(root).parts):
-            continue
+    for path in sorted(paths, key=lambda p: p.relative_to(root).as_posix()):
         try:
             data = path.read_bytes()
         except OSError:
