@@ -1,0 +1,70 @@
+"""Backward core kernel, part 1: dq and dr. Grid over (row tiles, kv heads), one loop over d_ff tiles.
+
+Rows are (token, head-of-the-group) pairs as in the forward. Each d_ff tile recomputes
+m = q K_e^T, n = q U_e^T and da = ds V_e^T, then adds dm K_e + dn U_e to the fp32 dq tile: 5 GEMMs
+per tile. dr[t, h, e] is a row sum accumulated over the tiles of sub-network e and stored when its
+last tile is done. No workspace: the kernel writes only dq and dr.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from flashmhf.codegen.kinds import bwd_common
+from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param, next_pow2
+from flashmhf.codegen.kinds.bwd_common import REG_OVERHEAD, block_f_choices, common_reject, row_tile
+from flashmhf.codegen.spec import Spec
+
+
+def estimate_smem(spec: Spec, c: Config) -> int:
+    """Pipelined K/U/V tiles, the resident q and ds tiles and the two staged dm/dn tiles, in bytes."""
+    b = DTYPE_BYTES[spec.dtype]
+    d_pad = next_pow2(spec.head_dim)
+    bm, bf = c["block_m"], c["block_f"]
+    stages = max(c["num_stages"], 1)
+    return stages * 3 * bf * d_pad * b + 2 * bm * d_pad * b + 2 * bm * bf * b
+
+
+def estimate_regs(spec: Spec, c: Config) -> int:
+    """fp32 dq accumulator plus the three (rows x d_ff-tile) products m, n, da, per thread."""
+    d_pad = next_pow2(spec.head_dim)
+    bm, bf = c["block_m"], c["block_f"]
+    return (bm * d_pad + 3 * bm * bf) // (c["num_warps"] * 32) + REG_OVERHEAD
+
+
+def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
+    return common_reject(spec, c, tokens, estimate_smem(spec, c), estimate_regs(spec, c))
+
+
+def default(spec: Spec, tokens: int) -> Config:
+    """Up to 128 rows per program, 64-wide d_ff tiles, the deepest pipeline that fits."""
+    preferred = row_tile(tokens, spec, 128)
+    for bm in (preferred, *(b for b in (64, 32, 16) if b < preferred)):
+        for bf in block_f_choices(spec):
+            for stages in (3, 2, 1):
+                c = {"block_m": bm, "block_f": bf, "num_warps": 8 if bm >= 128 else 4, "num_stages": stages}
+                if reject(spec, c, None) is None:
+                    return c
+    raise AssertionError(f"no default fits {spec.label()}")  # unreachable for validated specs
+
+
+def flops(spec: Spec, tokens: int) -> float:
+    """Executed FLOPs: 5 GEMMs of 2*T*d_model*d_ff each (m, n, da recomputed; dm K and dn U)."""
+    return 10.0 * tokens * spec.d_model * spec.d_ff
+
+
+BWD_DQ = KernelKind(
+    name="bwd_dq",
+    template="bwd_dq.py.jinja",
+    description="backward dq, dr: recompute q K_e^T, q U_e^T, ds V_e^T per d_ff tile; dq += dm K_e + dn U_e",
+    params=(
+        Param("block_m", (16, 32, 64, 128, 256), help="rows (token x head-of-group) per program"),
+        Param("block_f", (16, 32, 64, 128, 256), help="d_ff columns per loop step"),
+        Param("num_warps", (4, 8), help="warps per program"),
+        Param("num_stages", (1, 2, 3, 4, 5), log2=False, help="software-pipeline depth"),
+    ),
+    reject=reject,
+    default=default,
+    flops=flops,
+    extra_hash=(inspect.getsource(bwd_common), inspect.getsource(estimate_smem), inspect.getsource(estimate_regs)),
+)
