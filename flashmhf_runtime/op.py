@@ -1,6 +1,11 @@
 """The core op ``flash_mhf``: generated Triton kernels on CUDA (and under TRITON_INTERPRET=1 on CPU),
 the plain-PyTorch reference elsewhere. Registered as the torch custom op ``flashmhf::core`` so that
-torch.compile and CUDA graphs see one opaque node; eager inference calls skip the dispatcher."""
+torch.compile and CUDA graphs see one opaque node; eager inference calls skip the dispatcher.
+
+Autograd: ``flashmhf::core`` saves only its inputs q, k, u, v, r (never anything of size T x d_ff);
+its backward is the custom op ``flashmhf::core_bwd``, which launches ``bwd_dq`` (dq, dr) and
+``bwd_dkuv`` (dK, dU, dV). It allocates nothing but the gradients, with sizes known from the input
+shapes alone (no host sync), so it can be captured in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import torch
 from flashmhf.cache.device import interpreting
 from flashmhf.codegen import Config
 from flashmhf_runtime import dispatch, reference
-from flashmhf_runtime.validation import DTYPE_NAMES, check_core_inputs
+from flashmhf_runtime.validation import DTYPE_NAMES, check_core_inputs, check_grad_output
 
 _INTERPRET = interpreting()
 
@@ -54,6 +59,56 @@ def core_forward(
     return out.view(q.shape)
 
 
+def _reference_backward(q, k, u, v, r, ds) -> tuple[torch.Tensor, ...]:
+    """The written-out reference backward in fp32 (16-bit math on CPU is slow and inexact)."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    return reference.flash_mhf_backward(*(t.to(wide) for t in (q, k, u, v, r, ds)))
+
+
+def core_backward(
+    q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, ds: torch.Tensor,
+    need_dq_dr: bool = True, need_dkuv: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, du, dv, dr) of the core for the output gradient ``ds`` (shaped like q).
+
+    dq, dk, du, dv come in q's dtype and dr in r's. A gradient that is not asked for (``need_dq_dr``
+    covers dq and dr, ``need_dkuv`` dk, du and dv) comes back as an empty tensor, so its kernel is
+    skipped."""
+    n_heads, n_kv, head_dim, n_exp, d_e = check_core_inputs(q, k, u, v, r)
+    check_grad_output(q, ds)
+    if not uses_kernels(q.device):
+        grads = _reference_backward(q, k, u, v, r, ds)
+        wanted = (need_dq_dr, need_dkuv, need_dkuv, need_dkuv, need_dq_dr)
+        dtypes = (q.dtype, q.dtype, q.dtype, q.dtype, r.dtype)
+        return tuple(  # type: ignore[return-value]
+            g.to(dt) if w else torch.empty(0, dtype=dt, device=q.device) for g, w, dt in zip(grads, wanted, dtypes)
+        )
+    q3 = as_rows(q, (n_heads, head_dim))
+    r3 = as_rows(r, (n_heads, n_exp))
+    ds3 = as_rows(ds, (n_heads, head_dim))
+    k, u, v = (w if w.is_contiguous() else w.contiguous() for w in (k, u, v))
+    n_tokens = q3.shape[0]
+    dtype_name = DTYPE_NAMES[q.dtype]
+    # Gradients not asked for are distinct empty tensors (a custom op's outputs may not alias).
+    dq, dk, du, dv = (torch.empty(0, dtype=q.dtype, device=q.device) for _ in range(4))
+    dr = torch.empty(0, dtype=r.dtype, device=q.device)
+    if need_dq_dr:
+        dq = torch.empty((n_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
+        dr = torch.empty((n_tokens, n_heads, n_exp), dtype=r.dtype, device=q.device)
+        if n_tokens:
+            spec_key = ("bwd_dq", n_heads, n_kv, head_dim, n_exp, d_e, dtype_name)
+            dispatch.launch(spec_key, n_tokens, q.device.index, q3, k, u, v, r3, ds3, dq, dr)
+        dq, dr = dq.view(q.shape), dr.view(r.shape)
+    if need_dkuv:
+        if n_tokens:
+            dk, du, dv = (torch.empty_like(k, memory_format=torch.contiguous_format) for _ in range(3))
+            spec_key = ("bwd_dkuv", n_heads, n_kv, head_dim, n_exp, d_e, dtype_name)
+            dispatch.launch(spec_key, n_tokens, q.device.index, q3, k, u, v, r3, ds3, dk, du, dv)
+        else:
+            dk, du, dv = (torch.zeros_like(k) for _ in range(3))
+    return dq, dk, du, dv, dr
+
+
 def config_to_str(config: Config | None) -> str:
     return "" if not config else ",".join(f"{k}={int(v)}" for k, v in sorted(config.items()))
 
@@ -66,7 +121,9 @@ def config_from_str(text: str) -> Config | None:
 
 
 @torch.library.custom_op("flashmhf::core", mutates_args=())
-def core_op(q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, config: str) -> torch.Tensor:
+def core_op(
+    q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, config: str
+) -> torch.Tensor:
     return core_forward(q, k, u, v, r, config_from_str(config))
 
 
@@ -74,6 +131,52 @@ def core_op(q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, v: torch.Tensor, 
 def _core_op_fake(q, k, u, v, r, config):
     check_core_inputs(q, k, u, v, r)
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _grad_shapes(q, k, r, need_dq_dr: bool, need_dkuv: bool):
+    """Shapes and dtypes of core_bwd's outputs (empty for a gradient not asked for)."""
+    return (
+        (q.shape if need_dq_dr else (0,), q.dtype),
+        *(((k.shape if need_dkuv else (0,)), q.dtype) for _ in range(3)),
+        (r.shape if need_dq_dr else (0,), r.dtype),
+    )
+
+
+@torch.library.custom_op("flashmhf::core_bwd", mutates_args=())
+def core_bwd_op(
+    q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, ds: torch.Tensor,
+    need_dq_dr: bool, need_dkuv: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return core_backward(q, k, u, v, r, ds, need_dq_dr, need_dkuv)
+
+
+@core_bwd_op.register_fake
+def _core_bwd_op_fake(q, k, u, v, r, ds, need_dq_dr, need_dkuv):
+    check_core_inputs(q, k, u, v, r)
+    check_grad_output(q, ds)
+    shapes = _grad_shapes(q, k, r, need_dq_dr, need_dkuv)
+    return tuple(torch.empty(shape, dtype=dtype, device=q.device) for shape, dtype in shapes)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, u, v, r, _config = inputs
+    ctx.save_for_backward(q, k, u, v, r)  # only the inputs: backward recomputes q K^T and q U^T
+
+
+def _backward(ctx, ds):
+    q, k, u, v, r = ctx.saved_tensors
+    need_q, need_k, need_u, need_v, need_r = ctx.needs_input_grad[:5]
+    need_dq_dr, need_dkuv = need_q or need_r, need_k or need_u or need_v
+    if not (need_dq_dr or need_dkuv):
+        return None, None, None, None, None, None
+    dq, dk, du, dv, dr = core_bwd_op(q, k, u, v, r, ds, need_dq_dr, need_dkuv)
+    return (
+        dq if need_q else None, dk if need_k else None, du if need_u else None, dv if need_v else None,
+        dr if need_r else None, None,
+    )
+
+
+core_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _needs_graph(tensors: tuple[torch.Tensor, ...]) -> bool:
@@ -94,8 +197,9 @@ def flash_mhf(
     """FlashMHF core: ``s[t,h] = sum_e r[t,h,e] (silu(q K_e^T) * q U_e^T) V_e`` for each token and head.
 
     q: (..., H, d_h); k, u, v: (H_kv, E, d_e, d_h); r: (..., H, E), fp32 or q's dtype. Returns s
-    shaped like q. ``config`` pins a kernel config (see ``flashmhf show``); by default the tuned one
-    for this GPU and token count is used, else a safe default.
+    shaped like q. ``config`` pins the forward kernel's config (see ``flashmhf show``); by default
+    the tuned one for this GPU and token count is used, else a safe default. The backward (kernels
+    ``bwd_dq`` and ``bwd_dkuv``) always takes the tuned or default config of each kind.
     """
     if _needs_graph((q, k, u, v, r)):
         return core_op(q, k, u, v, r, config_to_str(config))

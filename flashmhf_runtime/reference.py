@@ -25,6 +25,34 @@ def flash_mhf(q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, v: torch.Tensor
     return torch.einsum("...hef,hefd->...hd", a, v)
 
 
+def flash_mhf_backward(
+    q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, ds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, du, dv, dr) of :func:`flash_mhf` for the output gradient ``ds``, written out
+    (DESIGN.md §1) rather than by autograd, so it also runs where autograd is off (inside a custom op).
+    Computed in the dtype of q; ``dr`` in that dtype too."""
+    h, h_kv = q.shape[-2], k.shape[0]
+    group = h // h_kv
+    ke, ue, ve = (w.repeat_interleave(group, dim=0) for w in (k, u, v))
+    m = torch.einsum("...hd,hefd->...hef", q, ke)
+    n = torch.einsum("...hd,hefd->...hef", q, ue)
+    da = torch.einsum("...hd,hefd->...hef", ds, ve)
+    sig = torch.sigmoid(m)
+    silu = m * sig
+    r_ = r.to(q.dtype).unsqueeze(-1)
+    dr = (da * silu * n).sum(-1)
+    dn = r_ * da * silu
+    dm = r_ * da * n * (sig + silu * (1 - sig))
+    dq = torch.einsum("...hef,hefd->...hd", dm, ke) + torch.einsum("...hef,hefd->...hd", dn, ue)
+
+    def per_kv_head(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # Sum over tokens, then over the heads sharing each kv head: (H_kv, E, d_e, d_h).
+        w = torch.einsum("...hef,...hd->hefd", x, y)
+        return w.unflatten(0, (h_kv, group)).sum(1)
+
+    return dq, per_kv_head(dm, q), per_kv_head(dn, q), per_kv_head(silu * n * r_, ds), dr
+
+
 def router(q: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
     """Sigmoid gate normalised to sum 1 over the sub-networks, in fp32. q: (..., H, d_h)."""
     logits = torch.einsum("...hd,hde->...he", q.float(), w_router.float())

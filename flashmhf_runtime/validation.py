@@ -47,3 +47,15 @@ def check_core_inputs(
         if t.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} (same as q), got {t.device}")
     return n_heads, n_kv, head_dim, n_exp, d_e
+
+
+def check_grad_output(q: torch.Tensor, ds: torch.Tensor) -> None:
+    """The gradient of s must match s = the core's output: q's shape, dtype and device."""
+    if not isinstance(ds, torch.Tensor):
+        raise ValueError(f"ds: expected a torch.Tensor, got {type(ds).__name__}")
+    if ds.shape != q.shape:
+        raise ValueError(f"ds: expected shape {_shape(q)} (same as q), got {_shape(ds)}")
+    if ds.dtype != q.dtype:
+        raise ValueError(f"ds: expected dtype {q.dtype} (same as q), got {ds.dtype}")
+    if ds.device != q.device:
+        raise ValueError(f"ds: expected device {q.device} (same as q), got {ds.device}")
