@@ -343,7 +343,25 @@ def test_checkpoint_norm_weight_without_head_norm():
 # ------------------------------------------------------------------------------ torch.compile
 
 
-def test_compile_fullgraph_forward_matches_eager():
+# What CPU users without TRITON_INTERPRET get: the reference inside the custom op.
+CPU_REFERENCE_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="op._reference_forward/_reference_backward return non-contiguous tensors while the fakes return "
+    "contiguous ones, so compiled graphs' views fail (fix: .contiguous() on their results); drop this mark then",
+)
+CORE_PATHS = ["interpreter", pytest.param("cpu-reference", marks=CPU_REFERENCE_XFAIL)]
+
+
+def use_core_path(core_path: str, monkeypatch) -> None:
+    if core_path == "cpu-reference":
+        from flashmhf_runtime import op
+
+        monkeypatch.setattr(op, "_INTERPRET", False)
+
+
+@pytest.mark.parametrize("core_path", CORE_PATHS)
+def test_compile_fullgraph_forward_matches_eager(core_path, monkeypatch):
+    use_core_path(core_path, monkeypatch)
     torch._dynamo.reset()
     layer = make_layer(head_norm=True)
     x = torch.randn(2, 3, 32)
@@ -352,8 +370,10 @@ def test_compile_fullgraph_forward_matches_eager():
         assert torch.allclose(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
 
 
-def test_compile_fullgraph_backward_matches_eager():
+@pytest.mark.parametrize("core_path", CORE_PATHS)
+def test_compile_fullgraph_backward_matches_eager(core_path, monkeypatch):
     needs_core_autograd()
+    use_core_path(core_path, monkeypatch)
     torch._dynamo.reset()
     layer = make_layer(head_norm=True, n_kv_heads=1)
     x = torch.randn(2, 3, 32, requires_grad=True)
