@@ -29,7 +29,8 @@ def uses_kernels(device: torch.device) -> bool:
 def _reference_forward(q, k, u, v, r) -> torch.Tensor:
     # 16-bit math on CPU is slow and inexact: compute in fp32 (or better) and cast back.
     wide = torch.promote_types(q.dtype, torch.float32)
-    return reference.flash_mhf(q.to(wide), k.to(wide), u.to(wide), v.to(wide), r.to(wide)).to(q.dtype)
+    s = reference.flash_mhf(q.to(wide), k.to(wide), u.to(wide), v.to(wide), r.to(wide))
+    return s.to(q.dtype).contiguous()  # contiguous like the kernels' output and the fake's
 
 
 def as_rows(t: torch.Tensor, last_two: tuple[int, int]) -> torch.Tensor:
@@ -81,7 +82,8 @@ def core_backward(
         wanted = (need_dq_dr, need_dkuv, need_dkuv, need_dkuv, need_dq_dr)
         dtypes = (q.dtype, q.dtype, q.dtype, q.dtype, r.dtype)
         return tuple(  # type: ignore[return-value]
-            g.to(dt) if w else torch.empty(0, dtype=dt, device=q.device) for g, w, dt in zip(grads, wanted, dtypes)
+            g.to(dt).contiguous() if w else torch.empty(0, dtype=dt, device=q.device)
+            for g, w, dt in zip(grads, wanted, dtypes)
         )
     q3 = as_rows(q, (n_heads, head_dim))
     r3 = as_rows(r, (n_heads, n_exp))

@@ -344,12 +344,7 @@ def test_checkpoint_norm_weight_without_head_norm():
 
 
 # What CPU users without TRITON_INTERPRET get: the reference inside the custom op.
-CPU_REFERENCE_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="op._reference_forward/_reference_backward return non-contiguous tensors while the fakes return "
-    "contiguous ones, so compiled graphs' views fail (fix: .contiguous() on their results); drop this mark then",
-)
-CORE_PATHS = ["interpreter", pytest.param("cpu-reference", marks=CPU_REFERENCE_XFAIL)]
+CORE_PATHS = ["interpreter", "cpu-reference"]
 
 
 def use_core_path(core_path: str, monkeypatch) -> None:
