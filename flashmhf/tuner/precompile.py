@@ -25,11 +25,10 @@ def _compile_one(spec: Spec, config: Config, tokens: int, device: str = "cuda") 
     """Run the kernel once on small inputs of the same specialisation class; return an error or None."""
     import torch
 
-    from flashmhf.tuner.runner import make_args, run_kind
+    from flashmhf.tuner.harness import make_problem
 
     try:
-        args = make_args(spec, _example_tokens(tokens), device=device, seed=0)
-        run_kind(spec, config, args)
+        make_problem(spec, _example_tokens(tokens), device, seed=0, with_reference=False).run(config)
         if device == "cuda":
             torch.cuda.synchronize()
         return None
@@ -47,3 +46,27 @@ def precompile(
         return [_compile_one(*job, device=device) for job in jobs]
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         return list(pool.map(_compile_one, *zip(*jobs), [device] * len(jobs)))
+
+
+class CompilePool:
+    """A persistent pool of compile processes (each pays for its CUDA context once per session)."""
+
+    def __init__(self, workers: int | None = None, device: str = "cuda") -> None:
+        self.workers = workers or max(1, min((os.cpu_count() or 2) - 1, 12))
+        self.device = device
+        self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+
+    def compile(self, jobs: list[tuple[Spec, Config, int]]) -> list[str | None]:
+        """Compile the jobs in parallel; errors are returned, not raised (the measure step records them)."""
+        if not jobs:
+            return []
+        return list(self._pool.map(_compile_one, *zip(*jobs), [self.device] * len(jobs)))
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+    def __enter__(self) -> CompilePool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -20,6 +20,8 @@ from flashmhf.codegen.spec import Spec
 
 # Enough programs to fill a large GPU twice over; beyond this, splitting d_ff only adds traffic.
 SPLIT_TARGET_PROGRAMS = 264
+# A grid this large already fills the GPU (an H200 has 132 SMs): the default does not split it.
+FULL_GRID_PROGRAMS = 100
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -70,7 +72,7 @@ def default(spec: Spec, tokens: int) -> Config:
     programs = _cdiv(rows, block_m) * spec.n_kv_heads
     split = 1
     n_ftiles = spec.d_ff // block_f
-    while programs * split * 2 <= SPLIT_TARGET_PROGRAMS and split * 2 <= n_ftiles:
+    while programs < FULL_GRID_PROGRAMS and programs * split * 2 <= SPLIT_TARGET_PROGRAMS and split * 2 <= n_ftiles:
         split *= 2
     candidates = [
         {"block_m": block_m, "block_f": block_f, "num_warps": 8 if block_m >= 128 else 4, "num_stages": s,

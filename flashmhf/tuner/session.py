@@ -1,0 +1,115 @@
+"""A tuning session: every (kind, spec, token bucket) of a request, one after another, sharing one
+measuring worker, one compile pool, the cache and the Optuna storage, under one time budget."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from flashmhf.cache.device import device_info, interpreting
+from flashmhf.cache.store import TuningCache
+from flashmhf.codegen import Spec, get_kind
+from flashmhf.tuner.precompile import CompilePool
+from flashmhf.tuner.search import Search, SearchResult
+from flashmhf.tuner.worker import MeasureWorker
+
+DEFAULT_BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384)
+# Under the CPU interpreter a miniature of the layer is tuned at small token counts.
+INTERPRETER_BUCKETS = (1, 16)
+
+
+def miniature(spec: Spec) -> Spec:
+    """A CPU-sized version of ``spec`` (at most 2 heads and 2 sub-networks; head and sub-network
+    widths kept, so the same masks and tile constraints are exercised)."""
+    h = min(spec.n_heads, 2)
+    h_kv = h if spec.n_kv_heads == spec.n_heads else 1
+    return Spec(spec.kind, h, h_kv, spec.head_dim, min(spec.n_experts, 2), spec.expert_dim, spec.dtype)
+
+
+def default_journal(cache_path: Path) -> Path:
+    return cache_path.with_name(cache_path.stem + ".optuna.journal")
+
+
+def open_storage(url: str | None, cache_path: Path) -> optuna.storages.BaseStorage:
+    """``None``: a journal file next to the cache; ``journal:PATH`` or ``*.journal``: that journal
+    file; anything else: an Optuna RDB URL (``sqlite:///…``, ``postgresql://…``)."""
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if url is None:
+        path = default_journal(cache_path)
+    elif url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+    elif url.endswith(".journal"):
+        path = Path(url)
+    else:
+        try:
+            return RDBStorage(url)
+        except Exception as exc:  # noqa: BLE001 - report any bad URL in one line
+            raise ValueError(f"--storage: cannot open Optuna storage {url!r}: {exc}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+@dataclass
+class Request:
+    specs: list[Spec]
+    buckets: tuple[int, ...]
+    trials: int
+    time_budget_s: float | None
+    cache_path: Path
+    storage_url: str | None = None
+    seed: int | None = None
+    shared: bool = False  # several workers on the same studies (tune --gpus / --worker)
+    isolate: bool = True  # measure in a child process (crash containment)
+    compile_workers: int | None = None  # parallel compile processes (GPU only); 0 disables
+
+
+ProgressFn = Callable[[str, int, int, float | None, float | None], None]
+
+
+def run(request: Request, progress: ProgressFn | None = None) -> list[SearchResult]:
+    """Tune every (spec, bucket) of ``request``; ``progress(label, done, goal, best_ms, best_tflops)``."""
+    device = device_info()
+    cache = TuningCache(request.cache_path)
+    storage = open_storage(request.storage_url, request.cache_path)
+    jobs = [(spec, b) for spec in request.specs for b in request.buckets]
+    deadline = time.monotonic() + (request.time_budget_s if request.time_budget_s else math.inf)
+    pool = None
+    if not interpreting() and request.compile_workers != 0:
+        pool = CompilePool(request.compile_workers)
+    results: list[SearchResult] = []
+    try:
+        with MeasureWorker(isolate=request.isolate) as worker:
+            for i, (spec, bucket) in enumerate(jobs):
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                share = (deadline - now) / (len(jobs) - i) if math.isfinite(deadline) else math.inf
+                label = f"{spec.label()} T={bucket}"
+                flop = get_kind(spec.kind).flops(spec, bucket)
+
+                def report(_, done, goal, best_ms, label=label, flop=flop):
+                    if progress:
+                        tf = flop / (best_ms * 1e-3) / 1e12 if best_ms else None
+                        progress(label, done, goal, best_ms, tf)
+
+                search = Search(
+                    spec, bucket, device, cache, storage, worker, trials=request.trials,
+                    deadline=now + share, seed=None if request.seed is None else request.seed + i,
+                    shared=request.shared, on_measure=report, compile_pool=pool,
+                )
+                report(None, search._measured_in_space(), search._goal(), None)
+                results.append(search.run())
+            for spec in request.specs:
+                cache.record_source(spec)  # for inspection only; never executed
+    finally:
+        if pool is not None:
+            pool.close()
+        cache.close()
+    return results

@@ -1,0 +1,117 @@
+"""A measuring subprocess that survives candidates which crash the CUDA context or hang.
+
+The parent sends (spec, tokens, seed, config); the child keeps the current problem's inputs and
+reference between candidates, measures, and answers with a Measurement. If the child dies or
+exceeds the timeout it is killed, the candidate is recorded as a crash, and a new child starts.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from multiprocessing.connection import Connection
+
+from flashmhf.codegen import Config, Spec
+from flashmhf.tuner.measure import Measurement
+
+
+def _child(conn: Connection, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    from flashmhf.cache.device import interpreting
+    from flashmhf.tuner.harness import make_problem
+    from flashmhf.tuner.measure import measure
+
+    interpreter = interpreting()
+    device = "cpu" if interpreter else "cuda"
+    current = None
+    problem = None
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        spec, tokens, seed, config = msg
+        if current != (spec, tokens, seed):
+            problem = None  # free the previous inputs first
+            problem = make_problem(spec, tokens, device, seed)
+            current = (spec, tokens, seed)
+        result = measure(problem, config, interpreter=interpreter)
+        conn.send(result)
+        if result.status == "crash":
+            return  # the CUDA context may be unusable: let the parent start a fresh child
+
+
+class MeasureWorker:
+    """Measures candidates in a child process (``isolate=True``) or in this process."""
+
+    def __init__(self, env: dict[str, str] | None = None, timeout_s: float = 300.0, isolate: bool = True):
+        self.env = dict(env or {})
+        self.timeout_s = timeout_s
+        self.isolate = isolate
+        self._proc: mp.Process | None = None
+        self._conn: Connection | None = None
+        self._local = None
+        self.restarts = 0
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_child, args=(child, self.env), daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def _stop(self) -> None:
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc.join(5)
+        self._proc, self._conn = None, None
+
+    def measure(self, spec: Spec, tokens: int, seed: int, config: Config) -> Measurement:
+        if not self.isolate:
+            return self._measure_here(spec, tokens, seed, config)
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        assert self._conn is not None
+        try:
+            self._conn.send((spec, tokens, seed, config))
+            if self._conn.poll(self.timeout_s):
+                result = self._conn.recv()
+                if result.status == "crash":
+                    self._stop()
+                    self.restarts += 1
+                return result
+            error = f"timeout: no answer within {self.timeout_s:.0f} s"
+        except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
+            code = self._proc.exitcode if self._proc else "?"
+            error = f"worker process died ({type(exc).__name__}, exit code {code})"
+        self._stop()
+        self.restarts += 1
+        return Measurement("crash", error=error)
+
+    def _measure_here(self, spec: Spec, tokens: int, seed: int, config: Config) -> Measurement:
+        from flashmhf.cache.device import interpreting
+        from flashmhf.tuner.harness import make_problem
+        from flashmhf.tuner.measure import measure
+
+        key = (spec, tokens, seed)
+        if self._local is None or self._local[0] != key:
+            self._local = (key, make_problem(spec, tokens, "cpu" if interpreting() else "cuda", seed))
+        return measure(self._local[1], config, interpreter=interpreting())
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        self._stop()
+
+    def __enter__(self) -> MeasureWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
