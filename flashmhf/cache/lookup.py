@@ -1,15 +1,205 @@
-"""Runtime lookup of tuned configs (placeholder until the cache lands: always a miss)."""
+"""Runtime lookup of tuned configs in the cache files in effect (DESIGN §4).
+
+Order: the files of ``FLASHMHF_CACHE`` → the user's cache file → the shipped files. The first file
+that has a usable result for (kind, spec, device name, capability) answers, with the exact token
+bucket or else the nearest tuned bucket in log2 space (ties: the larger bucket). Usable means:
+measured under the running Triton version with the installed template hash, not demoted in this
+process, and accepted by the kind's ``check_config`` (for a nearest bucket, at the requested
+bucket's token count, so a tile too large for it is not borrowed). Results that exist only for
+another Triton version or template are not used; a one-time warning says so and names the
+`flashmhf tune` command. A file that cannot be read (corrupt, newer schema, not ours) is reported
+once and skipped. Each file's best rows are read once per process; :func:`invalidate` forgets them.
+
+The runtime never writes to cache files: :func:`demote` is in-process only (a config that failed
+here may work after a driver update; re-tuning records real failures).
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
 from flashmhf.cache.device import DeviceInfo
+from flashmhf.cache.paths import ROLE_OVERLAY, cache_files_in_effect
 from flashmhf.codegen import Config, Spec
 
+log = logging.getLogger("flashmhf.cache")
 
-def find_config(spec: Spec, tokens: int, device: DeviceInfo) -> tuple[Config, str] | None:
-    """Best cached config for (spec, token bucket, device) and a description of where it came from."""
+
+class CacheWarning(UserWarning):
+    """A cache file skipped, or tuned results that this installation cannot use."""
+
+
+@dataclass(frozen=True)
+class _Row:
+    bucket: int
+    triton_version: str
+    template_hash: str
+    config: dict
+    median_ms: float
+
+
+# (kind, H, H_kv, d_h, E, d_e, dtype, device name, capability) -> best rows of that spec on that device
+_View = dict[tuple, list[_Row]]
+
+_views: dict[Path, _View | None] = {}
+_memo: dict[tuple, tuple[Config, str] | None] = {}
+_demoted: set[tuple] = set()
+_warned: set[tuple] = set()
+_lock = threading.RLock()
+
+
+def _warn_once(tag: tuple, message: str) -> None:
+    with _lock:
+        if tag in _warned:
+            return
+        _warned.add(tag)
+    log.warning(message)
+    warnings.warn(message, CacheWarning, stacklevel=5)
+
+
+def _spec_device_key(spec: Spec, device: DeviceInfo) -> tuple:
+    return (spec.kind, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.n_experts, spec.expert_dim, spec.dtype,
+            device.name, device.capability)
+
+
+def _read_file(path: Path) -> _View:
+    from flashmhf.cache.store import TuningCache
+
+    view: _View = {}
+    with TuningCache(path, readonly=True) as cache:
+        for key, trial in cache.best_rows():
+            spec_key = (key.kind, key.n_heads, key.n_kv_heads, key.head_dim, key.n_experts, key.expert_dim,
+                        key.dtype, key.device, key.capability)
+            view.setdefault(spec_key, []).append(
+                _Row(key.bucket, key.triton_version, key.template_hash, trial.config, trial.median_ms or 0.0)
+            )
+    return view
+
+
+def _view(path: Path, role: str) -> _View | None:
+    """The best rows of one file, read once; None (reported once) when it cannot be used."""
+    with _lock:
+        if path in _views:
+            return _views[path]
+    view: _View | None
+    if not path.is_file():
+        view = None
+        if role == ROLE_OVERLAY:
+            _warn_once(("missing", path), f"flashmhf: FLASHMHF_CACHE names {path}, which does not exist; skipped")
+    else:
+        try:
+            view = _read_file(path)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped; the model runs on defaults
+            view = None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if str(path) not in reason:
+                reason = f"{path}: {reason}"
+            _warn_once(("bad", path), f"flashmhf: skipping tuning cache ({role}) {reason}; run `flashmhf cache "
+                                      f"verify --cache {path}`")
+    with _lock:
+        _views[path] = view
+    return view
+
+
+def _config_id(config: dict) -> tuple:
+    return tuple(sorted(config.items()))
+
+
+def _stale_warning(spec: Spec, bucket: int, device: DeviceInfo, stale: list[tuple[str, Path, _Row]]) -> None:
+    from flashmhf.codegen import template_hash
+    from flashmhf_runtime.dispatch import tune_command
+
+    role, path, row = stale[0]
+    _warn_once(
+        ("stale", _spec_device_key(spec, device)),
+        f"flashmhf: tuned {spec.kind} configs for {spec.label()} on {device.name} in {role}:{path} were measured "
+        f"under Triton {row.triton_version} with template {row.template_hash} (running Triton "
+        f"{device.triton_version}, template {template_hash(spec.kind)}); they are not used. "
+        f"Re-tune with: {tune_command(spec, bucket)}",
+    )
+
+
+def _pick(spec: Spec, bucket: int, rows: list[_Row], where: str) -> tuple[Config, str] | None:
+    """The exact bucket's config, else the nearest (log2 distance, ties to the larger) the kind accepts."""
+    from flashmhf.codegen import SpecError, get_kind
+
+    kind = get_kind(spec.kind)
+    for row in sorted(rows, key=lambda r: (abs(math.log2(r.bucket) - math.log2(bucket)), -r.bucket, r.median_ms)):
+        try:
+            kind.check_config(spec, row.config, None if row.bucket == bucket else bucket)
+        except SpecError as exc:
+            log.info("flashmhf: cached config in %s skipped for %s bucket %d: %s", where, spec.label(), bucket, exc)
+            continue
+        return dict(row.config), f"{where} bucket {row.bucket}"
     return None
 
 
-def demote(spec: Spec, tokens: int, device: DeviceInfo, config: Config, reason: str) -> None:
-    """Stop using ``config`` for this key in this process (it failed to compile or run)."""
+def _find(spec: Spec, bucket: int, device: DeviceInfo) -> tuple[Config, str] | None:
+    from flashmhf.codegen import template_hash
+
+    current = template_hash(spec.kind)
+    spec_key = _spec_device_key(spec, device)
+    stale: list[tuple[str, Path, _Row]] = []
+    result = None
+    for path, role in cache_files_in_effect():
+        view = _view(path, role)
+        usable = []
+        for row in view.get(spec_key, []) if view else []:
+            if row.triton_version != device.triton_version or row.template_hash != current:
+                stale.append((role, path, row))
+            elif (spec_key, _config_id(row.config)) not in _demoted:
+                usable.append(row)
+        result = _pick(spec, bucket, usable, f"{role}:{path}")
+        if result is not None:
+            break
+    if stale and (result is None or not result[1].endswith(f" bucket {bucket}")):
+        _stale_warning(spec, bucket, device, stale)
+    return result
+
+
+def find_config(spec: Spec, bucket: int, device: DeviceInfo) -> tuple[Config, str] | None:
+    """Best cached config for (spec, token bucket, device) and where it came from, e.g.
+    ``("…", "user:/home/me/.cache/flashmhf/tuned.sqlite bucket 64")``; None when nothing usable is cached.
+
+    Never raises for a bad cache file (it is reported once and skipped).
+    """
+    memo_key = (spec, bucket, device)
+    with _lock:
+        if memo_key in _memo:
+            hit = _memo[memo_key]
+            return None if hit is None else (dict(hit[0]), hit[1])
+    result = _find(spec, bucket, device)
+    with _lock:
+        _memo[memo_key] = result
+    return None if result is None else (dict(result[0]), result[1])
+
+
+def demote(spec: Spec, bucket: int, device: DeviceInfo, config: Config, reason: str) -> None:
+    """Stop using ``config`` for ``spec`` on this device in this process, at every bucket.
+
+    A config that fails to compile or launch fails whatever the token count, so it is dropped for
+    the whole spec; the lookup then falls back to the next usable result. Nothing is written.
+    """
+    log.warning("flashmhf: demoting cached config %s for %s (bucket %d) on %s: %s",
+                config, spec.label(), bucket, device.name, reason)
+    with _lock:
+        _demoted.add((_spec_device_key(spec, device), _config_id(config)))
+        for key in [k for k in _memo if k[0] == spec and k[2] == device]:
+            del _memo[key]
+
+
+def invalidate() -> None:
+    """Forget everything read, chosen, demoted and warned (tests, or after the cache files changed).
+
+    The runtime's dispatch memoises its own choices too: call ``flashmhf_runtime.dispatch.reset()``.
+    """
+    with _lock:
+        _views.clear()
+        _memo.clear()
+        _demoted.clear()
+        _warned.clear()

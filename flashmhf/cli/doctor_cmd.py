@@ -1,0 +1,126 @@
+"""`flashmhf doctor`: GPU, versions, cache files in effect, and what is tuned for this GPU."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from importlib import metadata
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from flashmhf.cache.device import device_info, interpreting
+from flashmhf.cache.summary import TunedEntry, files_report, tuned_entries
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _driver_version() -> str:
+    """The NVIDIA driver version from nvidia-smi (torch does not report it); '?' if unavailable."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return "?"
+    try:
+        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout
+        return out.splitlines()[0].strip() if out.strip() else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def _gpu_lines() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ["no GPU: kernels run under the Triton interpreter (TRITON_INTERPRET=1) / the PyTorch reference"]
+    lines = [f"driver {_driver_version()}, CUDA runtime {torch.version.cuda}"]
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        lines.append(f"GPU {i}: {p.name}, compute capability {p.major}.{p.minor}, "
+                     f"{p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
+    if interpreting():
+        lines.append("TRITON_INTERPRET=1: kernels run under the Triton interpreter, not on the GPU")
+    return lines
+
+
+def _buckets(entries: list[TunedEntry]) -> str:
+    return " ".join(str(b) for b in sorted({e.key.bucket for e in entries})) or "-"
+
+
+def _tuned_table(entries: list[TunedEntry]) -> Table:
+    from flashmhf_runtime.presets import PRESETS
+
+    by_shape: dict[tuple, list[TunedEntry]] = defaultdict(list)
+    for e in entries:
+        k = e.key
+        by_shape[(k.n_heads, k.n_kv_heads, k.head_dim, k.n_experts, k.expert_dim)].append(e)
+    table = Table("shape", "kind", "dtype", "tuned token buckets", "stale / not usable here",
+                  title="tuned for this device (usable = same Triton version and template hash)")
+    rows: list[tuple[str, list[TunedEntry]]] = []
+    named = set()
+    for p in PRESETS.values():
+        shape = (p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim)
+        named.add(shape)
+        rows.append((p.name, by_shape.get(shape, [])))
+    for shape, es in sorted(by_shape.items()):
+        if shape not in named:
+            h, h_kv, d_h, e, d_e = shape
+            rows.append((f"H{h}/{h_kv} d_h{d_h} E{e}x{d_e}", es))
+    for label, es in rows:
+        if not es:
+            table.add_row(label, "-", "-", "nothing tuned", "")
+            continue
+        groups: dict[tuple[str, str], list[TunedEntry]] = defaultdict(list)
+        for e in es:
+            groups[(e.key.kind, e.key.dtype)].append(e)
+        for (kind, dtype), ge in sorted(groups.items()):
+            usable = [e for e in ge if e.stale is None]
+            stale = [e for e in ge if e.stale is not None]
+            reasons = sorted({e.stale for e in stale if e.stale})
+            table.add_row(label, kind, dtype, _buckets(usable),
+                          (_buckets(stale) + f" ({'; '.join(reasons)})") if stale else "")
+            label = ""
+    return table
+
+
+@click.command()
+def doctor() -> None:
+    """Show the GPU, versions, the cache files in effect and what is tuned for this GPU."""
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    optuna = _version("optuna")
+    versions = Table("component", "version", title="versions", show_header=False)
+    for name, value in (
+        ("flashmhf", _version("flashmhf") or "source tree"),
+        ("Python", f"{platform.python_version()} ({sys.executable})"),
+        ("torch", _version("torch") or "not installed"),
+        ("triton", _version("triton") or "not installed"),
+        ("optuna", optuna or "not installed (needed by `flashmhf tune`: pip install 'flashmhf[tune]')"),
+        ("sqlite", __import__("sqlite3").sqlite_version),
+    ):
+        versions.add_row(name, value)
+    console.print(versions)
+    for line in _gpu_lines():
+        click.echo(line)
+    dev = device_info()
+    click.echo(f"lookup device: {dev.name} (compute capability {dev.capability}), Triton {dev.triton_version}")
+
+    files = Table("#", "role", "path", "state", "keys", "trials", "best", title="cache files in lookup order")
+    for i, r in enumerate(files_report(), 1):
+        c = r.counts or {}
+        files.add_row(str(i), r.role, str(r.path), r.state, *(str(c.get(n, "")) for n in ("keys", "trials", "best")))
+    console.print(files)
+
+    entries = tuned_entries(dev)
+    console.print(_tuned_table(entries))
+    if not any(e.stale is None for e in entries):
+        click.echo("nothing usable is tuned for this device: kernels use safe defaults. Tune with e.g. "
+                   "`flashmhf tune --preset repo-1.3b`.")
