@@ -1,0 +1,3 @@
+from flashmhf.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""The tuner end to end under the interpreter: pruning, encoding, search, cache writes, resume, crashes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("optuna")
+
+from flashmhf.cache.device import device_info  # noqa: E402
+from flashmhf.cache.store import ResultKey, TuningCache  # noqa: E402
+from flashmhf.codegen import Spec, get_kind  # noqa: E402
+from flashmhf.tuner import session  # noqa: E402
+from flashmhf.tuner.search import from_params, to_params  # noqa: E402
+from flashmhf.tuner.worker import MeasureWorker  # noqa: E402
+
+TINY = Spec("fwd", 2, 1, 32, 2, 32, "fp32")  # H_kv < H, tiny enough for the interpreter
+
+
+def test_space_is_pruned_before_compiling():
+    kind = get_kind("fwd")
+    spec = Spec("fwd", 16, 16, 128, 22, 256, "bf16")
+    space = list(kind.space(spec, 16384))
+    assert 0 < len(space) < kind.space_size()
+    assert all(kind.reject(spec, c, 16384) is None for c in space)
+    # Each rule bites: tile straddling sub-networks, too much shared memory, rows that are not there.
+    base = dict(block_m=128, block_f=64, num_warps=8, num_stages=3, split=1)
+    assert "does not divide" in kind.reject(Spec("fwd", 2, 2, 128, 2, 48, "bf16"), {**base, "block_f": 32}, None)
+    assert "shared memory" in kind.reject(spec, {**base, "block_f": 256, "num_stages": 5}, None)
+    assert "larger than the" in kind.reject(spec, {**base, "block_m": 64}, 1)
+    assert "registers" in kind.reject(spec, {**base, "block_m": 256, "num_warps": 4, "num_stages": 1}, None)
+
+
+def test_ordinal_encoding_round_trip():
+    kind = get_kind("fwd")
+    for config in list(kind.space(TINY, 16))[:20]:
+        params = to_params(kind, config)
+        assert params is not None and from_params(kind, params) == config
+    assert to_params(kind, {**next(kind.space(TINY, 16)), "block_m": 24}) is None
+
+
+def _request(tmp_path: Path, trials: int, **kw) -> session.Request:
+    return session.Request(specs=[TINY], buckets=(16,), trials=trials, time_budget_s=None,
+                           cache_path=tmp_path / "c.sqlite", seed=1, **kw)
+
+
+def test_tune_end_to_end_writes_checked_results(tmp_path):
+    [result] = session.run(_request(tmp_path, trials=5, isolate=False))
+    assert result.measured_total == 5 and result.measured_now == 5
+    assert result.best is not None and result.best.status == "ok"
+    with TuningCache(tmp_path / "c.sqlite") as cache:
+        trials = cache.trials(result.key)
+        assert len(trials) == 5
+        ok = [t for t in trials if t.ok]
+        assert result.best.median_ms == min(t.median_ms for t in ok)
+        assert result.key.device == "triton-interpreter-cpu"
+        assert cache.kernel_source(TINY) is not None  # stored for inspection
+    # The default config is always among the measured (it is the first seed).
+    assert result.default_ms is not None
+    assert result.trials_to_within_3pct is not None and 1 <= result.trials_to_within_3pct <= 5
+
+
+def test_interrupted_study_resumes_without_remeasuring(tmp_path):
+    session.run(_request(tmp_path, trials=3, isolate=False))
+    [again] = session.run(_request(tmp_path, trials=6, isolate=False))
+    assert again.measured_total == 6 and again.measured_now == 3
+    with TuningCache(tmp_path / "c.sqlite") as cache:
+        trials = cache.trials(again.key)
+    configs = [t.canonical_config() for t in trials]
+    assert len(configs) == 6 == len(set(configs))  # nothing measured twice
+
+
+def test_wrong_results_are_recorded_and_never_best(tmp_path, monkeypatch):
+    from flashmhf.tuner import harness
+
+    real_run = harness.Problem.run
+
+    def broken_for_small_tiles(self, config):
+        out = real_run(self, config)
+        if config["block_f"] == 16:
+            for t in self.outputs:
+                t.mul_(1.5)  # a plausible-looking but wrong result
+        return out
+
+    monkeypatch.setattr(harness.Problem, "run", broken_for_small_tiles)
+    [result] = session.run(_request(tmp_path, trials=8, isolate=False))
+    with TuningCache(tmp_path / "c.sqlite") as cache:
+        trials = cache.trials(result.key)
+    wrong = [t for t in trials if t.status == "wrong-result"]
+    assert wrong and all(t.config["block_f"] == 16 for t in wrong)
+    assert result.best.config["block_f"] != 16
+
+
+def test_worker_survives_a_hung_or_killed_child():
+    spec, config = TINY, get_kind("fwd").default(TINY, 16)
+    with MeasureWorker(timeout_s=0.01) as worker:  # the child cannot even start in time
+        m = worker.measure(spec, 16, 0, config)
+        assert m.status == "crash" and "timeout" in m.error
+    with MeasureWorker(timeout_s=120) as worker:
+        assert worker.measure(spec, 16, 0, config).status == "ok"
+        child = worker._proc
+        child.kill()
+        child.join()
+        m = worker.measure(spec, 16, 0, config)  # the dead child is noticed and replaced
+        assert m.status in ("ok", "crash")
+        assert worker.measure(spec, 16, 0, config).status == "ok"
+        assert worker._proc is not child
+
+
+def test_sigkilled_tune_leaves_a_valid_cache_and_resumes(tmp_path):
+    cache_path = tmp_path / "c.sqlite"
+    cmd = [sys.executable, "-m", "flashmhf.cli", "tune", "--d-model", "64", "--heads", "2", "--kv-heads", "1",
+           "--d-ff", "64", "--experts", "2", "--dtype", "fp32", "--kind", "fwd", "--tokens", "16",
+           "--trials", "40", "--cache", str(cache_path), "--seed", "3", "--no-isolate"]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    key = ResultKey.for_spec(TINY, 16, device_info())
+    deadline = time.time() + 120
+    n = 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if cache_path.exists():
+            with TuningCache(cache_path, readonly=True) as cache:
+                n = len(cache.trials(key))
+            if n >= 3:
+                break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert n >= 3, "the tuner did not record trials before the kill"
+    with TuningCache(cache_path) as cache:
+        assert cache.verify() == []
+        before = len(cache.trials(key))
+    [result] = session.run(session.Request(specs=[TINY], buckets=(16,), trials=before + 2, time_budget_s=None,
+                                           cache_path=cache_path, seed=4, isolate=False))
+    assert result.measured_total == before + 2 and result.measured_now == 2
