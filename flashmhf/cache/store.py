@@ -687,6 +687,12 @@ class TuningCache:
 
     def check(self) -> tuple[list[str], list[str]]:
         """(errors, warnings) about this file. Stale results (other template hash) are warnings."""
+        try:
+            return self._check()
+        except sqlite3.DatabaseError as exc:  # a damaged page deeper than the header
+            return [f"unreadable: {exc}"], []
+
+    def _check(self) -> tuple[list[str], list[str]]:
         errors: list[str] = []
         warnings: list[str] = []
         conn = self.conn

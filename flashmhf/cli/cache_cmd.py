@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -84,7 +85,17 @@ def _stale(key: ResultKey) -> str | None:
     return staleness(key, key.triton_version)
 
 
-@click.group()
+class _CacheGroup(click.Group):
+    """A file damaged beyond its header fails on first read: one line, like every other bad file."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except sqlite3.DatabaseError as exc:
+            raise click.ClickException(f"cache file unreadable ({exc}); `flashmhf cache verify` checks it") from None
+
+
+@click.group(cls=_CacheGroup)
 def cache() -> None:
     """Manage tuning-cache files (SQLite): list, show, export/import, merge, verify, remove."""
 
