@@ -102,7 +102,7 @@ class Search:
         on_measure: Callable[[SearchResult | None, int, int, float | None], None] | None = None,
         use_cache_measurements: bool = True,
         compile_pool: CompilePool | None = None,
-        batch: int = 8,
+        batch: int | None = None,
     ) -> None:
         self.spec, self.bucket, self.device = spec, bucket, device
         self.kind = get_kind(spec.kind)
@@ -117,7 +117,8 @@ class Search:
         self.on_measure = on_measure
         self.use_cache_measurements = use_cache_measurements
         self.compile_pool = compile_pool
-        self.batch = batch if compile_pool is not None else 1
+        # Proposals per round: as many as can be compiled in parallel (TPE's constant liar keeps them apart).
+        self.batch = batch if batch is not None else (8 if compile_pool is not None else 1)
         self.worker_id = uuid.uuid4().hex[:12]
         self.space = list(self.kind.space(spec, bucket))
         self.space_keys = {canonical_config(c) for c in self.space}
