@@ -119,6 +119,7 @@ def ls(cache_path: Path | None, filters: dict) -> None:
         counts = {k: len(c.trials(k)) for k in c.keys(**filters)}
     table = Table("kind", "shape", "dtype", "bucket", "device", "sm", "triton", "template", "trials", "best ms",
                   "best config", title=str(cache_path))
+    table.columns[-1].overflow = "fold"
     for key, n in counts.items():
         best = bests.get(key)
         stale = _stale(key)
