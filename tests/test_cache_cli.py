@@ -99,6 +99,12 @@ def test_export_import_merge(filled, tmp_path):
     line = one_error_line(run("cache", "import", str(filled)))
     assert "cache merge" in line
 
+    single = tmp_path / "single.sqlite"
+    result = run("cache", "export", "--cache", str(filled), "--dtype", "fp32", "-o", str(single))
+    assert result.exit_code == 0 and "exported 4 trials of 2 keys" in result.output
+    with TuningCache(single, readonly=True) as c:
+        assert c.counts()["trials"] == 4
+
     merged = tmp_path / "merged.sqlite"
     result = run("cache", "merge", str(filled), str(paths.user_cache_path()), "--cache", str(merged))
     assert result.exit_code == 0, result.output

@@ -356,3 +356,23 @@ def test_sigkill_mid_writes_leaves_a_consistent_file(tmp_path):
         for k in c.keys():
             oks = [t.median_ms for t in c.trials(k) if t.ok]
             assert c.best(k).median_ms == min(oks)
+
+
+def test_copy_to_writes_a_single_file_cache(tmp_path):
+    with TuningCache(tmp_path / "src.sqlite") as c:
+        c.record_trial(key(), cfg(), "ok", median_ms=2.0)
+        c.record_trial(key(), cfg(block_f=32), "ok", median_ms=1.0)
+        c.record_trial(key(dtype="bf16"), cfg(), "ok", median_ms=1.0)
+        c.record_source(SPEC)
+        c.record_source(dataclasses.replace(SPEC, dtype="bf16"))
+        dest = tmp_path / "nvidia-h200.sqlite"
+        assert c.copy_to(dest, dtype="fp32") == 2
+        with pytest.raises(ValueError, match="already exists"):
+            c.copy_to(dest)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("nvidia")) == ["nvidia-h200.sqlite"]
+    with sqlite3.connect(dest) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    with TuningCache(dest, readonly=True) as shipped:
+        assert shipped.keys() == [key()] and shipped.best(key()).config == cfg(block_f=32)
+        assert shipped.kernel_source(SPEC) and shipped.kernel_source(dataclasses.replace(SPEC, dtype="bf16")) is None
+        assert shipped.verify() == []

@@ -552,6 +552,30 @@ class TuningCache:
                 self.db["kernel_sources"].insert_all(sources, ignore=True)
         return added
 
+    def copy_to(self, dest: str | os.PathLike, **filters: Any) -> int:
+        """Write the keys matching ``filters`` (all trials, stored sources) to a new self-contained file.
+
+        The copy uses a rollback journal, not WAL, so it is one file that reads from a read-only
+        folder: the form to ship inside the package (``flashmhf/cache/shipped/<device>.sqlite``).
+        Returns the number of trials written.
+        """
+        dest = Path(dest).expanduser()
+        if dest.exists():
+            raise ValueError(f"{dest}: already exists (copy_to writes a new file)")
+        cond, params = _where(filters, prefix="k.")
+        rows = list(self._trial_rows(cond, params))
+        specs = {tuple(k.spec.to_dict().values()) for k, _ in rows}
+        spec_cols = [f.name for f in fields(Spec)]
+        sources = [r for r in self.db["kernel_sources"].rows if tuple(r[c] for c in spec_cols) in specs]
+        with TuningCache(dest) as out:
+            n = out._add_trials(rows)
+            if sources:
+                with out._write():
+                    out.db["kernel_sources"].insert_all(sources, ignore=True)
+            out.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            out.conn.execute("PRAGMA journal_mode = DELETE")
+        return n
+
     # ---- reads ---------------------------------------------------------------------------------
 
     def _trial_rows(self, cond: str = "1", params: list | None = None) -> Iterator[tuple[ResultKey, dict]]:
@@ -681,7 +705,9 @@ class TuningCache:
             doc = json.loads(text)
         except ValueError as exc:
             raise ValueError(f"{name}: not JSON ({exc})") from None
-        return self._add_trials(list(_parse_document(doc, name)))
+        from flashmhf.cache.portable import parse_document
+
+        return self._add_trials(list(parse_document(doc, name)))
 
     # ---- checks --------------------------------------------------------------------------------
 
@@ -794,60 +820,4 @@ class TuningCache:
         """Problems found by :meth:`check`: errors, then warnings prefixed ``warning:``."""
         errors, warnings = self.check()
         return errors + [f"warning: {w}" for w in warnings]
-
-
-def _parse_document(doc: Any, name: str) -> Iterator[tuple[ResultKey, dict]]:
-    """Validate an exported JSON document and yield (key, trial row) pairs."""
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ValueError(f"{name}: not a flashmhf tuning-cache export (expected \"format\": \"{FORMAT}\")")
-    version = doc.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise ValueError(f"{name}: schema_version must be an integer <= {SCHEMA_VERSION}, got {version!r}")
-    results = doc.get("results")
-    if not isinstance(results, list):
-        raise ValueError(f"{name}: \"results\" must be a list")
-    for i, result in enumerate(results):
-        where = f"{name}: results[{i}]"
-        if not isinstance(result, dict) or not isinstance(result.get("key"), dict):
-            raise ValueError(f"{where}: must be an object with a \"key\" object")
-        kd = result["key"]
-        if set(kd) != set(KEY_FIELDS):
-            raise ValueError(f"{where}.key: must have exactly the fields {', '.join(KEY_FIELDS)}")
-        key = ResultKey(**kd)
-        try:
-            key.validate()
-        except ValueError as exc:
-            raise ValueError(f"{where}.key: {exc}") from None
-        trials = result.get("trials")
-        if not isinstance(trials, list):
-            raise ValueError(f"{where}.trials: must be a list")
-        for j, t in enumerate(trials):
-            yield key, _parse_trial(t, f"{where}.trials[{j}]")
-
-
-def _parse_trial(t: Any, where: str) -> dict:
-    if not isinstance(t, dict):
-        raise ValueError(f"{where}: must be an object")
-    status = t.get("status")
-    if status not in STATUSES:
-        raise ValueError(f"{where}.status: must be one of {', '.join(STATUSES)}, got {status!r}")
-    if not isinstance(t.get("config"), dict):
-        raise ValueError(f"{where}.config: must be an object, got {t.get('config')!r}")
-    row = {"config": canonical_config(t["config"]), "status": status}
-    for name in ("median_ms", "p20_ms", "p80_ms"):
-        v = t.get(name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-            raise ValueError(f"{where}.{name}: must be a number or null, got {v!r}")
-        row[name] = None if v is None else float(v)
-    if status == "ok" and row["median_ms"] is None:
-        raise ValueError(f"{where}.median_ms: required for an 'ok' trial")
-    for name, default in (("torch_version", ""), ("error", None), ("source", None), ("host", "")):
-        v = t.get(name, default)
-        if v is not None and not isinstance(v, str):
-            raise ValueError(f"{where}.{name}: must be a string, got {v!r}")
-        row[name] = v if v is not None else default
-    if not isinstance(t.get("recorded_at"), str) or not t["recorded_at"]:
-        raise ValueError(f"{where}.recorded_at: must be a timestamp string")
-    row["recorded_at"] = t["recorded_at"]
-    return row
 

@@ -173,12 +173,19 @@ def show(cache_path: Path | None, filters: dict, limit: int, with_source: bool) 
 @cache.command()
 @_cache_option("export from this file")
 @filter_options
-@click.option("-o", "--output", default="-", show_default=True, help="JSON file to write ('-': stdout)")
+@click.option("-o", "--output", default="-", show_default=True,
+              help="JSON file to write ('-': stdout); a name ending in .sqlite writes a new single-file cache")
 def export(cache_path: Path | None, filters: dict, output: str) -> None:
-    """Export the matching keys with all their trials as JSON (portable and reviewable: contribute results)."""
+    """Export the matching keys with all their trials as JSON (portable and reviewable: contribute results).
+
+    With -o NAME.sqlite: a new self-contained cache file instead (e.g. one to ship for a GPU model).
+    """
     with _open(cache_path, readonly=True) as c:
         n_keys = len(c.keys(**filters))
-        n = c.export_json(sys.stdout if output == "-" else output, **filters)
+        if output.endswith(".sqlite"):
+            n = c.copy_to(output, **filters)
+        else:
+            n = c.export_json(sys.stdout if output == "-" else output, **filters)
     click.echo(f"exported {n} trials of {n_keys} keys from {c.path}" + ("" if output == "-" else f" to {output}"),
                err=True)
 
