@@ -107,7 +107,10 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int, t
     if gpus:
         from flashmhf.tuner import multi
 
-        multi.run_on_gpus(gpus, cache_path=cache_path, storage=storage, console=console)
+        failed = multi.run_on_gpus(gpus, cache_path=cache_path, storage=storage, console=console)
+        if failed:
+            raise click.ClickException(f"{failed} worker(s) failed; the cache holds what the others measured")
+        _print_cache_results(specs, cache_path)
         return
     interpreter = _use_interpreter_if_no_gpu(console)
     if interpreter:
@@ -143,6 +146,23 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int, t
 
         results = session.run(request, progress)
     _print_results(results, interpreter)
+
+
+def _print_cache_results(specs: list[Spec], cache_path: Path) -> None:
+    """After several workers: the best per key for these specs on this device, read from the cache."""
+    from flashmhf.cache.device import device_info
+    from flashmhf.cache.store import TuningCache
+
+    dev = device_info()
+    table = Table("kind", "dtype", "T", "best config", "ms", "trials")
+    with TuningCache(cache_path, readonly=True) as cache:
+        for s in specs:
+            for key, best in cache.best_rows(kind=s.kind, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads,
+                                             head_dim=s.head_dim, n_experts=s.n_experts, expert_dim=s.expert_dim,
+                                             dtype=s.dtype, device=dev.name):
+                table.add_row(key.kind, key.dtype, str(key.bucket), format_config(best.config),
+                              f"{best.median_ms:.4f}", str(len(cache.trials(key))))
+    Console(width=max(140, Console().width)).print(table)
 
 
 def _print_results(results, interpreter: bool) -> None:

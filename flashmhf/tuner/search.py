@@ -11,6 +11,7 @@ being measured again.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 import uuid
@@ -34,6 +35,8 @@ MAX_IDLE_PROPOSALS = 40
 # Several workers on one study: a worker claims a config, waits this long, and measures it only if
 # its claim is the one that stuck (last writer wins in every Optuna storage).
 CLAIM_SETTLE_S = 0.3
+# Claim values that leave a config free: never claimed, or released after its worker died.
+FREE_CLAIMS: tuple = (None, "released")
 
 
 def distributions(kind: KernelKind) -> dict[str, IntDistribution]:
@@ -120,10 +123,14 @@ class Search:
         # Proposals per round: as many as can be compiled in parallel (TPE's constant liar keeps them apart).
         self.batch = batch if batch is not None else (8 if compile_pool is not None else 1)
         self.worker_id = uuid.uuid4().hex[:12]
+        # Set by `tune --gpus` for each worker, so the parent can fail the trials of a worker that dies.
+        self.worker_tag = os.environ.get("FLASHMHF_WORKER_TAG", "")
+        self.claim_id = f"{self.worker_tag}|{self.worker_id}"
         self.space = list(self.kind.space(spec, bucket))
         self.space_keys = {canonical_config(c) for c in self.space}
         self.measured: dict[str, Trial | Measurement] = {}
         self.elsewhere: dict[str, float | None] = {}  # shared study: configs other workers took (ms or None)
+        self.pending: set[str] = set()  # picked for the current batch, not measured yet
         self.order: list[tuple[str, float | None]] = []  # measurement order: (config, ms or None)
         self.history: list[tuple[Config, Measurement]] = []
 
@@ -170,11 +177,11 @@ class Search:
         if not self.shared:
             return True
         attr = f"claim:{c}"
-        if study.user_attrs.get(attr) not in (None, self.worker_id):
+        if study.user_attrs.get(attr) not in FREE_CLAIMS + (self.claim_id,):
             return False
-        study.set_user_attr(attr, self.worker_id)
+        study.set_user_attr(attr, self.claim_id)
         time.sleep(CLAIM_SETTLE_S)
-        return self.storage.get_study_user_attrs(study._study_id).get(attr) == self.worker_id
+        return self.storage.get_study_user_attrs(study._study_id).get(attr) == self.claim_id
 
     # -- measuring --------------------------------------------------------------------------
     def _measure(self, config: Config) -> Measurement:
@@ -192,22 +199,32 @@ class Search:
         return m
 
     def _measured_in_space(self) -> int:
-        return len((set(self.measured) | set(self.elsewhere)) & self.space_keys)
+        return len(self._taken() & self.space_keys)
+
+    def _taken(self) -> set[str]:
+        return set(self.measured) | set(self.elsewhere) | self.pending
 
     def _refresh_shared(self, study: optuna.Study) -> None:
         """Shared study: note configs other workers have measured or are measuring."""
         if not self.shared:
             return
+        # Rebuilt each time: a trial of a worker that died is marked FAIL and becomes free again.
         states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        claims = study.user_attrs
+        elsewhere: dict[str, float | None] = {}
         for t in study.get_trials(deepcopy=False, states=states):
             if set(t.params) != set(self.kind.param_names):
                 continue
             c = canonical_config(from_params(self.kind, t.params))
-            if c in self.space_keys and c not in self.measured:
-                if t.state == TrialState.COMPLETE:
-                    self.elsewhere[c] = t.value
-                elif study.user_attrs.get(f"claim:{c}") not in (None, self.worker_id):
-                    self.elsewhere.setdefault(c, None)
+            if c not in self.space_keys or c in self.measured:
+                continue
+            if t.state == TrialState.COMPLETE:
+                elsewhere[c] = t.value
+        for attr, owner in claims.items():
+            c = attr.removeprefix("claim:")
+            if attr.startswith("claim:") and owner not in FREE_CLAIMS + (self.claim_id,) and c not in self.measured:
+                elsewhere.setdefault(c, None)  # another worker is measuring it (or has)
+        self.elsewhere = elsewhere
 
     def _goal(self) -> int:
         return min(self.trials, len(self.space))
@@ -232,7 +249,7 @@ class Search:
 
     def _measure_fixed(self, study: optuna.Study, config: Config) -> None:
         c = canonical_config(config)
-        if c in self.measured or c in self.elsewhere:
+        if c in self._taken():
             return
         if not self._claim(study, c):
             self.elsewhere.setdefault(c, None)
@@ -243,6 +260,8 @@ class Search:
     def _propose(self, study: optuna.Study) -> tuple[optuna.Trial, Config] | None:
         """One TPE proposal that needs measuring, or None (told to the study right away)."""
         trial = study.ask()
+        if self.worker_tag:
+            trial.set_user_attr("worker_tag", self.worker_tag)
         params = {p.name: trial.suggest_int(p.name, 0, len(p.values) - 1) for p in self.kind.params}
         config = from_params(self.kind, params)
         c = canonical_config(config)
@@ -250,8 +269,8 @@ class Search:
         if c not in self.space_keys:  # rejected by the resource model: costs nothing, teaches TPE
             study.tell(trial, state=TrialState.PRUNED)
             return None
-        if known is not None or c in self.elsewhere:
-            ms = (known.median_ms if known.status == "ok" else None) if known is not None else self.elsewhere[c]
+        if known is not None or c in self.elsewhere or c in self.pending:
+            ms = (known.median_ms if known.status == "ok" else None) if known is not None else self.elsewhere.get(c)
             if ms is not None:
                 study.tell(trial, ms)
             else:
@@ -261,7 +280,7 @@ class Search:
             study.tell(trial, state=TrialState.PRUNED)
             self.elsewhere.setdefault(c, None)
             return None
-        self.elsewhere[c] = None  # taken by this batch: not proposed again
+        self.pending.add(c)  # taken by this batch: not proposed again
         return trial, config
 
     def _tpe_batch(self, study: optuna.Study) -> int:
@@ -277,7 +296,7 @@ class Search:
                 picked.append(proposal)
         self._precompile([config for _, config in picked])
         for trial, config in picked:
-            self.elsewhere.pop(canonical_config(config), None)
+            self.pending.discard(canonical_config(config))
             if time.monotonic() >= self.deadline:
                 study.tell(trial, state=TrialState.FAIL)
                 continue
@@ -311,7 +330,7 @@ class Search:
         idle = 0
         while not (self._refresh_shared(study) or self._done()):
             if idle >= MAX_IDLE_PROPOSALS:
-                taken = set(self.measured) | set(self.elsewhere)
+                taken = self._taken()
                 left = [c for c in self.space if canonical_config(c) not in taken]
                 if not left:
                     break
