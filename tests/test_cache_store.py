@@ -376,3 +376,19 @@ def test_copy_to_writes_a_single_file_cache(tmp_path):
         assert shipped.keys() == [key()] and shipped.best(key()).config == cfg(block_f=32)
         assert shipped.kernel_source(SPEC) and shipped.kernel_source(dataclasses.replace(SPEC, dtype="bf16")) is None
         assert shipped.verify() == []
+
+
+def _record_in_child(c: TuningCache) -> None:
+    c.record_trial(key(), cfg(block_f=32), "ok", median_ms=1.0)  # the inherited object reconnects
+
+
+def test_cache_object_survives_fork(tmp_path):
+    c = TuningCache(tmp_path / "t.sqlite")
+    c.record_trial(key(), cfg(), "ok", median_ms=2.0)
+    child = multiprocessing.get_context("fork").Process(target=_record_in_child, args=(c,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    c.record_trial(key(), cfg(split=2), "ok", median_ms=3.0)
+    assert c.counts()["trials"] == 3 and c.best(key()).config == cfg(block_f=32) and c.verify() == []
+    c.close()

@@ -47,7 +47,7 @@ STATUSES = ("ok", "out-of-resources", "compile-error", "crash", "wrong-result")
 # A config with one of these for a key is never that key's best, whatever its other trials say.
 DISQUALIFYING = ("wrong-result", "crash")
 BUSY_TIMEOUT_S = 30.0
-LOCK_RETRIES = 20
+LOCK_RETRIES = 5  # each after up to BUSY_TIMEOUT_S of waiting inside SQLite
 
 _TABLES = ("meta", "result_keys", "trials", "best", "kernel_sources")
 
@@ -278,6 +278,7 @@ class TuningCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._conn = self._open_connection()
+            self._pid = os.getpid()
             self.db = sqlite_utils.Database(self._conn, execute_plugins=False)
             self._check_or_create()
         except sqlite3.DatabaseError as exc:
@@ -286,7 +287,6 @@ class TuningCache:
         except CacheFileError:
             self.close()
             raise
-        self._pid = os.getpid()
 
     def _open_connection(self) -> sqlite3.Connection:
         kw = dict(timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
