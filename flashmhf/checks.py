@@ -38,3 +38,22 @@ def core_inputs(spec_or_shape, tokens: int, dtype: torch.dtype, device, seed: in
     k, u, v = ((torch.randn(h_kv, e, d_e, d_h, **kw) * d_h**-0.5).to(dtype) for _ in range(3))
     r = torch.softmax(torch.randn(tokens, h, e, **kw), -1)
     return q, k, u, v, r
+
+
+def reference_grads_f64(q, k, u, v, r, ds, chunk: int = 2048) -> tuple[torch.Tensor, ...]:
+    """float64 (dq, dk, du, dv, dr) of the core for output gradient ``ds``, chunked over tokens
+    (dq, dr are per token; dk, du, dv are summed over the chunks)."""
+    q2, r2, ds2 = (t.reshape(-1, *t.shape[-2:]) for t in (q, r, ds))
+    ws = [w.detach().double().requires_grad_() for w in (k, u, v)]
+    dws = [torch.zeros_like(w) for w in ws]
+    dqs, drs = [], []
+    for i in range(0, q2.shape[0], chunk):
+        qc = q2[i : i + chunk].detach().double().requires_grad_()
+        rc = r2[i : i + chunk].detach().double().requires_grad_()
+        s = reference.flash_mhf(qc, *ws, rc)
+        grads = torch.autograd.grad(s, (qc, *ws, rc), ds2[i : i + chunk].double())
+        dqs.append(grads[0])
+        drs.append(grads[4])
+        for acc, g in zip(dws, grads[1:4]):
+            acc += g
+    return (torch.cat(dqs).view(q.shape), *dws, torch.cat(drs).view(r.shape))

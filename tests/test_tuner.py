@@ -139,3 +139,11 @@ def test_sigkilled_tune_leaves_a_valid_cache_and_resumes(tmp_path):
     [result] = session.run(session.Request(specs=[TINY], buckets=(16,), trials=before + 2, time_budget_s=None,
                                            cache_path=cache_path, seed=4, isolate=False))
     assert result.measured_total == before + 2 and result.measured_now == 2
+
+
+@pytest.mark.parametrize("kind", ["bwd_dq", "bwd_dkuv"])
+def test_backward_kinds_are_tuned_with_a_gradient_check(tmp_path, kind):
+    spec = Spec(kind, 2, 1, 32, 2, 32, "fp32")
+    [result] = session.run(session.Request([spec], (16,), trials=3, time_budget_s=None,
+                                           cache_path=tmp_path / "c.sqlite", seed=2, isolate=False))
+    assert result.measured_total == 3 and result.best is not None and result.best.status == "ok"
