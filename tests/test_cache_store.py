@@ -292,8 +292,7 @@ def _writer(path: str, worker: int, n: int) -> None:
 
 
 def test_two_processes_write_one_file(tmp_path):
-    path = str(tmp_path / "shared.sqlite")
-    TuningCache(path).close()
+    path = str(tmp_path / "shared.sqlite")  # created by whichever writer comes first
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_writer, args=(path, w, 150)) for w in range(2)]
     for p in procs:
