@@ -113,6 +113,13 @@ def launch_with_config(spec_key: tuple, config: Config, *args) -> object:
     return launcher(*args)
 
 
+def chosen_config(spec: Spec, tokens: int, device_index: int | None) -> tuple[Config, str] | None:
+    """The config this process launched for ``spec`` at ``tokens`` on that device, and where it came from."""
+    key = (spec.kind, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.n_experts, spec.expert_dim, spec.dtype,
+           token_bucket(tokens), device_index)
+    return _chosen.get(key)
+
+
 def chosen_configs() -> dict[tuple, tuple[Config, str]]:
     """What this process has chosen so far, per key (for `flashmhf doctor` and debugging)."""
     return dict(_chosen)

@@ -22,14 +22,13 @@ def main() -> None:
 
 
 def _register() -> None:
-    from flashmhf.cli import presets_cmd, show_cmd, tune_cmd
+    from flashmhf.cli import bench_cmd, cache_cmd, doctor_cmd, presets_cmd, show_cmd, tune_cmd
 
     main.add_command(presets_cmd.presets)
     main.add_command(show_cmd.show)
     main.add_command(tune_cmd.tune)
-    from flashmhf.cli import cache_cmd, doctor_cmd
-
     main.add_command(cache_cmd.cache)
+    main.add_command(bench_cmd.bench)
     main.add_command(doctor_cmd.doctor)
 
 

@@ -1,0 +1,90 @@
+"""Time the core op (as models call it: dispatch picks the cached or default config) next to SwiGLU."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from flashmhf.bench.baselines import swiglu, swiglu_weights
+from flashmhf.bench.timing import median_ms, tflops
+from flashmhf.checks import core_inputs, reference_f64, reference_grads_f64, rel_error
+from flashmhf.codegen import Spec, format_config
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GRAPH_TOKENS = 64
+
+
+@dataclass
+class CoreRow:
+    tokens: int
+    backward: bool
+    flashmhf_ms: float
+    swiglu_ms: float
+    swiglu_compiled_ms: float | None
+    flop: float
+    rel_err: float
+    config: str
+    config_source: str
+    peak_mib: float | None = None
+    swiglu_peak_mib: float | None = None
+
+    @property
+    def flashmhf_tflops(self) -> float:
+        return tflops(self.flop, self.flashmhf_ms)
+
+    @property
+    def swiglu_tflops(self) -> float:
+        return tflops(self.flop, self.swiglu_ms)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "flashmhf_tflops": self.flashmhf_tflops, "swiglu_tflops": self.swiglu_tflops}
+
+
+def _peak_mib(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_core(spec: Spec, d_ff: int, tokens: int, *, backward: bool, compile_swiglu: bool) -> CoreRow:
+    """One row: the op at ``tokens`` (forward, or forward+backward) and SwiGLU of the same d_ff."""
+    import flashmhf_runtime as fm
+    from flashmhf_runtime import dispatch
+
+    dtype = TORCH_DTYPES[spec.dtype]
+    q, k, u, v, r = core_inputs(spec, tokens, dtype, "cuda", seed=tokens)
+    x = torch.randn(tokens, spec.d_model, device="cuda", dtype=dtype)
+    w = swiglu_weights(spec.d_model, d_ff, "cuda", dtype)
+    graph = tokens <= GRAPH_TOKENS and not backward
+    if backward:
+        leaves = [t.requires_grad_() for t in (q, k, u, v, r)]
+        x.requires_grad_()
+        for t in w:
+            t.requires_grad_()
+        ds = torch.randn_like(q)
+        dy = torch.randn_like(x)
+        op = lambda: torch.autograd.grad(fm.flash_mhf(*leaves), leaves, ds)  # noqa: E731
+        sw = lambda: torch.autograd.grad(swiglu(x, *w), (x, *w), dy)  # noqa: E731
+        got = op()
+        ref = reference_grads_f64(q, k, u, v, r, ds)
+        err = max(rel_error(g, rf) for g, rf in zip(got, ref))
+        flop = 3 * 6.0 * tokens * spec.d_model * d_ff
+    else:
+        op = lambda: fm.flash_mhf(q, k, u, v, r)  # noqa: E731
+        sw = lambda: swiglu(x, *w)  # noqa: E731
+        err = rel_error(op(), reference_f64(q, k, u, v, r))
+        flop = 6.0 * tokens * spec.d_model * d_ff
+    ms = median_ms(op, graph=graph)
+    sw_ms = median_ms(sw, graph=graph)
+    sw_c = None
+    if compile_swiglu:
+        compiled = torch.compile(swiglu)
+        swc = (lambda: torch.autograd.grad(compiled(x, *w), (x, *w), dy)) if backward else (lambda: compiled(x, *w))
+        sw_c = median_ms(swc)
+    config, source = dispatch.chosen_config(spec, tokens, torch.cuda.current_device()) or ({}, "?")
+    return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, format_config(config), source,
+                   _peak_mib(op) if backward else None, _peak_mib(sw) if backward else None)

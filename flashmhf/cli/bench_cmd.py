@@ -1,0 +1,59 @@
+"""`flashmhf bench`: the core op next to cuBLAS SwiGLU on this GPU, as a table and a report file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from flashmhf.cli.spec_options import dtype_option, shape_from_options, shape_options, with_shape
+from flashmhf.codegen import Spec
+
+
+@click.command()
+@shape_options
+@dtype_option()
+@click.option("--tokens", default="1,64,1024,16384", show_default=True, help="comma list of token counts")
+@click.option("--backward", is_flag=True, help="time forward+backward (training) instead of forward")
+@click.option("--compile", "compile_swiglu", is_flag=True, help="also time torch.compile'd SwiGLU")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="write the table (Markdown) and a .json next to it")
+@with_shape
+def bench(shape: dict, dtype: str, tokens: str, backward: bool, compile_swiglu: bool, out_path: Path | None) -> None:
+    """Time the FlashMHF core (tuned config if cached, else the default) next to SwiGLU of the same d_ff.
+
+    Times are medians of triton.testing.do_bench with the L2 flushed (CUDA-graph replay for forward at
+    T <= 64); every row is also checked against the float64 reference.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        raise click.ClickException("bench times kernels on a CUDA GPU and none is visible "
+                                   "(on CPU, `flashmhf tune` runs the pipeline under the interpreter)")
+    from flashmhf.bench.core import bench_core
+    from flashmhf.cli.tune_cmd import _int_list
+
+    h, h_kv, d_h, e, d_e, label = shape_from_options(**shape)
+    spec = Spec("fwd", h, h_kv, d_h, e, d_e, dtype)
+    rows = [bench_core(spec, e * d_e, t, backward=backward, compile_swiglu=compile_swiglu)
+            for t in _int_list(tokens, "--tokens")]
+    what = "forward+backward" if backward else "forward"
+    title = f"{label} {dtype} {what} on {torch.cuda.get_device_name()}"
+    table = Table("T", "FlashMHF ms", "TFLOP/s", "SwiGLU ms", "TFLOP/s", *(["compiled ms"] if compile_swiglu else []),
+                  *(["peak MiB (SwiGLU)"] if backward else []), "rel err", "config (source)", title=title)
+    for r in rows:
+        table.add_row(str(r.tokens), f"{r.flashmhf_ms:.4f}", f"{r.flashmhf_tflops:.0f}", f"{r.swiglu_ms:.4f}",
+                      f"{r.swiglu_tflops:.0f}", *([f"{r.swiglu_compiled_ms:.4f}"] if compile_swiglu else []),
+                      *([f"{r.peak_mib:.0f} ({r.swiglu_peak_mib:.0f})"] if backward else []), f"{r.rel_err:.1e}",
+                      f"{r.config} ({r.config_source})")
+    Console(width=160).print(table)
+    if out_path:
+        lines = [f"# {title}", "", "| T | FlashMHF ms (TFLOP/s) | SwiGLU ms (TFLOP/s) | rel err | config (source) |",
+                 "|---|---|---|---|---|"]
+        lines += [f"| {r.tokens} | {r.flashmhf_ms:.4f} ({r.flashmhf_tflops:.0f}) | {r.swiglu_ms:.4f} "
+                  f"({r.swiglu_tflops:.0f}) | {r.rel_err:.1e} | {r.config} ({r.config_source}) |" for r in rows]
+        out_path.write_text("\n".join(lines) + "\n")
+        out_path.with_suffix(".json").write_text(json.dumps([r.to_dict() for r in rows], indent=1))
