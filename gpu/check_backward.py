@@ -7,7 +7,8 @@
 3. speed and memory: repo-1.3b and paper-1.3b at T in {4096, 16384}: core fwd+bwd (and per kernel)
    vs SwiGLU eager and torch.compile'd, TFLOP/s with FLOPs = 3 * 6*T*d_model*d_ff, peak memory above
    the inputs of one fwd+bwd;
-4. a small sweep of configs per backward kind at T = 16384 for repo-1.3b.
+4. a small sweep of configs per backward kind at T = 16384 for repo-1.3b, including the one-pass
+   bwd_fused (fp32 atomics for dq; not used by the op) checked against the pair.
 
 Prints tables; writes backward.json under $OUT (or the current directory).
 
@@ -39,6 +40,7 @@ KINDS = ("fwd", "bwd_dq", "bwd_dkuv")
 ACC_TOKENS = (1, 77, 4096)
 SPEED_PRESETS = ("repo-1.3b", "paper-1.3b")
 SPEED_TOKENS = (4096, 16384)
+SWEEP_PRESET, SWEEP_TOKENS = "repo-1.3b", 16384
 SWEEP = {
     "bwd_dq": [
         dict(block_m=128, block_f=64, num_warps=8, num_stages=2),
@@ -55,6 +57,13 @@ SWEEP = {
         dict(block_f=32, block_m=128, num_warps=4, num_stages=3),
         dict(block_f=32, block_m=64, num_warps=4, num_stages=3),
         dict(block_f=64, block_m=32, num_warps=8, num_stages=4),
+    ],
+    # One pass with fp32 atomics for dq (needs a T x H x d_h fp32 workspace); compared with the pair.
+    "bwd_fused": [
+        dict(block_f=64, block_m=32, num_warps=8, num_stages=2),
+        dict(block_f=64, block_m=16, num_warps=8, num_stages=3),
+        dict(block_f=32, block_m=64, num_warps=4, num_stages=2),
+        dict(block_f=32, block_m=32, num_warps=4, num_stages=3),
     ],
 }
 T0 = time.time()
@@ -93,6 +102,8 @@ def outputs(kind: str, q, k, r, fill=float("nan")):
         return (torch.full_like(q, fill),)
     if kind == "bwd_dq":
         return torch.full_like(q, fill), torch.full_like(r, fill)
+    if kind == "bwd_fused":  # (dq, dk, du, dv, dr)
+        return torch.full_like(q, fill), *(torch.full_like(k, fill) for _ in range(3)), torch.full_like(r, fill)
     return tuple(torch.full_like(k, fill) for _ in range(3))
 
 
@@ -328,7 +339,7 @@ def speed(use_compile: bool) -> list[dict]:
 def sweep(compile_errors: dict) -> list[dict]:
     from flashmhf.codegen import Spec, get_kind
 
-    name, tokens = "repo-1.3b", 16384
+    name, tokens = SWEEP_PRESET, SWEEP_TOKENS
     shape = shape_of(name)
     q, k, u, v, r, ds = make_inputs(shape, tokens, seed=7)
     rows = []
@@ -336,8 +347,14 @@ def sweep(compile_errors: dict) -> list[dict]:
         kk = get_kind(kind)
         spec = Spec(kind, *shape, "bf16")
         default = kk.default(spec, tokens)
-        base = outputs(kind, q, k, r)
-        launch(kind, shape, default, q, k, u, v, r, ds, base)
+        if kind == "bwd_fused":  # checked against the two-kernel pair's defaults
+            dq_dr, dkuv = (outputs(x, q, k, r) for x in ("bwd_dq", "bwd_dkuv"))
+            for x, outs in (("bwd_dq", dq_dr), ("bwd_dkuv", dkuv)):
+                launch(x, shape, get_kind(x).default(Spec(x, *shape, "bf16"), tokens), q, k, u, v, r, ds, outs)
+            base = (dq_dr[0], *dkuv, dq_dr[1])
+        else:
+            base = outputs(kind, q, k, r)
+            launch(kind, shape, default, q, k, u, v, r, ds, base)
         flop = kk.flops(spec, tokens)
         for cfg in [default] + [c for c in configs if c != default]:
             if time.time() - T0 > DEADLINE_S and cfg != default:
@@ -393,10 +410,12 @@ def main() -> None:
             shape = shape_of(name)
             jobs += [(kind, shape, chosen_config(kind, shape, tokens), tokens) for kind in KINDS]
     if not args.no_sweep:
-        shape = shape_of("repo-1.3b")
+        shape = shape_of(SWEEP_PRESET)
         for kind, configs in SWEEP.items():
-            jobs += [(kind, shape, c, 16384) for c in configs
-                     if get_kind(kind).reject(Spec(kind, *shape, "bf16"), c, 16384) is None]
+            spec = Spec(kind, *shape, "bf16")
+            configs = [get_kind(kind).default(spec, SWEEP_TOKENS), *configs]
+            jobs += [(kind, shape, c, SWEEP_TOKENS) for c in configs
+                     if get_kind(kind).reject(spec, c, SWEEP_TOKENS) is None]
     t = time.time()
     compile_errors = precompile(jobs)
     failed = {k: e for k, e in compile_errors.items() if e}
@@ -430,7 +449,7 @@ def main() -> None:
               f"{x['fwd_ms']:.3f} / {x['bwd_dq_ms']:.3f} / {x['bwd_dkuv_ms']:.3f} | {x['core_peak_mib']:.0f} | "
               f"{x['swiglu_ms']:.3f} ({x['swiglu_tflops']:.0f}), {x['swiglu_peak_mib']:.0f} | {comp} |")
     if report.get("sweep"):
-        print("\n| kind | config (repo-1.3b, T=16384) | status | ms (TF/s) |\n|---|---|---|---|")
+        print(f"\n| kind | config ({SWEEP_PRESET}, T={SWEEP_TOKENS}) | status | ms (TF/s) |\n|---|---|---|---|")
         for x in report["sweep"]:
             ms = f"{x['ms']:.3f} ({x['tflops']:.0f})" if "ms" in x else x.get("why", "")[:60]
             print(f"| {x['kind']} | {row_config(x['config'])}{' (default)' if x['default'] else ''} | "

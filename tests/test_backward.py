@@ -115,6 +115,31 @@ def test_kernels_r_in_q_dtype_gives_dr_in_that_dtype():
     assert max(errors.values()) <= TOL["fp16"], errors
 
 
+FUSED_CONFIGS = [
+    dict(block_f=16, block_m=16, num_warps=4, num_stages=1),
+    dict(block_f=32, block_m=32, num_warps=8, num_stages=2),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_fused_kernel(shape):
+    """bwd_fused (one pass, dq/dr by atomics): all five gradients, fp32 for every shape, then 16-bit."""
+    for dtype_name, config in (("fp32", FUSED_CONFIGS[0]), ("fp32", FUSED_CONFIGS[1]), ("bf16", FUSED_CONFIGS[1])):
+        if dtype_name == "bf16" and shape != SHAPES[1]:
+            continue
+        spec = _spec("bwd_fused", shape, dtype_name)
+        if get_kind("bwd_fused").reject(spec, config, None):
+            continue
+        dtype = DTYPES[dtype_name]
+        q, k, u, v, r = core_inputs(*shape, dtype, seed=21, r_dtype=dtype)  # dr through the fp32 workspace
+        ds = torch.randn(q.shape, generator=torch.Generator().manual_seed(22)).to(dtype)
+        dq, dr = torch.full_like(q, POISON), torch.full_like(r, POISON)
+        dk, du, dv = (torch.full_like(k, POISON) for _ in range(3))
+        load(spec).launch(q, k, u, v, r, ds, dq, dk, du, dv, dr, **config)
+        errors = _errors((dq, dk, du, dv, dr), reference_grads(q, k, u, v, r, ds))
+        assert max(errors.values()) <= TOL[dtype_name], (dtype_name, config, errors)
+
+
 def test_kernels_write_nothing_outside_their_outputs():
     """Outputs are views into larger NaN buffers whose guard regions must stay NaN."""
     shape, pair = SHAPES[3], CONFIG_PAIRS[1]
@@ -297,11 +322,12 @@ def test_compile_fullgraph_backward_matches_eager():
 
 
 def test_backward_kinds_registered_with_distinct_spaces():
-    assert {"bwd_dq", "bwd_dkuv"} <= set(KINDS)
-    assert get_kind("bwd_dq").space_hash != get_kind("bwd_dkuv").space_hash
+    assert {"bwd_dq", "bwd_dkuv", "bwd_fused"} <= set(KINDS)
+    hashes = {get_kind(k).space_hash for k in ("bwd_dq", "bwd_dkuv", "bwd_fused")}
+    assert len(hashes) == 3
 
 
-@pytest.mark.parametrize("kind", ["bwd_dq", "bwd_dkuv"])
+@pytest.mark.parametrize("kind", ["bwd_dq", "bwd_dkuv", "bwd_fused"])
 def test_defaults_fit_every_preset_and_render(kind):
     k = get_kind(kind)
     for p in fm.PRESETS.values():
@@ -347,8 +373,9 @@ def test_cli_show_backward_kinds():
     assert result.exit_code == 0, result.output
     assert "def flashmhf_bwd_dq(" in result.output and "kind=bwd_dq" in result.output
     assert "# default launch config at 1 tokens: block_m=16" in result.output
-    result = runner.invoke(cli_main, ["show", "--preset", "repo-1.3b", "--kind", "bwd_dkuv", "--tokens", "16384"])
-    assert result.exit_code == 0 and "def flashmhf_bwd_dkuv(" in result.output
+    for kind in ("bwd_dkuv", "bwd_fused"):
+        result = runner.invoke(cli_main, ["show", "--preset", "repo-1.3b", "--kind", kind, "--tokens", "16384"])
+        assert result.exit_code == 0 and f"def flashmhf_{kind}(" in result.output
     bad = '{"block_f": 128, "block_m": 64, "num_warps": 8, "num_stages": 2}'
     result = runner.invoke(cli_main, ["show", "--preset", "repo-1.3b", "--kind", "bwd_dkuv", "--config", bad])
     assert result.exit_code != 0 and "registers" in result.output and "Traceback" not in result.output
