@@ -97,6 +97,12 @@ def launch(spec_key: tuple, tokens: int, device_index: int | None, *args) -> obj
     return _first_launch(key, spec, tokens, device_info(device_index), args)
 
 
+def memoised_launcher(spec_key: tuple, tokens: int, device_index: int | None) -> Launcher | None:
+    """The launcher ``launch`` settled on for this key (after its first call), for callers that
+    memoise further (the op's fast path)."""
+    return _launchers.get((*spec_key, token_bucket(tokens), device_index))
+
+
 @functools.lru_cache(maxsize=256)
 def _explicit_launcher(spec: Spec, items: tuple[tuple[str, int], ...]) -> Launcher:
     config = dict(items)
@@ -125,6 +131,14 @@ def chosen_configs() -> dict[tuple, tuple[Config, str]]:
     return dict(_chosen)
 
 
+_reset_hooks: list[Callable[[], None]] = []
+
+
+def on_reset(hook: Callable[[], None]) -> None:
+    """Register a callback that drops memoised launchers held elsewhere (the op's fast path)."""
+    _reset_hooks.append(hook)
+
+
 def reset() -> None:
     """Forget every memoised choice (tests, or after the cache files changed)."""
     with _lock:
@@ -132,3 +146,5 @@ def reset() -> None:
         _chosen.clear()
         _warned.clear()
     _explicit_launcher.cache_clear()
+    for hook in _reset_hooks:
+        hook()

@@ -109,3 +109,17 @@ def test_public_op_strided_q_without_copy():
 def test_zero_tokens():
     q, k, u, v, r = core_inputs(0, 2, 2, 64, 2, 32, torch.float32, seed=5)
     assert fm.flash_mhf(q, k, u, v, r).shape == (0, 2, 64)
+
+
+def test_fast_path_reuses_validation_but_not_results():
+    """Second call with the same signature takes the memoised path: fresh inputs, fresh correct output."""
+    from flashmhf_runtime import op
+
+    for seed in (11, 12, 13):
+        q, k, u, v, r = core_inputs(0, 2, 2, 64, 2, 32, torch.float32, seed=seed, lead=(3, 5))
+        s = fm.flash_mhf(q, k, u, v, r)
+        assert rel_error(s, reference_core(q, k, u, v, r)) <= 1e-4
+    assert any(sig[0] == q.shape for sig in op._fast_plans)
+    # A different, invalid signature still gets the full validation.
+    with pytest.raises(ValueError, match="r: expected shape"):
+        fm.flash_mhf(q, k, u, v, r[..., :1])

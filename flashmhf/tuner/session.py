@@ -112,4 +112,14 @@ def run(request: Request, progress: ProgressFn | None = None) -> list[SearchResu
         if pool is not None:
             pool.close()
         cache.close()
+    _forget_runtime_choices()
     return results
+
+
+def _forget_runtime_choices() -> None:
+    """New results are in the cache: a runtime in this process must look them up again."""
+    from flashmhf.cache import lookup
+    from flashmhf_runtime import dispatch
+
+    lookup.invalidate()
+    dispatch.reset()
