@@ -25,11 +25,13 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 
 os.environ.setdefault("FLASHMHF_KERNEL_DIR", os.path.join(tempfile.gettempdir(), "flashmhf-kernels"))
 # An empty cache directory: every kind runs its heuristic default (what an untuned user gets).
 os.environ.setdefault("FLASHMHF_CACHE_DIR", os.path.join(tempfile.gettempdir(), "flashmhf-check-backward-cache"))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore", message="flashmhf: no tuned")  # untuned on purpose: defaults everywhere
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
