@@ -37,7 +37,7 @@ def main() -> None:
     spec = Spec("fwd", p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16")
     kind = get_kind("fwd")
     out_dir = Path(os.environ.get("OUT", "."))
-    work = Path(tempfile.mkdtemp(prefix="tune-exp-"))
+    work = out_dir if os.environ.get("OUT") else Path(tempfile.mkdtemp(prefix="tune-exp-"))
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         space = list(kind.space(spec, tokens))
@@ -57,23 +57,24 @@ def main() -> None:
         best_ex = ex.best.median_ms
         # The live Optuna best re-timed against the exhaustive table (same run of measurements):
         op_in_table = table.get(canonical_config(op.best.config), float("nan"))
-        replay = replay_optuna(kind, spec, tokens, table, budget=budget, seeds=args.replays)
+        replay = replay_optuna(kind, spec, tokens, table, budget=budget, seeds=args.replays) if args.replays else None
         row = {
             "tokens": tokens, "space": len(space), "statuses": statuses, "budget": budget,
             "exhaustive_best_ms": best_ex, "exhaustive_best": ex.best.config, "exhaustive_wall_s": t_ex,
             "default_ms": ex.default_ms, "optuna_best_ms_live": op.best.median_ms, "optuna_best": op.best.config,
             "optuna_best_ms_in_exhaustive_table": op_in_table, "optuna_trials_to_3pct_live": op.trials_to_within_3pct,
-            "optuna_wall_s": t_op, "replay": replay,
+            "optuna_wall_s": t_op, "replay": replay, "table": table,
         }
         rows.append(row)
-        print(json.dumps(row, default=str), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "table"}, default=str), flush=True)
     (out_dir / "tuner_vs_exhaustive.json").write_text(json.dumps(rows, indent=1, default=str))
     print("\n| T | pruned space | statuses | exhaustive best ms (config) | default ms | Optuna budget | "
           "Optuna live best ms (same config in exhaustive table) | live trials to ≤3% | replays: median trials to "
           "≤3% (max), runs within 3% at budget |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        rp = r["replay"]
+        rp = r["replay"] or {"median_trials_to_3pct": "—", "max_trials_to_3pct": "—", "within_3pct_at_budget": "—",
+                             "runs": 0}
         print(f"| {r['tokens']} | {r['space']} | {r['statuses']} | {r['exhaustive_best_ms']:.4f} "
               f"({format_config(r['exhaustive_best'])}) | {r['default_ms']:.4f} | {r['budget']} | "
               f"{r['optuna_best_ms_live']:.4f} ({r['optuna_best_ms_in_exhaustive_table']:.4f}) | "
