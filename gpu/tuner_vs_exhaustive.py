@@ -37,14 +37,16 @@ def main() -> None:
     spec = Spec("fwd", p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16")
     kind = get_kind("fwd")
     out_dir = Path(os.environ.get("OUT", "."))
-    work = out_dir if os.environ.get("OUT") else Path(tempfile.mkdtemp(prefix="tune-exp-"))
+    tmp = Path(tempfile.mkdtemp(prefix="tune-exp-"))
+    keep = out_dir if os.environ.get("OUT") else tmp  # the exhaustive caches come back (to ship them)
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         space = list(kind.space(spec, tokens))
         budget = max(1, int(len(space) * args.fraction))
         t0 = time.monotonic()
         [ex] = session.run(session.Request([spec], (tokens,), trials=len(space), time_budget_s=None,
-                                           cache_path=work / f"exhaustive-{tokens}.sqlite", seed=0))
+                                           cache_path=keep / f"exhaustive-{tokens}.sqlite", seed=0,
+                                           storage_url=f"journal:{tmp / f'exhaustive-{tokens}.journal'}"))
         t_ex = time.monotonic() - t0
         table = {canonical_config(c): m.median_ms for c, m in ex.history if m.status == "ok"}
         statuses = {}
@@ -52,7 +54,7 @@ def main() -> None:
             statuses[m.status] = statuses.get(m.status, 0) + 1
         t0 = time.monotonic()
         [op] = session.run(session.Request([spec], (tokens,), trials=budget, time_budget_s=None,
-                                           cache_path=work / f"optuna-{tokens}.sqlite", seed=1))
+                                           cache_path=tmp / f"optuna-{tokens}.sqlite", seed=1))
         t_op = time.monotonic() - t0
         best_ex = ex.best.median_ms
         # The live Optuna best re-timed against the exhaustive table (same run of measurements):
