@@ -225,7 +225,10 @@ def train(args: argparse.Namespace) -> dict:
         f"tiny LM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(data) / 1e6:.1f} MB of "
         f"stdlib source, core={'reference' if args.reference else 'fm.flash_mhf'}, {dtype_name}, {device}"
     )
+    # Logged loss: the mean over the steps since the previous log (one batch's loss is noisy), summed
+    # on the device so that logging does not synchronise every step.
     losses, t0 = [], time.perf_counter()
+    window_sum, window_n = torch.zeros((), device=device), 0
     for step in range(args.steps):
         x, y = batches.next()
         for group in opt.param_groups:
@@ -235,8 +238,12 @@ def train(args: argparse.Namespace) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        window_sum += loss.detach().float()
+        window_n += 1
         if step % args.log_every == 0 or step == args.steps - 1:
-            value = loss.item()
+            value = window_sum.item() / window_n
+            window_sum.zero_()
+            window_n = 0
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss is {value} at step {step}")
             losses.append([step, value])

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("FLASHMHF_KERNEL_DIR", "/tmp/flashmhf-kernels")
 
-from flashmhf.cache.store import canonical_config  # noqa: E402
+from flashmhf.cache.store import TuningCache, canonical_config  # noqa: E402
 from flashmhf.codegen import Spec, format_config, get_kind  # noqa: E402
 from flashmhf.tuner import session  # noqa: E402
 from flashmhf.tuner.replay import replay_optuna  # noqa: E402
@@ -32,26 +32,34 @@ def main() -> None:
     ap.add_argument("--tokens", default="64,16384")
     ap.add_argument("--fraction", type=float, default=0.25)
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--resume-dir", type=Path, help="earlier exhaustive-T.sqlite files to continue from")
     args = ap.parse_args()
     p = PRESETS[args.preset]
     spec = Spec("fwd", p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16")
     kind = get_kind("fwd")
     out_dir = Path(os.environ.get("OUT", "."))
     tmp = Path(tempfile.mkdtemp(prefix="tune-exp-"))
-    keep = out_dir if os.environ.get("OUT") else tmp  # the exhaustive caches come back (to ship them)
+    keep = out_dir if os.environ.get("OUT") else tmp / "kept"  # the exhaustive caches come back (to ship them)
+    keep.mkdir(parents=True, exist_ok=True)
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         space = list(kind.space(spec, tokens))
         budget = max(1, int(len(space) * args.fraction))
+        if args.resume_dir and (args.resume_dir / f"exhaustive-{tokens}.sqlite").exists():
+            with TuningCache(args.resume_dir / f"exhaustive-{tokens}.sqlite") as old:
+                old.copy_to(tmp / f"exhaustive-{tokens}.sqlite")
         t0 = time.monotonic()
         [ex] = session.run(session.Request([spec], (tokens,), trials=len(space), time_budget_s=None,
-                                           cache_path=keep / f"exhaustive-{tokens}.sqlite", seed=0,
+                                           cache_path=tmp / f"exhaustive-{tokens}.sqlite", seed=0,
                                            storage_url=f"journal:{tmp / f'exhaustive-{tokens}.journal'}"))
         t_ex = time.monotonic() - t0
-        table = {canonical_config(c): m.median_ms for c, m in ex.history if m.status == "ok"}
+        with TuningCache(tmp / f"exhaustive-{tokens}.sqlite") as cache:
+            measured = cache.measured_configs(ex.key)
+            cache.copy_to(keep / f"exhaustive-{tokens}.sqlite")  # single file, no WAL: shippable
+        table = {c: t.median_ms for c, t in measured.items() if t.ok}
         statuses = {}
-        for _, m in ex.history:
-            statuses[m.status] = statuses.get(m.status, 0) + 1
+        for t in measured.values():
+            statuses[t.status] = statuses.get(t.status, 0) + 1
         t0 = time.monotonic()
         [op] = session.run(session.Request([spec], (tokens,), trials=budget, time_budget_s=None,
                                            cache_path=tmp / f"optuna-{tokens}.sqlite", seed=1))

@@ -1,0 +1,62 @@
+"""Produce the tuned cache shipped for the H200 (package data): repo-1.3b and paper-1.3b, bf16,
+forward at every default token bucket, backward kinds at training sizes, under a time budget;
+optionally merged with exhaustive results. Writes a single-file cache and prints the bests.
+
+    PYTHONUNBUFFERED=1 python3 gpu/ship_h200.py --out h200.sqlite [--merge exhaustive-64.sqlite ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("FLASHMHF_KERNEL_DIR", "/tmp/flashmhf-kernels")
+
+from flashmhf.cache.store import TuningCache  # noqa: E402
+from flashmhf.codegen import Spec, format_config  # noqa: E402
+from flashmhf.tuner import session  # noqa: E402
+from flashmhf_runtime import PRESETS  # noqa: E402
+
+
+def specs(kind: str) -> list[Spec]:
+    out = []
+    for name in ("repo-1.3b", "paper-1.3b"):
+        p = PRESETS[name]
+        out.append(Spec(kind, p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16"))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--merge", type=Path, nargs="*", default=[])
+    ap.add_argument("--fwd-budget", type=float, default=110)
+    ap.add_argument("--bwd-budget", type=float, default=50)
+    ap.add_argument("--trials", type=int, default=16)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp()) / "h200.sqlite"
+    t0 = time.monotonic()
+    session.run(session.Request(specs("fwd"), session.DEFAULT_BUCKETS, trials=args.trials,
+                                time_budget_s=args.fwd_budget, cache_path=tmp, seed=0))
+    t_fwd = time.monotonic() - t0
+    session.run(session.Request(specs("bwd_dq") + specs("bwd_dkuv"), (4096, 16384), trials=args.trials,
+                                time_budget_s=args.bwd_budget, cache_path=tmp, seed=0))
+    t_all = time.monotonic() - t0
+    with TuningCache(tmp) as cache:
+        for extra in args.merge:
+            if extra.exists():
+                print(f"merged {cache.merge_from(extra)} trials from {extra.name}")
+        for key, best in cache.best_rows():
+            print(f"{key.kind:8s} H{key.n_heads} E{key.n_experts}x{key.expert_dim} T={key.bucket:6d} "
+                  f"{best.median_ms:.4f} ms  {format_config(best.config)}  ({len(cache.trials(key))} trials)")
+        cache.copy_to(args.out)
+    print(f"tuning wall time: forward {t_fwd:.0f} s, total {t_all:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
