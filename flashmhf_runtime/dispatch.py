@@ -97,10 +97,11 @@ def launch(spec_key: tuple, tokens: int, device_index: int | None, *args) -> obj
     return _first_launch(key, spec, tokens, device_info(device_index), args)
 
 
-def memoised_launcher(spec_key: tuple, tokens: int, device_index: int | None) -> Launcher | None:
-    """The launcher ``launch`` settled on for this key (after its first call), for callers that
+def memoised_config(spec_key: tuple, tokens: int, device_index: int | None) -> Config | None:
+    """The config ``launch`` settled on for this key (after its first call), for callers that
     memoise further (the op's fast path)."""
-    return _launchers.get((*spec_key, token_bucket(tokens), device_index))
+    chosen = _chosen.get((*spec_key, token_bucket(tokens), device_index))
+    return chosen[0] if chosen else None
 
 
 @functools.lru_cache(maxsize=256)

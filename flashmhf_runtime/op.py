@@ -14,7 +14,7 @@ import functools
 import torch
 
 from flashmhf.cache.device import interpreting
-from flashmhf.codegen import Config
+from flashmhf.codegen import Config, Spec, load
 from flashmhf_runtime import dispatch, reference
 from flashmhf_runtime.validation import DTYPE_NAMES, check_core_inputs, check_grad_output
 
@@ -181,41 +181,33 @@ def _backward(ctx, ds):
 core_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _needs_graph(q, k, u, v, r) -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and (
-        q.requires_grad or k.requires_grad or u.requires_grad or v.requires_grad or r.requires_grad
-    )
-
-
 # Inference fast path. Everything core_forward checks is a function of this signature, so after
 # the first validated call with a signature, a call is: signature, one dict hit, empty_like, launch.
 # A plan is (H * d_h, spec key, device index, {token count: launcher with its config bound}).
 _fast_plans: dict[tuple, tuple[int, tuple, int | None, dict]] = {}
-
-
 dispatch.on_reset(_fast_plans.clear)
-
-
-def _signature(q, k, u, v, r) -> tuple:
-    return (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, u.shape, u.dtype, u.device,
-            v.shape, v.dtype, v.device, r.shape, r.dtype, r.device)
-
-
-def _all_contiguous(q, k, u, v, r) -> bool:
-    return q.is_contiguous() and r.is_contiguous() and k.is_contiguous() and u.is_contiguous() and v.is_contiguous()
 
 
 def _remember_plan(q, k, u, v, r) -> None:
     """After a validated call: remember its signature if the fast path can serve it."""
-    if not uses_kernels(q.device) or not _all_contiguous(q, k, u, v, r):
+    if not uses_kernels(q.device):
+        return
+    if not (q.is_contiguous() and r.is_contiguous() and k.is_contiguous() and u.is_contiguous()
+            and v.is_contiguous()):
         return
     if q.device.type == "cuda" and torch.cuda.device_count() > 1:
         return  # several GPUs: keep the slow path, which launches on q's device
     n_heads, n_kv, head_dim, n_exp, d_e = check_core_inputs(q, k, u, v, r)
     spec_key = ("fwd", n_heads, n_kv, head_dim, n_exp, d_e, DTYPE_NAMES[q.dtype])
-    _fast_plans[_signature(q, k, u, v, r)] = (n_heads * head_dim, spec_key, q.device.index, {})
+    signature = (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, u.shape, u.dtype, u.device,
+                 v.shape, v.dtype, v.device, r.shape, r.dtype, r.device)
+    _fast_plans[signature] = (n_heads * head_dim, spec_key, q.device.index, {})
+
+
+def _fast_launcher(spec_key: tuple, n_tokens: int, device_index: int | None):
+    """The contiguous-input launcher of the config dispatch chose for this token count."""
+    config = dispatch.memoised_config(spec_key, n_tokens, device_index)
+    return functools.partial(load(Spec(*spec_key)).launch_contiguous, **config) if config else None
 
 
 def flash_mhf(
@@ -234,20 +226,24 @@ def flash_mhf(
     the tuned one for this GPU and token count is used, else a safe default. The backward (kernels
     ``bwd_dq`` and ``bwd_dkuv``) always takes the tuned or default config of each kind.
     """
-    if _needs_graph(q, k, u, v, r):
+    # Inlined checks: this is the per-call path of inference (see _fast_plans).
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or u.requires_grad or v.requires_grad or r.requires_grad)):
         return core_op(q, k, u, v, r, config_to_str(config))
     if config is None:
-        plan = _fast_plans.get(_signature(q, k, u, v, r))
-        if plan is not None and _all_contiguous(q, k, u, v, r):
+        plan = _fast_plans.get((q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, u.shape, u.dtype,
+                                u.device, v.shape, v.dtype, v.device, r.shape, r.dtype, r.device))
+        if plan is not None and q.is_contiguous() and r.is_contiguous() and k.is_contiguous() and \
+                u.is_contiguous() and v.is_contiguous():
             row, spec_key, device_index, launchers = plan
             out = torch.empty_like(q)
             n_tokens = q.numel() // row
             launcher = launchers.get(n_tokens)
             if launcher is not None:
-                launcher(q, k, u, v, r, out)
+                launcher(q, k, u, v, r, out, n_tokens)
             elif n_tokens:
                 dispatch.launch(spec_key, n_tokens, device_index, q, k, u, v, r, out)
-                launchers[n_tokens] = dispatch.memoised_launcher(spec_key, n_tokens, device_index)
+                launchers[n_tokens] = _fast_launcher(spec_key, n_tokens, device_index)
             return out
         s = core_forward(q, k, u, v, r, None)
         _remember_plan(q, k, u, v, r)

@@ -344,7 +344,8 @@ def test_large_t_defaults_are_the_intended_tiles():
     spec = Spec("bwd_dq", 16, 16, 128, 22, 256, "bf16")
     assert get_kind("bwd_dq").default(spec, 16384) == dict(block_m=128, block_f=64, num_warps=8, num_stages=2)
     dkuv = get_kind("bwd_dkuv").default(Spec("bwd_dkuv", 16, 16, 128, 22, 256, "bf16"), 16384)
-    assert (dkuv["block_f"], dkuv["block_m"], dkuv["num_warps"]) == (64, 64, 8)
+    # The H200 sweep: 32x64 with 4 warps 7.8 ms against 15.0 ms for 64x64 with 8 warps.
+    assert (dkuv["block_f"], dkuv["block_m"], dkuv["num_warps"]) == (32, 64, 4)
 
 
 @pytest.mark.parametrize(
