@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("FLASHMHF_KERNEL_DIR", "/tmp/flashmhf-kernels")
 
 from flashmhf.cache.store import TuningCache  # noqa: E402
-from flashmhf.codegen import Spec, format_config  # noqa: E402
+from flashmhf.codegen import KINDS, Spec, format_config, template_hash  # noqa: E402
 from flashmhf.tuner import session  # noqa: E402
 from flashmhf_runtime import PRESETS  # noqa: E402
 
@@ -35,11 +35,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--merge", type=Path, nargs="*", default=[])
+    ap.add_argument("--seed-from", type=Path, help="an earlier cache whose bests (any template) seed the search")
     ap.add_argument("--fwd-budget", type=float, default=110)
     ap.add_argument("--bwd-budget", type=float, default=50)
     ap.add_argument("--trials", type=int, default=16)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp()) / "h200.sqlite"
+    if args.seed_from:
+        with TuningCache(tmp) as cache:
+            print(f"seeds: {cache.merge_from(args.seed_from)} earlier trials from {args.seed_from.name}")
     t0 = time.monotonic()
     session.run(session.Request(specs("fwd"), session.DEFAULT_BUCKETS, trials=args.trials,
                                 time_budget_s=args.fwd_budget, cache_path=tmp, seed=0))
@@ -51,10 +55,12 @@ def main() -> None:
         for extra in args.merge:
             if extra.exists():
                 print(f"merged {cache.merge_from(extra)} trials from {extra.name}")
-        for key, best in cache.best_rows():
+        for key, best in cache.best_rows(template_hash=[template_hash(k) for k in KINDS]):
             print(f"{key.kind:8s} H{key.n_heads} E{key.n_experts}x{key.expert_dim} T={key.bucket:6d} "
                   f"{best.median_ms:.4f} ms  {format_config(best.config)}  ({len(cache.trials(key))} trials)")
-        cache.copy_to(args.out)
+        current = {key.template_hash for key, _ in cache.best_rows()
+                   if key.template_hash == template_hash(key.kind)}
+        cache.copy_to(args.out, template_hash=sorted(current))  # ship only results for these templates
     print(f"tuning wall time: forward {t_fwd:.0f} s, total {t_all:.0f} s")
 
 

@@ -359,12 +359,13 @@ class Search:
 
 
 def neighbour_seeds(cache: TuningCache, key: ResultKey, limit: int = 4) -> list[Config]:
-    """Best configs of the same spec at other token buckets (nearest in log2 first), then of other
-    specs of the same kind on this device: good starting points for TPE."""
+    """Best configs of the same spec on this device: first at this bucket under an older template or
+    Triton version (stale, so re-measured, but the likeliest winners after a template change), then at
+    other token buckets (nearest in log2 first); then other specs of the same kind: TPE's starting points."""
     same_spec = dict(kind=key.kind, n_heads=key.n_heads, n_kv_heads=key.n_kv_heads, head_dim=key.head_dim,
                      n_experts=key.n_experts, expert_dim=key.expert_dim, dtype=key.dtype, device=key.device)
-    rows = [(k, t) for k, t in cache.best_rows(**same_spec) if k.bucket != key.bucket]
-    rows.sort(key=lambda kt: abs(math.log2(kt[0].bucket) - math.log2(key.bucket)))
+    rows = [(k, t) for k, t in cache.best_rows(**same_spec) if k != key]
+    rows.sort(key=lambda kt: (abs(math.log2(kt[0].bucket) - math.log2(key.bucket)), kt[1].median_ms))
     seeds = [t.config for _, t in rows[:limit]]
     others = [(k, t) for k, t in cache.best_rows(kind=key.kind, device=key.device, bucket=key.bucket)
               if k.spec != key.spec]
