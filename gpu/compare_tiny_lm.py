@@ -93,10 +93,11 @@ def main() -> int:
 
     base = ["--device", dev, "--dtype", opts.dtype, "--steps", str(opts.steps), "--seed", "0", *extra]
     runs = {}
-    for name, flag in (("triton", []), ("reference", ["--reference"])):
+    for run_name, flag in (("triton", []), ("reference", ["--reference"])):
         t0 = time.perf_counter()
-        runs[name] = lm.main([*base, *flag, "--quiet"])
-        print(f"{name:9s}: {time.perf_counter() - t0:.1f}s wall ({runs[name]['time_s']:.1f}s training)", flush=True)
+        runs[run_name] = lm.main([*base, *flag, "--quiet"])
+        took = time.perf_counter() - t0
+        print(f"{run_name:9s}: {took:.1f}s wall ({runs[run_name]['time_s']:.1f}s training)", flush=True)
 
     tri, ref = runs["triton"], runs["reference"]
     print(f"\n{'step':>6} {'triton':>9} {'reference':>10} {'rel diff':>9}")
