@@ -147,3 +147,10 @@ def test_backward_kinds_are_tuned_with_a_gradient_check(tmp_path, kind):
     [result] = session.run(session.Request([spec], (16,), trials=3, time_budget_s=None,
                                            cache_path=tmp_path / "c.sqlite", seed=2, isolate=False))
     assert result.measured_total == 3 and result.best is not None and result.best.status == "ok"
+
+
+def test_every_kernel_kind_has_a_tuning_harness():
+    from flashmhf.codegen import KINDS
+    from flashmhf.tuner.harness import BUILDERS
+
+    assert set(KINDS) <= set(BUILDERS)

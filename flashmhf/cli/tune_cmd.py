@@ -13,6 +13,9 @@ from rich.table import Table
 from flashmhf.cli.spec_options import dtype_option, shape_from_options, shape_options, with_shape
 from flashmhf.codegen import DTYPES, KINDS, Spec, SpecError, format_config
 
+GPU_TRIALS = 48
+INTERPRETER_TRIALS = 8  # the interpreter is slow: enough to exercise the pipeline end to end
+
 
 def _int_list(text: str, what: str) -> tuple[int, ...]:
     try:
@@ -57,10 +60,11 @@ def _use_interpreter_if_no_gpu(console: Console) -> bool:
 @shape_options
 @click.option("--tokens", default=None, help="comma list of token counts (rounded up to power-of-two buckets) "
               "[default: 1,16,64,256,1024,4096,16384; 1,16 without a GPU]")
-@click.option("--kind", "kinds", default=",".join(KINDS), show_default=True, help="comma list of kernel kinds")
+@click.option("--kind", "kinds", default="fwd,bwd_dq,bwd_dkuv", show_default=True,
+              help=f"comma list of kernel kinds ({', '.join(KINDS)})")
 @dtype_option(multiple=True)
-@click.option("--trials", type=int, default=48, show_default=True,
-              help="distinct configs measured per (kind, bucket), earlier runs included")
+@click.option("--trials", type=int, default=None,
+              help="distinct configs measured per (kind, bucket), earlier runs included [default: 48; 8 without a GPU]")
 @click.option("--time-budget", type=float, default=None, help="seconds for the whole run (shared across buckets)")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="cache file to write [default: the user cache file]")
@@ -71,7 +75,7 @@ def _use_interpreter_if_no_gpu(console: Console) -> bool:
 @click.option("--seed", type=int, default=None, help="seed of the sampler (reproducible searches)")
 @click.option("--no-isolate", is_flag=True, help="measure in this process (no crash containment; debugging)")
 @with_shape
-def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int, time_budget: float | None,
+def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int | None, time_budget: float | None,
          cache_path: Path | None, storage: str | None, gpus: str | None, worker: bool, seed: int | None,
          no_isolate: bool) -> None:
     """Tune kernel configs for a layer shape on this machine and store them in a cache file.
@@ -89,7 +93,7 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int, t
     from flashmhf.cache.paths import user_cache_path
     from flashmhf.tuner import session
 
-    if trials <= 0:
+    if trials is not None and trials <= 0:
         raise SpecError(f"--trials must be positive, got {trials}")
     if time_budget is not None and time_budget <= 0:
         raise SpecError(f"--time-budget must be positive seconds, got {time_budget}")
@@ -122,6 +126,7 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int, t
             specs = list(dict.fromkeys(specs))
         specs = [session.miniature(s) for s in specs]
         label += " (miniature: " + specs[0].label().split(" ", 1)[1] + ")"
+    trials = trials or (INTERPRETER_TRIALS if interpreter else GPU_TRIALS)
     buckets = _buckets(_int_list(tokens, "--tokens")) if tokens else (
         session.INTERPRETER_BUCKETS if interpreter else session.DEFAULT_BUCKETS)
     request = session.Request(

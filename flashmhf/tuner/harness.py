@@ -89,3 +89,12 @@ def _bwd_dkuv(spec: Spec, tokens: int, device: str, seed: int, with_reference: b
     (q, k, u, v, r, ds), ref = _backward_inputs(spec, tokens, device, seed, with_reference)
     dk, du, dv = (torch.full_like(k, float("nan")) for _ in range(3))
     return Problem(spec, tokens, (q, k, u, v, r, ds, dk, du, dv), [dk, du, dv], list(ref[1:4]) if ref else [])
+
+
+@builder("bwd_fused")
+def _bwd_fused(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
+    (q, k, u, v, r, ds), ref = _backward_inputs(spec, tokens, device, seed, with_reference)
+    dq, dr = torch.full_like(q, float("nan")), torch.full_like(r, float("nan"))
+    dk, du, dv = (torch.full_like(k, float("nan")) for _ in range(3))
+    outputs = [dq, dk, du, dv, dr]
+    return Problem(spec, tokens, (q, k, u, v, r, ds, *outputs), outputs, list(ref) if ref else [])
