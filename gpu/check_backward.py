@@ -18,9 +18,7 @@ Prints tables; writes backward.json under $OUT (or the current directory).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
-import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -34,7 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", message="flashmhf: no tuned")  # untuned on purpose: defaults everywhere
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+
+from flashmhf.bench.baselines import swiglu  # noqa: E402
+from flashmhf.bench.timing import median_ms  # noqa: E402
+from flashmhf.checks import reference_grads_f64, rel_error  # noqa: E402
 
 DEV = "cuda"
 TOL = 2e-2
@@ -116,32 +117,18 @@ def launch(kind: str, shape, config: dict, q, k, u, v, r, ds, outs) -> None:
     load(Spec(kind, *shape, "bf16")).launch(*args, *outs, **config)
 
 
-def example_tokens(tokens: int) -> int:
-    """Few tokens in the same Triton specialisation class (==1, rows divisible by 16) as ``tokens``."""
-    return 1 if tokens == 1 else 16 + tokens % 16
-
-
-def _compile_job(kind: str, shape: tuple, config: dict, tokens: int) -> str | None:
-    try:
-        q, k, u, v, r, ds = make_inputs(shape, example_tokens(tokens), seed=0)
-        launch(kind, shape, config, q, k, u, v, r, ds, outputs(kind, q, k, r))
-        torch.cuda.synchronize()
-        return None
-    except Exception as exc:  # noqa: BLE001 - reported, the main pass then skips the config
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-
-
 def job_key(kind: str, shape: tuple, config: dict, tokens: int) -> tuple:
-    return kind, shape, tuple(sorted(config.items())), example_tokens(tokens)
+    return kind, shape, tuple(sorted(config.items())), tokens
 
 
 def precompile(jobs: list[tuple]) -> dict[tuple, str | None]:
     """Compile every (kind, shape, config, tokens) once, in parallel processes (Triton's disk cache)."""
-    jobs = list(dict.fromkeys(job_key(*job) for job in jobs))
-    workers = max(1, min(len(jobs), (os.cpu_count() or 2) - 1, 16))
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        errors = pool.map(_compile_job, *zip(*[(k, s, dict(c), t) for k, s, c, t in jobs]))
-        return {job: err for job, err in zip(jobs, errors)}
+    from flashmhf.codegen import Spec
+    from flashmhf.tuner.precompile import precompile as compile_all
+
+    keys = list(dict.fromkeys(job_key(*job) for job in jobs))
+    errors = compile_all([(Spec(kind, *shape, "bf16"), dict(cfg), tokens) for kind, shape, cfg, tokens in keys])
+    return dict(zip(keys, errors))
 
 
 def chosen_config(kind: str, shape, tokens: int) -> dict:
@@ -151,20 +138,6 @@ def chosen_config(kind: str, shape, tokens: int) -> dict:
     from flashmhf_runtime.dispatch import choose_config
 
     return dict(choose_config(Spec(kind, *shape, "bf16"), tokens, device_info(torch.cuda.current_device()))[0])
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out = out.double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref.double()).norm() / ref.double().norm()).item()
-
-
-def reference_grads(q, k, u, v, r, ds):
-    from flashmhf_runtime import reference
-
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, u, v, r)]
-    return torch.autograd.grad(reference.flash_mhf(*leaves), leaves, ds.double())
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -187,7 +160,7 @@ def accuracy() -> list[dict]:
     for name, kv, tokens in accuracy_cases():
         shape = shape_of(name, kv)
         q, k, u, v, r, ds = make_inputs(shape, tokens, seed=tokens)
-        ref = reference_grads(q, k, u, v, r, ds)
+        ref = reference_grads_f64(q, k, u, v, r, ds)
         cfg = {kind: chosen_config(kind, shape, tokens) for kind in ("bwd_dq", "bwd_dkuv")}
         dq, dr = outputs("bwd_dq", q, k, r)
         dk, du, dv = outputs("bwd_dkuv", q, k, r)
@@ -245,12 +218,6 @@ def cuda_graph_check() -> dict:
 # ------------------------------------------------------------------------------------------- speed
 
 
-def median_ms(fn) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
 def peak_mib(fn) -> float:
     """Allocator peak above what is allocated before the call, during one call (results kept)."""
     torch.cuda.synchronize()
@@ -261,10 +228,6 @@ def peak_mib(fn) -> float:
     peak = torch.cuda.max_memory_allocated() - base
     del result
     return peak / 2**20
-
-
-def swiglu(x, w_gate, w_up, w_down):
-    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
 
 def speed_case(name: str, tokens: int, compiled_swiglu) -> dict:
