@@ -6,6 +6,9 @@ import torch
 
 from flashmhf_runtime import reference
 
+# Spec dtype names -> torch dtypes (inputs are built in the spec's dtype).
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 def reference_f64(q, k, u, v, r, chunk: int = 2048) -> torch.Tensor:
     """float64 reference of the core, chunked over tokens so large T fits in memory."""

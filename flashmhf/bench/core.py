@@ -8,10 +8,9 @@ import torch
 
 from flashmhf.bench.baselines import swiglu, swiglu_weights
 from flashmhf.bench.timing import median_ms, tflops
-from flashmhf.checks import core_inputs, reference_f64, reference_grads_f64, rel_error
+from flashmhf.checks import TORCH_DTYPES, core_inputs, reference_f64, reference_grads_f64, rel_error
 from flashmhf.codegen import Spec, format_config
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GRAPH_TOKENS = 64
 
 

@@ -9,7 +9,6 @@ from flashmhf.codegen.kinds.base import is_pow2, next_pow2
 from flashmhf.codegen.spec import Spec, validate_spec
 
 TL_DTYPES = {"bf16": "tl.bfloat16", "fp16": "tl.float16", "fp32": "tl.float32"}
-TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
 
 
 @dataclass(frozen=True)
@@ -20,7 +19,6 @@ class Plan:
     group: int  # query heads per kv head
     d_ff: int
     tl_dtype: str
-    torch_dtype: str
     # fp32 inputs are multiplied exactly (ieee); 16-bit inputs use the tensor cores' native mode.
     dot_precision: str
 
@@ -38,12 +36,8 @@ class Plan:
             "D_E": s.expert_dim,
             "D_FF": self.d_ff,
             "DTYPE": self.tl_dtype,
-            "TORCH_DTYPE": self.torch_dtype,
             "DOT_PRECISION": self.dot_precision,
         }
-
-    def tiles_per_expert(self, block_f: int) -> int:
-        return self.spec.expert_dim // block_f
 
 
 def plan(spec: Spec) -> Plan:
@@ -60,6 +54,5 @@ def plan(spec: Spec) -> Plan:
         group=spec.group,
         d_ff=spec.d_ff,
         tl_dtype=TL_DTYPES[spec.dtype],
-        torch_dtype=TORCH_DTYPES[spec.dtype],
         dot_precision="ieee" if spec.dtype == "fp32" else "tf32",
     )

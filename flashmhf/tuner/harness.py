@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flashmhf.checks import core_inputs, reference_f64, reference_grads_f64, rel_error
+from flashmhf.checks import TORCH_DTYPES, core_inputs, reference_f64, reference_grads_f64, rel_error
 from flashmhf.codegen import Config, Spec, load
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOLERANCE = {"bf16": 1e-2, "fp16": 3e-3, "fp32": 1e-4}
 # Gradients go through one more rounding (ds and the recomputed activations): DESIGN's training limits.
 GRAD_TOLERANCE = {"bf16": 2e-2, "fp16": 1e-2, "fp32": 1e-3}
