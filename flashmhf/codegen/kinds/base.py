@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -96,6 +96,16 @@ class KernelKind:
         for p in self.params:
             n *= len(p.values)
         return n
+
+
+def first_accepted(
+    reject: Callable[[Spec, Config, int | None], str | None], spec: Spec, candidates: Iterable[Config]
+) -> Config:
+    """The first candidate the constraints accept: how each kind turns its preferences into a default."""
+    for c in candidates:
+        if reject(spec, c, None) is None:
+            return c
+    raise AssertionError(f"no default fits {spec.label()}")  # unreachable for validated specs
 
 
 def format_config(config: Config) -> str:

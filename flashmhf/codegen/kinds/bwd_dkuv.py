@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 
 from flashmhf.codegen.kinds import bwd_common
-from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param, next_pow2
+from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param, first_accepted, next_pow2
 from flashmhf.codegen.kinds.bwd_common import REG_OVERHEAD, block_f_choices, common_reject, row_tile
 from flashmhf.codegen.spec import Spec
 
@@ -44,14 +44,13 @@ def default(spec: Spec, tokens: int) -> Config:
     against 15.0 ms for 64x64 with 8 warps (docs/benchmarks/2026-11-29-backward.md)."""
     preferred = row_tile(tokens, spec, 64)
     widths = sorted(block_f_choices(spec), key=lambda bf: (bf != 32, -bf))
-    for bf in widths:
-        for bm in (preferred, *(b for b in (32, 16) if b < preferred)):
-            for warps in (4, 8):
-                for stages in (3, 2, 1):
-                    c = {"block_f": bf, "block_m": bm, "num_warps": warps, "num_stages": stages}
-                    if reject(spec, c, None) is None:
-                        return c
-    raise AssertionError(f"no default fits {spec.label()}")  # unreachable for validated specs
+    return first_accepted(reject, spec, (
+        {"block_f": bf, "block_m": bm, "num_warps": warps, "num_stages": stages}
+        for bf in widths
+        for bm in (preferred, *(b for b in (32, 16) if b < preferred))
+        for warps in (4, 8)
+        for stages in (3, 2, 1)
+    ))
 
 
 def flops(spec: Spec, tokens: int) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 
 from flashmhf.codegen.kinds import bwd_common
-from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param, next_pow2
+from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param, first_accepted, next_pow2
 from flashmhf.codegen.kinds.bwd_common import REG_OVERHEAD, block_f_choices, common_reject, row_tile
 from flashmhf.codegen.spec import Spec
 
@@ -39,13 +39,12 @@ def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
 def default(spec: Spec, tokens: int) -> Config:
     """Up to 128 rows per program, 64-wide d_ff tiles, the deepest pipeline that fits."""
     preferred = row_tile(tokens, spec, 128)
-    for bm in (preferred, *(b for b in (64, 32, 16) if b < preferred)):
-        for bf in block_f_choices(spec):
-            for stages in (3, 2, 1):
-                c = {"block_m": bm, "block_f": bf, "num_warps": 8 if bm >= 128 else 4, "num_stages": stages}
-                if reject(spec, c, None) is None:
-                    return c
-    raise AssertionError(f"no default fits {spec.label()}")  # unreachable for validated specs
+    return first_accepted(reject, spec, (
+        {"block_m": bm, "block_f": bf, "num_warps": 8 if bm >= 128 else 4, "num_stages": stages}
+        for bm in (preferred, *(b for b in (64, 32, 16) if b < preferred))
+        for bf in block_f_choices(spec)
+        for stages in (3, 2, 1)
+    ))
 
 
 def flops(spec: Spec, tokens: int) -> float:

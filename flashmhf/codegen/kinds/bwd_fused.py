@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 
 from flashmhf.codegen.kinds import bwd_common
-from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param, next_pow2
+from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param, first_accepted, next_pow2
 from flashmhf.codegen.kinds.bwd_common import REG_OVERHEAD, block_f_choices, common_reject, row_tile
 from flashmhf.codegen.spec import Spec
 
@@ -40,14 +40,13 @@ def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
 def default(spec: Spec, tokens: int) -> Config:
     """64-wide d_ff tiles, up to 32 rows per step (the dq tile adds registers), 8 warps."""
     preferred = row_tile(tokens, spec, 32)
-    for bf in block_f_choices(spec):
-        for bm in (preferred, *(b for b in (16,) if b < preferred)):
-            for warps in (8, 4):
-                for stages in (3, 2, 1):
-                    c = {"block_f": bf, "block_m": bm, "num_warps": warps, "num_stages": stages}
-                    if reject(spec, c, None) is None:
-                        return c
-    raise AssertionError(f"no default fits {spec.label()}")  # unreachable for validated specs
+    return first_accepted(reject, spec, (
+        {"block_f": bf, "block_m": bm, "num_warps": warps, "num_stages": stages}
+        for bf in block_f_choices(spec)
+        for bm in (preferred, *(b for b in (16,) if b < preferred))
+        for warps in (8, 4)
+        for stages in (3, 2, 1)
+    ))
 
 
 def flops(spec: Spec, tokens: int) -> float:

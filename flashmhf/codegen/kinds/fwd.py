@@ -14,6 +14,7 @@ from flashmhf.codegen.kinds.base import (
     Config,
     KernelKind,
     Param,
+    first_accepted,
     next_pow2,
 )
 from flashmhf.codegen.spec import Spec
@@ -80,10 +81,7 @@ def default(spec: Spec, tokens: int) -> Config:
         for s in (3, 2, 1)
     ]
     candidates += [{**c, "block_f": 16, "block_m": min(block_m, 64)} for c in candidates]
-    for c in candidates:
-        if reject(spec, c, None) is None:
-            return c
-    raise AssertionError(f"no default fits {spec.label()}")  # unreachable for validated specs
+    return first_accepted(reject, spec, candidates)
 
 
 def flops(spec: Spec, tokens: int) -> float:
