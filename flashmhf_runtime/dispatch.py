@@ -127,11 +127,6 @@ def chosen_config(spec: Spec, tokens: int, device_index: int | None) -> tuple[Co
     return _chosen.get(key)
 
 
-def chosen_configs() -> dict[tuple, tuple[Config, str]]:
-    """What this process has chosen so far, per key (for `flashmhf doctor` and debugging)."""
-    return dict(_chosen)
-
-
 _reset_hooks: list[Callable[[], None]] = []
 
 

@@ -14,13 +14,5 @@ def median_ms(fn: Callable[[], object], *, graph: bool = False, warmup: int = 25
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def quantiles_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> tuple[float, float, float]:
-    """(median, p20, p80) in ms, L2 flushed between runs."""
-    import triton.testing
-
-    p50, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-    return float(p50), float(p20), float(p80)
-
-
 def tflops(flop: float, ms: float) -> float:
     return flop / (ms * 1e-3) / 1e12

@@ -45,8 +45,6 @@ class KernelKind:
     reject: Callable[[Spec, Config, int | None], str | None]
     default: Callable[[Spec, int], Config]
     flops: Callable[[Spec, int], float]
-    # Names of the launch-time (num_warps, num_stages) keys: everything else is a constexpr.
-    launch_keys: tuple[str, ...] = ("num_warps", "num_stages")
     extra_hash: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -55,11 +53,12 @@ class KernelKind:
 
     @cached_property
     def space_hash(self) -> str:
-        """Hash of the declared values and the constraint code: results from another space differ."""
+        """Hash of the declared values and the constraint code (the whole module that defines
+        ``reject``, so resource estimates and thresholds count too): results from another space differ."""
         h = hashlib.sha256()
         for p in self.params:
             h.update(f"{p.name}={p.values};".encode())
-        h.update(inspect.getsource(self.reject).encode())
+        h.update(inspect.getsource(inspect.getmodule(self.reject)).encode())
         for extra in self.extra_hash:
             h.update(extra.encode())
         return h.hexdigest()[:16]

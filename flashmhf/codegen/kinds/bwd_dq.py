@@ -65,5 +65,5 @@ BWD_DQ = KernelKind(
     reject=reject,
     default=default,
     flops=flops,
-    extra_hash=(inspect.getsource(bwd_common), inspect.getsource(estimate_smem), inspect.getsource(estimate_regs)),
+    extra_hash=(inspect.getsource(bwd_common),),
 )
