@@ -28,11 +28,12 @@ SHAPES = [
     (5, 4, 1, 32, 3, 32),
 ]
 # One config of each kind per case; the pairs cover 1 and several tiles per sub-network, row tiles
-# smaller and larger than T, warps and stages.
+# smaller and larger than T, warps and stages, and every bwd_dkuv structure (one kernel or dV split
+# off; rows or weights on the M side).
 CONFIG_PAIRS = [
-    (dict(block_m=16, block_f=16, num_warps=4, num_stages=1), dict(block_f=32, block_m=16, num_warps=4, num_stages=1)),
-    (dict(block_m=32, block_f=32, num_warps=4, num_stages=2), dict(block_f=16, block_m=32, num_warps=4, num_stages=2)),
-    (dict(block_m=64, block_f=64, num_warps=8, num_stages=2), dict(block_f=64, block_m=16, num_warps=8, num_stages=2)),
+    (dict(block_m=16, block_f=16, num_warps=4, num_stages=1), dict(block_f=32, block_m=16, num_warps=4, num_stages=1, split_dv=0, rows_major=0)),
+    (dict(block_m=32, block_f=32, num_warps=4, num_stages=2), dict(block_f=16, block_m=32, num_warps=4, num_stages=2, split_dv=1, rows_major=1)),
+    (dict(block_m=64, block_f=64, num_warps=8, num_stages=2), dict(block_f=64, block_m=16, num_warps=8, num_stages=2, split_dv=1, rows_major=0)),
 ]
 
 
@@ -344,8 +345,8 @@ def test_large_t_defaults_are_the_intended_tiles():
     spec = Spec("bwd_dq", 16, 16, 128, 22, 256, "bf16")
     assert get_kind("bwd_dq").default(spec, 16384) == dict(block_m=128, block_f=64, num_warps=8, num_stages=2)
     dkuv = get_kind("bwd_dkuv").default(Spec("bwd_dkuv", 16, 16, 128, 22, 256, "bf16"), 16384)
-    # The H200 sweep: 32x64 with 4 warps 7.8 ms against 15.0 ms for 64x64 with 8 warps.
-    assert (dkuv["block_f"], dkuv["block_m"], dkuv["num_warps"]) == (32, 64, 4)
+    # The H200 sweep: one kernel of 64x16 tiles, 4 warps: 6.49 ms; split forms 7.27 ms and slower.
+    assert (dkuv["block_f"], dkuv["block_m"], dkuv["num_warps"], dkuv["split_dv"]) == (64, 16, 4, 0)
 
 
 @pytest.mark.parametrize(
@@ -354,9 +355,10 @@ def test_large_t_defaults_are_the_intended_tiles():
         ("bwd_dq", dict(block_m=64, block_f=128, num_warps=4, num_stages=2), "does not divide expert_dim"),
         ("bwd_dq", dict(block_m=256, block_f=32, num_warps=8, num_stages=1), "registers"),
         ("bwd_dq", dict(block_m=128, block_f=64, num_warps=8, num_stages=5), "shared memory"),
-        ("bwd_dkuv", dict(block_f=128, block_m=64, num_warps=8, num_stages=2), "registers"),
-        ("bwd_dkuv", dict(block_f=64, block_m=128, num_warps=8, num_stages=3), "shared memory"),
-        ("bwd_dkuv", dict(block_f=32, block_m=64, num_warps=4, num_stages=1), "larger than the 4 rows"),
+        ("bwd_dkuv", dict(block_f=128, block_m=64, num_warps=8, num_stages=2, split_dv=0, rows_major=0), "registers"),
+        ("bwd_dkuv", dict(block_f=64, block_m=64, num_warps=4, num_stages=3, split_dv=1, rows_major=0), "registers"),
+        ("bwd_dkuv", dict(block_f=64, block_m=128, num_warps=8, num_stages=4, split_dv=1, rows_major=1), "shared memory"),
+        ("bwd_dkuv", dict(block_f=32, block_m=64, num_warps=4, num_stages=1, split_dv=0, rows_major=0), "larger than the 4 rows"),
     ],
 )
 def test_rejection_reasons(kind, config, reason):
@@ -377,6 +379,6 @@ def test_cli_show_backward_kinds():
     for kind in ("bwd_dkuv", "bwd_fused"):
         result = runner.invoke(cli_main, ["show", "--preset", "repo-1.3b", "--kind", kind, "--tokens", "16384"])
         assert result.exit_code == 0 and f"def flashmhf_{kind}(" in result.output
-    bad = '{"block_f": 128, "block_m": 64, "num_warps": 8, "num_stages": 2}'
+    bad = '{"block_f": 128, "block_m": 64, "num_warps": 8, "num_stages": 2, "split_dv": 0, "rows_major": 0}'
     result = runner.invoke(cli_main, ["show", "--preset", "repo-1.3b", "--kind", "bwd_dkuv", "--config", bad])
     assert result.exit_code != 0 and "registers" in result.output and "Traceback" not in result.output

@@ -16,9 +16,16 @@ from flashmhf.codegen import SpecError, format_config, get_kind, render
 @dtype_option()
 @click.option("--config", "config_json", help='a config to check against the spec, e.g. \'{"block_m": 128, ...}\'')
 @click.option("--tokens", type=int, help="token count for the default config shown in the header comment")
+@click.option("--resources", is_flag=True,
+              help="instead of the source: compile for a GPU (no GPU needed) and report registers, spills, "
+                   "shared memory and tensor-core instructions per kernel")
+@click.option("--capability", type=int, default=90, show_default=True,
+              help="with --resources: target compute capability (90 = H100/H200, 80 = A100)")
 @with_shape
-def show(shape: dict, kind: str, dtype: str, config_json: str | None, tokens: int | None) -> None:
-    """Print the generated Triton source of one kernel kind for a layer shape."""
+def show(shape: dict, kind: str, dtype: str, config_json: str | None, tokens: int | None, resources: bool,
+         capability: int) -> None:
+    """Print the generated Triton source of one kernel kind for a layer shape (or, with --resources,
+    what its compiled kernels use on a GPU target)."""
     spec = spec_from_options(kind, dtype, **shape)
     source = render(spec)
     k = get_kind(kind)
@@ -32,5 +39,20 @@ def show(shape: dict, kind: str, dtype: str, config_json: str | None, tokens: in
         k.check_config(spec, config, tokens)
         note = f"# launch config (checked): {format_config(config)}\n"
     else:
-        note = f"# default launch config at {tokens or 1} tokens: {format_config(k.default(spec, tokens or 1))}\n"
+        config = k.default(spec, tokens or 1)
+        note = f"# default launch config at {tokens or 1} tokens: {format_config(config)}\n"
+    if resources:
+        _print_resources(spec, config, tokens or 4096, capability)
+        return
     click.echo(note + source, nl=False)
+
+
+def _print_resources(spec, config: dict, tokens: int, capability: int) -> None:
+    from flashmhf.tuner.resources import kernel_resources
+
+    click.echo(f"{spec.label()} {format_config(config)} on sm_{capability} (compiled here, ptxas -v):")
+    for r in kernel_resources(spec, config, tokens=tokens, capability=capability):
+        switches = ",".join(f"{name}={int(v)}" for name, v in r.constexprs.items() if isinstance(v, bool))
+        spills = "?" if r.spill_bytes is None else f"{r.spill_bytes} B"
+        click.echo(f"  {r.name}{' [' + switches + ']' if switches else ''}: {r.registers} registers/thread, "
+                   f"spills {spills}, shared {r.shared_bytes // 1024} KiB, MMA {'; '.join(r.mma) or 'none'}")

@@ -77,8 +77,9 @@ class KernelKind:
             )
         for p in self.params:
             value = config[p.name]
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise SpecError(f"config {p.name} must be a positive integer, got {value!r}")
+            lowest = 1 if p.log2 else 0  # tile sizes are positive; switches and depths may be 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+                raise SpecError(f"config {p.name} must be an integer >= {lowest}, got {value!r}")
         reason = self.reject(spec, config, tokens)
         if reason:
             raise SpecError(f"{format_config(config)} rejected for {spec.label()}: {reason}")

@@ -1,10 +1,13 @@
 """Backward core kernel, part 2: dK, dU, dV. Grid over (d_ff tiles, kv heads), loop over rows.
 
 A program owns one BLOCK_F slice of d_ff of one kv head (inside one sub-network e): its K/U/V tiles
-stay resident and its dK/dU/dV tiles accumulate in fp32 registers over every row (token x
-head-of-the-group) of that kv head, so the sum over tokens and over the heads sharing the kv head
-needs no atomics and no workspace; each is stored once in the weights' dtype. Per row tile:
-m, n, da recomputed, then dV, dK, dU: 6 GEMMs.
+stay resident in shared memory (loaded through TMA descriptors) and its dK/dU/dV tiles accumulate in
+fp32 registers over every token of every head of the group, so the sums need no atomics and no
+workspace; each is stored once in the weights' dtype.
+
+Structural choices: ``split_dv=1`` runs two kernels (dK, dU: m, n, da recomputed + 2 GEMMs; dV: m, n
+recomputed + 1 GEMM = 8 GEMMs per row tile) instead of one (6 GEMMs, three fp32 accumulators live
+at once); ``rows_major=1`` puts the rows on the M side of the recomputed products.
 """
 
 from __future__ import annotations
@@ -13,24 +16,40 @@ import inspect
 
 from flashmhf.codegen.kinds import bwd_common
 from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param, first_accepted, next_pow2
-from flashmhf.codegen.kinds.bwd_common import REG_OVERHEAD, block_f_choices, common_reject, row_tile
+from flashmhf.codegen.kinds.bwd_common import block_f_choices, common_reject
 from flashmhf.codegen.spec import Spec
 
 
+# Per-thread registers beyond the tiles counted below. Calibrated on sm_90 compile reports
+# (flashmhf show --resources): with TMA tiles there are no address tensors, so less than the other
+# kinds' 40; 64x16 tiles, one kernel, 4 warps (estimate 252) compile to 255 registers and no spills,
+# 64x32 (276) spill 172 bytes.
+REG_OVERHEAD = 36
+
+
+def _passes(c: Config) -> tuple[tuple[int, int], ...]:
+    """(dK/dU accumulators, dV accumulator) of each kernel a config launches."""
+    return ((1, 0), (0, 1)) if c["split_dv"] else ((1, 1),)
+
+
 def estimate_smem(spec: Spec, c: Config) -> int:
-    """Resident K/U/V tiles, pipelined q and ds tiles and the three staged (ra, dm, dn) tiles."""
+    """Largest pass: resident weight tiles (K, U, and V for dK/dU), pipelined q and ds tiles, and
+    with ``rows_major`` the transposed (rows x d_ff-tile) operand staged for the accumulating GEMMs."""
     b = DTYPE_BYTES[spec.dtype]
     d_pad = next_pow2(spec.head_dim)
     bm, bf = c["block_m"], c["block_f"]
     stages = max(c["num_stages"], 1)
-    return 3 * bf * d_pad * b + stages * 2 * bm * d_pad * b + 3 * bf * bm * b
+    staged = bf * bm * b if c["rows_major"] else 0
+    return max((2 + dku) * bf * d_pad * b + stages * 2 * bm * d_pad * b + staged for dku, _ in _passes(c))
 
 
 def estimate_regs(spec: Spec, c: Config) -> int:
-    """Three fp32 (d_ff-tile x d_h) accumulators plus the three (d_ff-tile x rows) products."""
+    """Largest pass: its fp32 (d_ff-tile x d_h) accumulators plus the (d_ff-tile x rows) products
+    m, n (and da for dK/dU) it keeps live."""
     d_pad = next_pow2(spec.head_dim)
     bm, bf = c["block_m"], c["block_f"]
-    return (3 * bf * d_pad + 3 * bf * bm) // (c["num_warps"] * 32) + REG_OVERHEAD
+    return max(((2 * dku + dv) * bf * d_pad + (2 + dku) * bf * bm) // (c["num_warps"] * 32)
+               for dku, dv in _passes(c)) + REG_OVERHEAD
 
 
 def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
@@ -38,35 +57,41 @@ def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
 
 
 def default(spec: Spec, tokens: int) -> Config:
-    """32-wide d_ff tiles, up to 64 rows per step, 4 warps, the deepest pipeline that fits.
+    """One kernel, 64-wide d_ff tiles (a Hopper warpgroup MMA's M side), 16 tokens per step, 4 warps,
+    4 stages; narrower or split forms only where d_e or the resources need them.
 
-    Measured on an H200 (repo-1.3b, T=16384, bf16): 32x64 with 4 warps and 3 stages 7.76 ms,
-    against 15.0 ms for 64x64 with 8 warps (docs/benchmarks/2026-11-29-backward.md)."""
-    preferred = row_tile(tokens, spec, 64)
-    widths = sorted(block_f_choices(spec), key=lambda bf: (bf != 32, -bf))
+    Measured on an H200 (repo-1.3b, T = 16384, bf16; docs/benchmarks/2026-11-29-backward-v2.md):
+    6.49 ms, against 7.27 ms for the best split form (64x32) and 7.64 ms for the tuned
+    pointer-load kernel this template replaced."""
+    widths = sorted(block_f_choices(spec), key=lambda bf: (bf != 64, -bf))
     return first_accepted(reject, spec, (
-        {"block_f": bf, "block_m": bm, "num_warps": warps, "num_stages": stages}
+        {"block_f": bf, "block_m": bm, "num_warps": warps, "num_stages": stages, "split_dv": split,
+         "rows_major": 0}
         for bf in widths
-        for bm in (preferred, *(b for b in (32, 16) if b < preferred))
+        for split in (0, 1)
         for warps in (4, 8)
-        for stages in (3, 2, 1)
+        for bm in (16, 32)
+        for stages in (4, 3, 2, 1)
     ))
 
 
 def flops(spec: Spec, tokens: int) -> float:
-    """Executed FLOPs: 6 GEMMs of 2*T*d_model*d_ff each (m, n, da recomputed; dV, dK, dU)."""
+    """Useful FLOPs of the single-kernel form: 6 GEMMs of 2*T*d_model*d_ff each (m, n, da recomputed;
+    dV, dK, dU). ``split_dv`` executes 8 (m and n twice) for the same result."""
     return 12.0 * tokens * spec.d_model * spec.d_ff
 
 
 BWD_DKUV = KernelKind(
     name="bwd_dkuv",
     template="bwd_dkuv.py.jinja",
-    description="backward dK, dU, dV: per d_ff tile, loop over all rows of the kv head, fp32 accumulators",
+    description="backward dK, dU, dV: per d_ff tile, loop over all rows of the kv head, fp32 accumulators, TMA tiles",
     params=(
         Param("block_f", (16, 32, 64, 128), help="d_ff rows of K/U/V per program"),
-        Param("block_m", (16, 32, 64, 128, 256), help="rows (token x head-of-group) per loop step"),
+        Param("block_m", (16, 32, 64, 128, 256), help="tokens per loop step (of each head of the group in turn)"),
         Param("num_warps", (4, 8), help="warps per program"),
         Param("num_stages", (1, 2, 3, 4, 5), log2=False, help="software-pipeline depth"),
+        Param("split_dv", (0, 1), log2=False, help="1: dK/dU and dV in two kernels (fewer live accumulators)"),
+        Param("rows_major", (0, 1), log2=False, help="1: rows on the M side of the recomputed products"),
     ),
     reject=reject,
     default=default,

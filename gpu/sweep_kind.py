@@ -1,0 +1,72 @@
+"""Time a list of configs of one kernel kind side by side on the GPU: compiled in parallel, each
+checked against the float64 reference (outputs poisoned) and then timed (median of do_bench, L2
+flushed). Prints one table with ms and TF/s of the executed GEMMs; JSON under $OUT.
+
+    PYTHONUNBUFFERED=1 python3 gpu/sweep_kind.py --kind bwd_dkuv --tokens 16384 \
+        --config '{"block_f": 64, ...}' --config '...' [--preset repo-1.3b] [--gemms 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("FLASHMHF_KERNEL_DIR", "/tmp/flashmhf-kernels")
+
+import torch  # noqa: E402
+
+from flashmhf.bench.timing import median_ms, tflops  # noqa: E402
+from flashmhf.codegen import Spec, format_config, get_kind  # noqa: E402
+from flashmhf.tuner.harness import make_problem  # noqa: E402
+from flashmhf.tuner.precompile import precompile  # noqa: E402
+from flashmhf_runtime import PRESETS  # noqa: E402
+
+
+def executed_gemms(kind: str, config: dict) -> int:
+    """GEMM-sized products a launch executes (recomputation included)."""
+    return {"fwd": 3, "bwd_dq": 5, "bwd_fused": 8}.get(kind) or (8 if config.get("split_dv") else 6)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kind", required=True)
+    ap.add_argument("--preset", default="repo-1.3b")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--config", action="append", default=[], help="JSON config (repeat); default: the kind's default")
+    args = ap.parse_args()
+    p = PRESETS[args.preset]
+    spec = Spec(args.kind, p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16")
+    kind = get_kind(args.kind)
+    configs = [json.loads(c) for c in args.config] or [kind.default(spec, args.tokens)]
+    errors = precompile([(spec, c, args.tokens) for c in configs])
+    problem = make_problem(spec, args.tokens, "cuda", seed=0)
+    product = 2.0 * args.tokens * spec.d_model * spec.d_ff
+    rows = []
+    print(f"{args.kind} {args.preset} T={args.tokens} bf16 on {torch.cuda.get_device_name()}")
+    print(f"| config | rel err | ms | TF/s executed |\n|---|---|---|---|")
+    for config, err in zip(configs, errors):
+        row = {"config": config, "compile_error": err}
+        if err is None:
+            try:
+                row["rel_err"] = problem.check(config)
+                row["ms"] = median_ms(lambda: problem.run(config), rep=200)
+                row["tflops"] = tflops(executed_gemms(args.kind, config) * product, row["ms"])
+            except Exception as exc:  # noqa: BLE001 - a failing config is a row of the table
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        rows.append(row)
+        if "ms" in row:
+            print(f"| {format_config(config)} | {row['rel_err']:.2e} | {row['ms']:.3f} | {row['tflops']:.0f} |",
+                  flush=True)
+        else:
+            print(f"| {format_config(config)} | {row.get('error') or (err or '').splitlines()[0][:80]} | | |",
+                  flush=True)
+    out_dir = os.environ.get("OUT", ".")
+    with open(os.path.join(out_dir, f"sweep-{args.kind}-{args.preset}-T{args.tokens}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Compile reports for a GPU target, made on this CPU (`flashmhf show --resources`).
+
+The tests run in a subprocess without TRITON_INTERPRET (the suite's interpreter mode would turn the
+kernels into interpreted functions). They pin the properties the backward's speed rests on: the
+default bwd_dkuv tiles compile to Hopper warpgroup MMAs with no register spills."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_SCRIPT = """
+import json, sys
+from flashmhf.codegen import Spec, get_kind
+from flashmhf.tuner.resources import kernel_resources
+spec = Spec(*json.loads(sys.argv[1]))
+config = json.loads(sys.argv[2]) or get_kind(spec.kind).default(spec, 16384)
+print(json.dumps([dict(name=r.name, registers=r.registers, spills=r.spill_bytes, shared=r.shared_bytes,
+                       mma=list(r.mma), v2=r.uses_mma_v2) for r in kernel_resources(spec, config, tokens=256)]))
+"""
+
+
+def _report(spec: list, config: dict | None = None) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(spec), json.dumps(config or {})],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_default_dkuv_uses_warpgroup_mma_without_spills():
+    [kernel] = _report(["bwd_dkuv", 16, 16, 128, 22, 256, "bf16"])  # repo-1.3b: one kernel
+    assert kernel["name"] == "flashmhf_bwd_dkuv"
+    assert kernel["mma"] and not kernel["v2"], kernel["mma"]
+    assert kernel["spills"] == 0 and 0 < kernel["registers"] <= 255, kernel
+    assert 0 < kernel["shared"] <= 232_448
+
+
+@pytest.mark.slow
+def test_split_dkuv_reports_both_kernels_and_narrow_tiles_fall_back_to_mma_v2():
+    split = dict(block_f=64, block_m=32, num_warps=4, num_stages=3, split_dv=1, rows_major=0)
+    kernels = _report(["bwd_dkuv", 16, 16, 128, 22, 256, "bf16"], split)
+    assert [k["name"] for k in kernels] == ["flashmhf_bwd_dkuv"] * 2
+    assert all(not k["v2"] for k in kernels)
+    # A 32-row d_ff tile is too short for a warpgroup MMA (64 rows): the report must say so.
+    narrow = dict(block_f=32, block_m=64, num_warps=4, num_stages=3, split_dv=0, rows_major=0)
+    [kernel] = _report(["bwd_dkuv", 16, 16, 128, 22, 256, "bf16"], narrow)
+    assert kernel["v2"], kernel["mma"]
+
+
+def test_show_resources_cli_reports_registers():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "flashmhf.cli", "show", "--preset", "repo-128m", "--kind", "bwd_dkuv",
+                          "--tokens", "4096", "--resources"], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "registers/thread" in out.stdout and "MMA v3" in out.stdout, out.stdout
+
+
+def test_resources_refuse_the_interpreter():
+    from flashmhf.codegen import Spec, get_kind
+    from flashmhf.tuner.resources import kernel_resources
+
+    spec = Spec("bwd_dkuv", 2, 2, 64, 2, 64, "fp32")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernel_resources(spec, get_kind("bwd_dkuv").default(spec, 16))
