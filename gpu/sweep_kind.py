@@ -46,7 +46,7 @@ def main() -> None:
     product = 2.0 * args.tokens * spec.d_model * spec.d_ff
     rows = []
     print(f"{args.kind} {args.preset} T={args.tokens} bf16 on {torch.cuda.get_device_name()}")
-    print(f"| config | rel err | ms | TF/s executed |\n|---|---|---|---|")
+    print("| config | rel err | ms | TF/s executed |\n|---|---|---|---|")
     for config, err in zip(configs, errors):
         row = {"config": config, "compile_error": err}
         if err is None:

@@ -31,9 +31,12 @@ SHAPES = [
 # smaller and larger than T, warps and stages, and every bwd_dkuv structure (one kernel or dV split
 # off; rows or weights on the M side).
 CONFIG_PAIRS = [
-    (dict(block_m=16, block_f=16, num_warps=4, num_stages=1), dict(block_f=32, block_m=16, num_warps=4, num_stages=1, split_dv=0, rows_major=0)),
-    (dict(block_m=32, block_f=32, num_warps=4, num_stages=2), dict(block_f=16, block_m=32, num_warps=4, num_stages=2, split_dv=1, rows_major=1)),
-    (dict(block_m=64, block_f=64, num_warps=8, num_stages=2), dict(block_f=64, block_m=16, num_warps=8, num_stages=2, split_dv=1, rows_major=0)),
+    (dict(block_m=16, block_f=16, num_warps=4, num_stages=1),
+     dict(block_f=32, block_m=16, num_warps=4, num_stages=1, split_dv=0, rows_major=0)),
+    (dict(block_m=32, block_f=32, num_warps=4, num_stages=2),
+     dict(block_f=16, block_m=32, num_warps=4, num_stages=2, split_dv=1, rows_major=1)),
+    (dict(block_m=64, block_f=64, num_warps=8, num_stages=2),
+     dict(block_f=64, block_m=16, num_warps=8, num_stages=2, split_dv=1, rows_major=0)),
 ]
 
 
@@ -355,10 +358,14 @@ def test_large_t_defaults_are_the_intended_tiles():
         ("bwd_dq", dict(block_m=64, block_f=128, num_warps=4, num_stages=2), "does not divide expert_dim"),
         ("bwd_dq", dict(block_m=256, block_f=32, num_warps=8, num_stages=1), "registers"),
         ("bwd_dq", dict(block_m=128, block_f=64, num_warps=8, num_stages=5), "shared memory"),
-        ("bwd_dkuv", dict(block_f=128, block_m=64, num_warps=8, num_stages=2, split_dv=0, rows_major=0), "registers"),
-        ("bwd_dkuv", dict(block_f=64, block_m=64, num_warps=4, num_stages=3, split_dv=1, rows_major=0), "registers"),
-        ("bwd_dkuv", dict(block_f=64, block_m=128, num_warps=8, num_stages=4, split_dv=1, rows_major=1), "shared memory"),
-        ("bwd_dkuv", dict(block_f=32, block_m=64, num_warps=4, num_stages=1, split_dv=0, rows_major=0), "larger than the 4 rows"),
+        ("bwd_dkuv", dict(block_f=128, block_m=64, num_warps=8, num_stages=2, split_dv=0, rows_major=0),
+         "registers"),
+        ("bwd_dkuv", dict(block_f=64, block_m=64, num_warps=4, num_stages=3, split_dv=1, rows_major=0),
+         "registers"),
+        ("bwd_dkuv", dict(block_f=64, block_m=128, num_warps=8, num_stages=4, split_dv=1, rows_major=1),
+         "shared memory"),
+        ("bwd_dkuv", dict(block_f=32, block_m=64, num_warps=4, num_stages=1, split_dv=0, rows_major=0),
+         "larger than the 4 rows"),
     ],
 )
 def test_rejection_reasons(kind, config, reason):

@@ -19,7 +19,6 @@ from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param, 
 from flashmhf.codegen.kinds.bwd_common import block_f_choices, common_reject
 from flashmhf.codegen.spec import Spec
 
-
 # Per-thread registers beyond the tiles counted below. Calibrated on sm_90 compile reports
 # (flashmhf show --resources): with TMA tiles there are no address tensors, so less than the other
 # kinds' 40; 64x16 tiles, one kernel, 4 warps (estimate 252) compile to 255 registers and no spills,
