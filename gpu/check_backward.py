@@ -54,12 +54,12 @@ SWEEP = {
         dict(block_m=64, block_f=64, num_warps=8, num_stages=3),
     ],
     "bwd_dkuv": [
-        dict(block_f=64, block_m=64, num_warps=8, num_stages=3),
-        dict(block_f=64, block_m=64, num_warps=8, num_stages=2),
-        dict(block_f=64, block_m=128, num_warps=8, num_stages=2),
-        dict(block_f=32, block_m=128, num_warps=4, num_stages=3),
-        dict(block_f=32, block_m=64, num_warps=4, num_stages=3),
-        dict(block_f=64, block_m=32, num_warps=8, num_stages=4),
+        dict(block_f=64, block_m=16, num_warps=4, num_stages=4, split_dv=0, rows_major=0),
+        dict(block_f=64, block_m=16, num_warps=4, num_stages=3, split_dv=0, rows_major=0),
+        dict(block_f=128, block_m=16, num_warps=8, num_stages=4, split_dv=0, rows_major=0),
+        dict(block_f=64, block_m=32, num_warps=4, num_stages=3, split_dv=1, rows_major=0),
+        dict(block_f=64, block_m=128, num_warps=8, num_stages=2, split_dv=1, rows_major=1),
+        dict(block_f=32, block_m=64, num_warps=4, num_stages=3, split_dv=0, rows_major=0),
     ],
     # One pass with fp32 atomics for dq (needs a T x H x d_h fp32 workspace); compared with the pair.
     "bwd_fused": [
