@@ -1,6 +1,12 @@
 """The core op ``flash_mhf``: generated Triton kernels on CUDA (and under TRITON_INTERPRET=1 on CPU),
 the plain-PyTorch reference elsewhere. Registered as the torch custom op ``flashmhf::core`` so that
-torch.compile and CUDA graphs see one opaque node; eager inference calls skip the dispatcher.
+torch.compile and CUDA graphs see one opaque node.
+
+Inference fast path (``flash_mhf`` without grad, default config, contiguous inputs): after the first
+validated call with a given signature (shapes, dtypes, devices), a call skips validation and the
+torch dispatcher; after the first launch for a token count it also skips Triton's JIT dispatch, and
+launches the compiled kernels with precomputed arguments (flashmhf_runtime/direct_launch.py). Calls
+with a misaligned pointer, or with a Triton launch hook (profiler) set, take Triton's JIT path.
 
 Autograd: ``flashmhf::core`` saves only its inputs q, k, u, v, r (never anything of size T x d_ff);
 its backward is the custom op ``flashmhf::core_bwd``, which launches ``bwd_dq`` (dq, dr) and
@@ -16,6 +22,7 @@ import torch
 from flashmhf.cache.device import interpreting
 from flashmhf.codegen import Config, Spec, load
 from flashmhf_runtime import dispatch, reference
+from flashmhf_runtime.direct_launch import DirectLauncher
 from flashmhf_runtime.validation import DTYPE_NAMES, check_core_inputs, check_grad_output
 
 _INTERPRET = interpreting()
@@ -182,8 +189,9 @@ core_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # Inference fast path. Everything core_forward checks is a function of this signature, so after
-# the first validated call with a signature, a call is: signature, one dict hit, empty_like, launch.
-# A plan is (H * d_h, spec key, device index, {token count: launcher with its config bound}).
+# the first validated call with a signature, a call is: signature, one dict hit, empty_like, launch;
+# the launch skips Triton's JIT dispatch (see direct_launch). A plan is
+# (H * d_h, spec key, device index, {token count: DirectLauncher of the config dispatch chose}).
 _fast_plans: dict[tuple, tuple[int, tuple, int | None, dict]] = {}
 dispatch.on_reset(_fast_plans.clear)
 
@@ -204,10 +212,14 @@ def _remember_plan(q, k, u, v, r) -> None:
     _fast_plans[signature] = (n_heads * head_dim, spec_key, q.device.index, {})
 
 
-def _fast_launcher(spec_key: tuple, n_tokens: int, device_index: int | None):
-    """The contiguous-input launcher of the config dispatch chose for this token count."""
+def _fast_launcher(spec_key: tuple, n_tokens: int, device_index: int | None) -> DirectLauncher | None:
+    """The launcher, for contiguous inputs, of the config dispatch chose for this token count:
+    ``launcher(q, k, u, v, r, out)``."""
     config = dispatch.memoised_config(spec_key, n_tokens, device_index)
-    return functools.partial(load(Spec(*spec_key)).launch_contiguous, **config) if config else None
+    if not config:
+        return None
+    module = load(Spec(*spec_key))
+    return DirectLauncher(module, module.contiguous_plan(n_tokens, **config), device_index)
 
 
 def flash_mhf(
@@ -240,7 +252,7 @@ def flash_mhf(
             n_tokens = q.numel() // row
             launcher = launchers.get(n_tokens)
             if launcher is not None:
-                launcher(q, k, u, v, r, out, n_tokens)
+                launcher(q, k, u, v, r, out)
             elif n_tokens:
                 dispatch.launch(spec_key, n_tokens, device_index, q, k, u, v, r, out)
                 launchers[n_tokens] = _fast_launcher(spec_key, n_tokens, device_index)

@@ -1,0 +1,240 @@
+"""The op's direct launch path (flashmhf_runtime/direct_launch.py): argument assembly and fallbacks
+against fake compiled kernels on CPU; the same output as Triton's JIT path on a GPU."""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import pytest
+import torch
+import triton
+
+import flashmhf_runtime as fm
+from flashmhf.codegen import Spec, load
+from flashmhf_runtime import direct_launch, dispatch, op
+from flashmhf_runtime.direct_launch import DirectLauncher, argument_values
+from tests.helpers import POISON, TOLERANCE, core_inputs, reference_core, rel_error
+
+SHAPE = (5, 2, 2, 64, 2, 32)  # tokens, H, H_kv, d_h, E, d_e
+SPEC = Spec("fwd", *SHAPE[1:], "fp32")
+SPLIT_CONFIG = dict(block_m=16, block_f=16, num_warps=4, num_stages=1, split=2)
+STREAM = 0xABC
+
+
+class FakeCompiled:
+    """Stands in for Triton's CompiledKernel: records what its launcher is called with."""
+
+    def __init__(self, name: str):
+        self.function = f"function-{name}"
+        self.packed_metadata = (4, 1, 1024)
+        self.calls: list[tuple] = []
+
+    def run(self, *args):
+        self.calls.append(args)
+
+
+class FakeKernel:
+    """Stands in for a @triton.jit function with ``real``'s parameters: records JIT launches."""
+
+    def __init__(self, real):
+        self.arg_names = list(real.arg_names)
+        self.signature = inspect.signature(real.fn)
+        self.compiled = FakeCompiled(real.fn.__name__)
+        self.jit_calls: list[tuple] = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.jit_calls.append((grid, args, kwargs))
+            return self.compiled
+
+        return launch
+
+
+def _fake_launcher(monkeypatch, config=SPLIT_CONFIG, tokens=SHAPE[0]):
+    """A DirectLauncher of the real fwd plan, its kernels replaced by fakes."""
+    monkeypatch.setattr(direct_launch, "_stream_getter", lambda: lambda device_index: STREAM)
+    mod = load(SPEC)
+    plan = mod.contiguous_plan(tokens, **config)
+    fakes = [FakeKernel(step.kernel) for step in plan.steps]
+    plan = plan._replace(steps=tuple(step._replace(kernel=f) for step, f in zip(plan.steps, fakes)))
+    module = types.SimpleNamespace(
+        __name__="fake", SLOTS=mod.SLOTS, WORKSPACE_SLOT=mod.WORKSPACE_SLOT, WORKSPACE_DTYPE=mod.WORKSPACE_DTYPE,
+        run_plan=mod.run_plan,
+    )
+    return DirectLauncher(module, plan, 0), plan, fakes
+
+
+def _tensors(seed: int):
+    q, k, u, v, r = core_inputs(*SHAPE, torch.float32, seed=seed)
+    return q, k, u, v, r, torch.empty_like(q)
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` whose data starts 4 bytes past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 4, dtype=t.dtype)
+    base = (-buf.data_ptr() // t.element_size()) % 4  # elements to the next 16-byte boundary
+    view = buf[base + 1: base + 1 + t.numel()].view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % 16 == 4 and view.is_contiguous()
+    return view
+
+
+def test_argument_values_parameter_order():
+    def kernel(a_ptr, b_ptr, n, stride, BLOCK, FLAG=3):
+        pass
+
+    fake = types.SimpleNamespace(arg_names=["a_ptr", "b_ptr", "n", "stride", "BLOCK", "FLAG"],
+                                 signature=inspect.signature(kernel))
+    # kwargs in any order; launch options (num_warps) are not parameters; FLAG takes its default.
+    assert argument_values(fake, ("a", "b", 7), dict(num_warps=4, BLOCK=64, stride=2)) == ("a", "b", 7, 2, 64, 3)
+    assert argument_values(fake, ("a", "b", 7, 2), dict(FLAG=1, BLOCK=64)) == ("a", "b", 7, 2, 64, 1)
+    with pytest.raises(ValueError, match="no value for parameter 'BLOCK'"):
+        argument_values(fake, ("a", "b", 7, 2), {})
+    with pytest.raises(ValueError, match="given twice"):
+        argument_values(fake, ("a", "b", 7, 2), dict(n=3, BLOCK=1))
+    with pytest.raises(ValueError, match="7 positional arguments for 6"):
+        argument_values(fake, tuple(range(7)), {})
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_direct_path_substitutes_tensors_in_parameter_order(monkeypatch, split):
+    launcher, plan, fakes = _fake_launcher(monkeypatch, dict(SPLIT_CONFIG, split=split))
+    first = _tensors(1)
+    launcher(*first)  # through the JIT, which sets the direct path up
+    assert launcher.direct is not None and not launcher.gave_up
+    assert [len(f.jit_calls) for f in fakes] == [1] * len(fakes)
+    assert all(not f.compiled.calls for f in fakes)
+
+    q, k, u, v, r, out = tensors = _tensors(2)
+    launcher(*tensors)
+    assert [len(f.jit_calls) for f in fakes] == [1] * len(fakes)  # no second JIT launch
+    named = dict(q=q, k=k, u=u, v=v, r=r, out=out)
+    workspaces = set()
+    for step, fake in zip(plan.steps, fakes):
+        (call,) = fake.compiled.calls
+        grid, head, values = call[:3], call[3:9], call[9:]
+        assert grid == (*step.grid, 1, 1)[:3]
+        assert head == (STREAM, fake.compiled.function, fake.compiled.packed_metadata, None, None, None)
+        expected = argument_values(step.kernel, step.args, step.kwargs)  # slot names, parameter order
+        assert len(values) == len(fake.arg_names) == len(expected)
+        for name, want, got in zip(fake.arg_names, expected, values):
+            if want == "ws":
+                assert got.shape == plan.workspace and got.dtype == torch.float32, name
+                workspaces.add(got.data_ptr())
+            elif isinstance(want, str):
+                assert got is named[want], name
+            else:
+                assert got == want and not isinstance(got, torch.Tensor), name
+    assert len(workspaces) == (split > 1)  # one workspace, shared by both steps
+
+    # The values the JIT path got, with its tensors: the forward's first six parameters are pointers.
+    grid, args, kwargs = fakes[0].jit_calls[0]
+    assert args[:5] == first[:5] and grid == plan.steps[0].grid
+    assert kwargs["SPLIT"] == split and kwargs["num_warps"] == SPLIT_CONFIG["num_warps"]
+
+
+def test_fresh_workspace_per_call(monkeypatch):
+    launcher, plan, fakes = _fake_launcher(monkeypatch)
+    for seed in (1, 2, 3):
+        launcher(*_tensors(seed))
+    calls = fakes[1].compiled.calls  # the reduce: (grid, 6 launch args, ws, out, n_elems, ...)
+    assert len(calls) == 2
+    assert calls[0][9] is not calls[1][9]
+
+
+def test_misaligned_pointer_takes_the_jit_path(monkeypatch):
+    launcher, plan, fakes = _fake_launcher(monkeypatch)
+    launcher(*_tensors(1))
+    q, k, u, v, r, out = _tensors(2)
+    launcher(_misaligned(q), k, u, v, r, out)
+    launcher(q, k, _misaligned(u), v, r, out)
+    assert [len(f.jit_calls) for f in fakes] == [3, 3] and not fakes[0].compiled.calls
+    launcher(q, k, u, v, r, out)
+    assert [len(f.jit_calls) for f in fakes] == [3, 3] and len(fakes[0].compiled.calls) == 1
+
+
+def test_misaligned_first_launch_sets_up_later(monkeypatch):
+    launcher, plan, fakes = _fake_launcher(monkeypatch)
+    q, k, u, v, r, out = _tensors(1)
+    launcher(q, k, u, v, _misaligned(r), out)
+    assert launcher.direct is None and not launcher.gave_up  # compiled for a misaligned r: not reused
+    launcher(q, k, u, v, r, out)
+    assert launcher.direct is not None
+    launcher(q, k, u, v, r, out)
+    assert [len(f.jit_calls) for f in fakes] == [2, 2] and len(fakes[0].compiled.calls) == 1
+
+
+def test_launch_hook_takes_the_jit_path(monkeypatch):
+    launcher, plan, fakes = _fake_launcher(monkeypatch)
+    launcher(*_tensors(1))
+    hook = lambda metadata: None  # noqa: E731
+    triton.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launcher(*_tensors(2))
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(hook)
+    assert [len(f.jit_calls) for f in fakes] == [2, 2] and not fakes[0].compiled.calls
+    monkeypatch.setattr(triton.knobs.runtime, "launch_exit_hook", hook)  # a plain function, not a chain
+    launcher(*_tensors(3))
+    assert [len(f.jit_calls) for f in fakes] == [3, 3] and not fakes[0].compiled.calls
+    monkeypatch.undo()
+    monkeypatch.setattr(direct_launch, "_stream_getter", lambda: lambda device_index: STREAM)
+    launcher(*_tensors(4))
+    assert len(fakes[0].compiled.calls) == 1
+
+
+def test_unexpected_setup_keeps_the_jit_path(monkeypatch):
+    launcher, plan, fakes = _fake_launcher(monkeypatch)
+    del fakes[1].compiled.function  # a Triton whose CompiledKernel looks different
+    for seed in (1, 2):
+        launcher(*_tensors(seed))
+    assert launcher.gave_up and launcher.direct is None
+    assert [len(f.jit_calls) for f in fakes] == [2, 2]
+
+
+def test_interpreter_falls_back_to_the_jit_path():
+    """Under TRITON_INTERPRET=1 launches return no compiled kernel: every call runs the plan."""
+    if not op.uses_kernels(torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    mod = load(SPEC)
+    launcher = DirectLauncher(mod, mod.contiguous_plan(SHAPE[0], **SPLIT_CONFIG), None)
+    for seed in (1, 2):
+        q, k, u, v, r, _ = _tensors(seed)
+        out = torch.full_like(q, POISON)
+        launcher(q, k, u, v, r, out)
+        assert rel_error(out, reference_core(q, k, u, v, r)) <= 1e-4
+    assert launcher.gave_up and launcher.direct is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [1, 2])
+def test_direct_path_matches_the_jit_path_on_gpu(split):
+    spec = Spec("fwd", *SHAPE[1:], "bf16")
+    mod = load(spec)
+    config = dict(SPLIT_CONFIG, split=split)
+    plan = mod.contiguous_plan(SHAPE[0], **config)
+    launcher = DirectLauncher(mod, plan, torch.cuda.current_device())
+    for seed in (1, 2, 3):
+        q, k, u, v, r = core_inputs(*SHAPE, torch.bfloat16, seed=seed, device="cuda")
+        direct, jit = torch.full_like(q, POISON), torch.full_like(q, POISON)
+        launcher(q, k, u, v, r, direct)
+        mod.launch_contiguous(q, k, u, v, r, jit, SHAPE[0], **config)
+        torch.cuda.synchronize()
+        assert torch.equal(direct, jit), seed
+    assert launcher.direct is not None, "the direct path was not set up"
+
+
+@pytest.mark.gpu
+def test_op_fast_path_launches_directly_on_gpu():
+    dispatch.reset()
+    for seed in (1, 2, 3):
+        q, k, u, v, r = core_inputs(1, 2, 2, 64, 2, 32, torch.bfloat16, seed=seed, device="cuda")
+        s = fm.flash_mhf(q, k, u, v, r)
+        assert rel_error(s, reference_core(q, k, u, v, r)) <= TOLERANCE[torch.bfloat16]
+    launchers = [ls for *_, ls in op._fast_plans.values() if ls]
+    if torch.cuda.device_count() > 1:
+        assert not launchers  # several GPUs: the fast path is off
+        return
+    (launcher,) = launchers[-1].values()
+    assert isinstance(launcher, DirectLauncher) and launcher.direct is not None
