@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--seed-from", type=Path, help="an earlier cache whose bests (any template) seed the search")
     ap.add_argument("--fwd-budget", type=float, default=110)
     ap.add_argument("--bwd-budget", type=float, default=50)
-    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--trials", type=int, default=16, help="forward trials per key")
+    ap.add_argument("--bwd-trials", type=int, help="backward trials per key (default: --trials)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp()) / "h200.sqlite"
     if args.seed_from:
@@ -48,7 +49,8 @@ def main() -> None:
     session.run(session.Request(specs("fwd"), session.DEFAULT_BUCKETS, trials=args.trials,
                                 time_budget_s=args.fwd_budget, cache_path=tmp, seed=0))
     t_fwd = time.monotonic() - t0
-    session.run(session.Request(specs("bwd_dq") + specs("bwd_dkuv"), (4096, 16384), trials=args.trials,
+    session.run(session.Request(specs("bwd_dq") + specs("bwd_dkuv"), (4096, 16384),
+                                trials=args.bwd_trials or args.trials,
                                 time_budget_s=args.bwd_budget, cache_path=tmp, seed=0))
     t_all = time.monotonic() - t0
     with TuningCache(tmp) as cache:

@@ -84,16 +84,18 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "table"}, default=str), flush=True)
     (out_dir / "tuner_vs_exhaustive.json").write_text(json.dumps(rows, indent=1, default=str))
     print("\n| T | pruned space | statuses | exhaustive best ms (config) | default ms | Optuna budget | "
-          "Optuna live best ms (same config in exhaustive table) | live trials to ≤3% of the exhaustive best | replays: median trials to "
+          "Optuna live best ms (same config in exhaustive table) | live trials to ≤3% of the exhaustive best "
+          "| replays: median trials to "
           "≤3% (max), runs within 3% at budget |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        rp = r["replay"] or {"median_trials_to_3pct": "—", "max_trials_to_3pct": "—", "within_3pct_at_budget": "—",
-                             "runs": 0}
+        rp = r["replay"] or {"median_trials_to_3pct": "—", "max_trials_to_3pct": "—",
+                             "within_3pct_at_budget": "—", "runs": 0}
         print(f"| {r['tokens']} | {r['space']} | {r['statuses']} | {r['exhaustive_best_ms']:.4f} "
               f"({format_config(r['exhaustive_best'])}) | {r['default_ms']:.4f} | {r['budget']} | "
               f"{r['optuna_best_ms_live']:.4f} ({r['optuna_best_ms_in_exhaustive_table']:.4f}) | "
-              f"{r['optuna_trials_to_3pct_of_exhaustive']} | {rp['median_trials_to_3pct']} ({rp['max_trials_to_3pct']}), "
+              f"{r['optuna_trials_to_3pct_of_exhaustive']} | "
+              f"{rp['median_trials_to_3pct']} ({rp['max_trials_to_3pct']}), "
               f"{rp['within_3pct_at_budget']}/{rp['runs']} |")
     print(f"wall: exhaustive {[round(r['exhaustive_wall_s']) for r in rows]} s, "
           f"optuna {[round(r['optuna_wall_s']) for r in rows]} s")
