@@ -154,3 +154,16 @@ def test_every_kernel_kind_has_a_tuning_harness():
     from flashmhf.tuner.harness import BUILDERS
 
     assert set(KINDS) <= set(BUILDERS)
+
+
+def test_a_spent_time_budget_still_measures_each_keys_default(tmp_path):
+    """Startup (worker, compiles) can use a whole key's share of --time-budget: every bucket still
+    gets its default measured instead of no result at all (the H200 ship run lost repo-1.3b T=1 so)."""
+    results = session.run(session.Request(specs=[TINY], buckets=(1, 16), trials=5, time_budget_s=1e-3,
+                                          cache_path=tmp_path / "c.sqlite", seed=1, isolate=False))
+    assert [r.key.bucket for r in results] == [1, 16]
+    with TuningCache(tmp_path / "c.sqlite") as cache:
+        for bucket in (1, 16):
+            [key] = [k for k in cache.keys() if k.bucket == bucket]
+            trials = cache.trials(key)
+            assert len(trials) == 1 and trials[0].config == get_kind("fwd").default(TINY, bucket)

@@ -65,7 +65,8 @@ def _use_interpreter_if_no_gpu(console: Console) -> bool:
 @dtype_option(multiple=True)
 @click.option("--trials", type=int, default=None,
               help="distinct configs measured per (kind, bucket), earlier runs included [default: 48; 8 without a GPU]")
-@click.option("--time-budget", type=float, default=None, help="seconds for the whole run (shared across buckets)")
+@click.option("--time-budget", type=float, default=None,
+              help="seconds for the whole run, shared across buckets (each still gets its default measured)")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="cache file to write [default: the user cache file]")
 @click.option("--storage", default=None, help="Optuna storage URL (sqlite:///…, postgresql://…, journal:PATH) "

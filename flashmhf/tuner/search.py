@@ -324,7 +324,9 @@ class Search:
         self._precompile(todo[: max(0, self._goal() - self._measured_in_space())])
         for config in queue:
             self._refresh_shared(study)
-            if self._done():
+            # A key always gets its first seed (the default) measured, even past its share of the
+            # time budget: startup (worker spawn, parallel compiles) must not leave a bucket empty.
+            if self._done() and self.measured:
                 break
             self._measure_fixed(study, config)
         idle = 0

@@ -87,10 +87,10 @@ def run(request: Request, progress: ProgressFn | None = None) -> list[SearchResu
     try:
         with MeasureWorker(isolate=request.isolate) as worker:
             for i, (spec, bucket) in enumerate(jobs):
+                # Past the deadline a job still measures its default (Search guarantees one result
+                # per key), so a spent budget leaves every key with a result, not just the first ones.
                 now = time.monotonic()
-                if now >= deadline:
-                    break
-                share = (deadline - now) / (len(jobs) - i) if math.isfinite(deadline) else math.inf
+                share = max(deadline - now, 0.0) / (len(jobs) - i) if math.isfinite(deadline) else math.inf
                 label = f"{spec.label()} T={bucket}"
                 flop = get_kind(spec.kind).flops(spec, bucket)
 
