@@ -25,9 +25,10 @@ from flashmhf.tuner.precompile import precompile  # noqa: E402
 from flashmhf_runtime import PRESETS  # noqa: E402
 
 
-def executed_gemms(kind: str, config: dict) -> int:
-    """GEMM-sized products a launch executes (recomputation included)."""
-    return {"fwd": 3, "bwd_dq": 5, "bwd_fused": 8}.get(kind) or (8 if config.get("split_dv") else 6)
+def executed_flop(kind, spec: Spec, tokens: int, config: dict) -> float:
+    """FLOPs a launch executes: the kind's count, plus the second m, n recompute of a split bwd_dkuv
+    (8 GEMM-sized products instead of 6)."""
+    return kind.flops(spec, tokens) * (8 / 6 if config.get("split_dv") else 1)
 
 
 def main() -> None:
@@ -43,7 +44,6 @@ def main() -> None:
     configs = [json.loads(c) for c in args.config] or [kind.default(spec, args.tokens)]
     errors = precompile([(spec, c, args.tokens) for c in configs])
     problem = make_problem(spec, args.tokens, "cuda", seed=0)
-    product = 2.0 * args.tokens * spec.d_model * spec.d_ff
     rows = []
     print(f"{args.kind} {args.preset} T={args.tokens} bf16 on {torch.cuda.get_device_name()}")
     print("| config | rel err | ms | TF/s executed |\n|---|---|---|---|")
@@ -53,7 +53,7 @@ def main() -> None:
             try:
                 row["rel_err"] = problem.check(config)
                 row["ms"] = median_ms(lambda: problem.run(config), rep=200)
-                row["tflops"] = tflops(executed_gemms(args.kind, config) * product, row["ms"])
+                row["tflops"] = tflops(executed_flop(kind, spec, args.tokens, config), row["ms"])
             except Exception as exc:  # noqa: BLE001 - a failing config is a row of the table
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         rows.append(row)
