@@ -73,6 +73,31 @@ def _reference_backward(q, k, u, v, r, ds) -> tuple[torch.Tensor, ...]:
     return reference.flash_mhf_backward(*(t.to(wide) for t in (q, k, u, v, r, ds)))
 
 
+# bwd_dkuv runs few, long programs (one d_ff tile each, looping over every token): its last wave
+# leaves most SMs idle. On CUDA it therefore runs on a high-priority side stream next to bwd_dq,
+# whose many short programs fill those SMs. Set False to run the two kernels one after the other.
+BACKWARD_ON_TWO_STREAMS = True
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device, priority=-1)
+
+
+def _launch_side_by_side(first, second, device: torch.device) -> None:
+    """Launch ``first`` on the device's side stream and ``second`` on the current stream, concurrently;
+    the current stream then waits for both (this fork/join also works under CUDA-graph capture).
+    Every tensor involved was allocated on the current stream before the fork and is only freed
+    after the join, so the side stream needs no record_stream."""
+    main = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        first()
+    second()
+    main.wait_stream(side)
+
+
 def core_backward(
     q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, ds: torch.Tensor,
     need_dq_dr: bool = True, need_dkuv: bool = True,
@@ -104,17 +129,23 @@ def core_backward(
     if need_dq_dr:
         dq = torch.empty((n_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
         dr = torch.empty((n_tokens, n_heads, n_exp), dtype=r.dtype, device=q.device)
-        if n_tokens:
-            spec_key = ("bwd_dq", n_heads, n_kv, head_dim, n_exp, d_e, dtype_name)
-            dispatch.launch(spec_key, n_tokens, q.device.index, q3, k, u, v, r3, ds3, dq, dr)
-        dq, dr = dq.view(q.shape), dr.view(r.shape)
     if need_dkuv:
-        if n_tokens:
-            dk, du, dv = (torch.empty_like(k, memory_format=torch.contiguous_format) for _ in range(3))
-            spec_key = ("bwd_dkuv", n_heads, n_kv, head_dim, n_exp, d_e, dtype_name)
-            dispatch.launch(spec_key, n_tokens, q.device.index, q3, k, u, v, r3, ds3, dk, du, dv)
-        else:
-            dk, du, dv = (torch.zeros_like(k) for _ in range(3))
+        make = torch.empty_like if n_tokens else torch.zeros_like
+        dk, du, dv = (make(k, memory_format=torch.contiguous_format) for _ in range(3))
+    key_dq = ("bwd_dq", n_heads, n_kv, head_dim, n_exp, d_e, dtype_name)
+    key_dkuv = ("bwd_dkuv", n_heads, n_kv, head_dim, n_exp, d_e, dtype_name)
+    launch_dq = functools.partial(dispatch.launch, key_dq, n_tokens, q.device.index, q3, k, u, v, r3, ds3, dq, dr)
+    launch_dkuv = functools.partial(dispatch.launch, key_dkuv, n_tokens, q.device.index, q3, k, u, v, r3, ds3,
+                                    dk, du, dv)
+    if n_tokens and need_dq_dr and need_dkuv and q.is_cuda and BACKWARD_ON_TWO_STREAMS:
+        _launch_side_by_side(launch_dkuv, launch_dq, q.device)
+    elif n_tokens:
+        if need_dq_dr:
+            launch_dq()
+        if need_dkuv:
+            launch_dkuv()
+    if need_dq_dr:
+        dq, dr = dq.view(q.shape), dr.view(r.shape)
     return dq, dk, du, dv, dr
 
 

@@ -232,7 +232,7 @@ def peak_mib(fn) -> float:
 
 def speed_case(name: str, tokens: int, compiled_swiglu) -> dict:
     import flashmhf_runtime as fm
-    from flashmhf_runtime import PRESETS
+    from flashmhf_runtime import PRESETS, op
 
     p = PRESETS[name]
     shape = shape_of(name)
@@ -247,6 +247,11 @@ def speed_case(name: str, tokens: int, compiled_swiglu) -> dict:
     core()  # the first call compiles and picks configs
     row = {"preset": name, "tokens": tokens, "flop": flop}
     row["core_ms"] = median_ms(core)
+    op.BACKWARD_ON_TWO_STREAMS = False  # the two backward kernels one after the other, same run
+    try:
+        row["core_serial_ms"] = median_ms(core)
+    finally:
+        op.BACKWARD_ON_TWO_STREAMS = True
     row["core_peak_mib"] = peak_mib(core)
     cfg = {kind: chosen_config(kind, shape, tokens) for kind in KINDS}
     row["configs"] = cfg
@@ -285,6 +290,7 @@ def speed_case(name: str, tokens: int, compiled_swiglu) -> dict:
             row[f"{key}_tflops"] = flop / (row[f"{key}_ms"] * 1e-3) / 1e12
     comp_ms = row.get("swiglu_compiled_ms", float("nan"))
     log(f"speed {name} T={tokens}: core {row['core_ms']:.3f} ms ({row['core_tflops']:.0f} TF; "
+        f"{row['core_serial_ms']:.3f} ms with the backward kernels one after the other; "
         f"fwd {row['fwd_ms']:.3f} + dq {row['bwd_dq_ms']:.3f} + dkuv {row['bwd_dkuv_ms']:.3f}), "
         f"peak {row['core_peak_mib']:.0f} MiB | swiglu {row['swiglu_ms']:.3f} ms, peak {row['swiglu_peak_mib']:.0f} MiB"
         f" | compiled {comp_ms:.3f} ms")
@@ -404,13 +410,14 @@ def main() -> None:
     print(f"\naccuracy: {n_ok}/{len(report['accuracy'])} cases within {TOL} "
           f"(worst {max(max(r['rel_err'].values()) for r in report['accuracy']):.2e}); "
           f"cuda graph: {'OK' if report['cuda_graph']['ok'] else 'FAIL'}")
-    print("\n| preset | T | core fwd+bwd ms (TF/s) | fwd / dq / dkuv ms | peak MiB | SwiGLU eager ms (TF/s), "
-          "peak | SwiGLU compiled ms (TF/s), peak |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| preset | T | core fwd+bwd ms (TF/s) | same, backward kernels serial | fwd / dq / dkuv ms | peak MiB | "
+          "SwiGLU eager ms (TF/s), peak | SwiGLU compiled ms (TF/s), peak |")
+    print("|---|---|---|---|---|---|---|---|")
     for x in report["speed"]:
         comp = (f"{x['swiglu_compiled_ms']:.3f} ({x['swiglu_compiled_tflops']:.0f}), "
                 f"{x['swiglu_compiled_peak_mib']:.0f}" if "swiglu_compiled_ms" in x else "—")
         print(f"| {x['preset']} | {x['tokens']} | {x['core_ms']:.3f} ({x['core_tflops']:.0f}) | "
+              f"{x['core_serial_ms']:.3f} | "
               f"{x['fwd_ms']:.3f} / {x['bwd_dq_ms']:.3f} / {x['bwd_dkuv_ms']:.3f} | {x['core_peak_mib']:.0f} | "
               f"{x['swiglu_ms']:.3f} ({x['swiglu_tflops']:.0f}), {x['swiglu_peak_mib']:.0f} | {comp} |")
     if report.get("sweep"):
