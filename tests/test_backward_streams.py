@@ -81,3 +81,14 @@ def test_fwd_bwd_with_the_side_stream_captures_in_a_cuda_graph_on_gpu():
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         assert rel_error(a, b) == 0.0
+
+
+@pytest.mark.gpu
+def test_compiled_fwd_bwd_with_the_side_stream_matches_eager_on_gpu():
+    tensors, ds = _inputs(seed=6)
+    eager = _grads(tensors, ds)
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    compiled = torch.compile(fm.flash_mhf, fullgraph=True)
+    got = torch.autograd.grad(compiled(*leaves), leaves, ds)
+    for a, b in zip(got, eager):
+        assert torch.equal(a, b)
