@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -12,6 +12,7 @@ from flashmhf.checks import TORCH_DTYPES, core_inputs, reference_f64, reference_
 from flashmhf.codegen import Spec, format_config
 
 GRAPH_TOKENS = 64
+BACKWARD_KINDS = ("bwd_dq", "bwd_dkuv")
 
 
 @dataclass
@@ -23,10 +24,11 @@ class CoreRow:
     swiglu_compiled_ms: float | None
     flop: float
     rel_err: float
-    config: str
+    config: str  # the forward's config
     config_source: str
     peak_mib: float | None = None
     swiglu_peak_mib: float | None = None
+    backward_configs: dict[str, str] | None = None  # kind -> "config (source)", with backward
 
     @property
     def flashmhf_tflops(self) -> float:
@@ -52,7 +54,6 @@ def _peak_mib(fn) -> float:
 def bench_core(spec: Spec, d_ff: int, tokens: int, *, backward: bool, compile_swiglu: bool) -> CoreRow:
     """One row: the op at ``tokens`` (forward, or forward+backward) and SwiGLU of the same d_ff."""
     import flashmhf_runtime as fm
-    from flashmhf_runtime import dispatch
 
     dtype = TORCH_DTYPES[spec.dtype]
     q, k, u, v, r = core_inputs(spec, tokens, dtype, "cuda", seed=tokens)
@@ -84,6 +85,16 @@ def bench_core(spec: Spec, d_ff: int, tokens: int, *, backward: bool, compile_sw
         compiled = torch.compile(swiglu)
         swc = (lambda: torch.autograd.grad(compiled(x, *w), (x, *w), dy)) if backward else (lambda: compiled(x, *w))
         sw_c = median_ms(swc)
+    config, source = _chosen(spec, tokens)
+    bwd = {kind: "{} ({})".format(*_chosen(replace(spec, kind=kind), tokens)) for kind in BACKWARD_KINDS}
+    return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, config, source,
+                   _peak_mib(op) if backward else None, _peak_mib(sw) if backward else None,
+                   bwd if backward else None)
+
+
+def _chosen(spec: Spec, tokens: int) -> tuple[str, str]:
+    """The config the op launched for ``spec`` at ``tokens`` and where it came from."""
+    from flashmhf_runtime import dispatch
+
     config, source = dispatch.chosen_config(spec, tokens, torch.cuda.current_device()) or ({}, "?")
-    return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, format_config(config), source,
-                   _peak_mib(op) if backward else None, _peak_mib(sw) if backward else None)
+    return format_config(config), source

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from flashmhf.bench.core import BACKWARD_KINDS, CoreRow
 from flashmhf.cli.spec_options import dtype_option, shape_from_options, shape_options, with_shape
 from flashmhf.codegen import Spec
 
@@ -42,18 +44,35 @@ def bench(shape: dict, dtype: str, tokens: str, backward: bool, compile_swiglu: 
             for t in _int_list(tokens, "--tokens")]
     what = "forward+backward" if backward else "forward"
     title = f"{label} {dtype} {what} on {torch.cuda.get_device_name()}"
-    table = Table("T", "FlashMHF ms", "TFLOP/s", "SwiGLU ms", "TFLOP/s", *(["compiled ms"] if compile_swiglu else []),
-                  *(["peak MiB (SwiGLU)"] if backward else []), "rel err", "config (source)", title=title)
+    columns = _columns(backward, compile_swiglu)
+    table = Table(*(name for name, _ in columns), title=title)
     for r in rows:
-        table.add_row(str(r.tokens), f"{r.flashmhf_ms:.4f}", f"{r.flashmhf_tflops:.0f}", f"{r.swiglu_ms:.4f}",
-                      f"{r.swiglu_tflops:.0f}", *([f"{r.swiglu_compiled_ms:.4f}"] if compile_swiglu else []),
-                      *([f"{r.peak_mib:.0f} ({r.swiglu_peak_mib:.0f})"] if backward else []), f"{r.rel_err:.1e}",
-                      f"{r.config} ({r.config_source})")
+        table.add_row(*(cell(r) for _, cell in columns))
     Console(width=160).print(table)
     if out_path:
-        lines = [f"# {title}", "", "| T | FlashMHF ms (TFLOP/s) | SwiGLU ms (TFLOP/s) | rel err | config (source) |",
-                 "|---|---|---|---|---|"]
-        lines += [f"| {r.tokens} | {r.flashmhf_ms:.4f} ({r.flashmhf_tflops:.0f}) | {r.swiglu_ms:.4f} "
-                  f"({r.swiglu_tflops:.0f}) | {r.rel_err:.1e} | {r.config} ({r.config_source}) |" for r in rows]
+        lines = [f"# {title}", "", "| " + " | ".join(name for name, _ in columns) + " |",
+                 "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
         out_path.write_text("\n".join(lines) + "\n")
         out_path.with_suffix(".json").write_text(json.dumps([r.to_dict() for r in rows], indent=1))
+
+
+def _columns(backward: bool, compile_swiglu: bool) -> list[tuple[str, Callable[[CoreRow], str]]]:
+    """(header, cell) of each column: one list for the console table and the Markdown file."""
+    columns: list[tuple[str, Callable[[CoreRow], str]]] = [
+        ("T", lambda r: str(r.tokens)),
+        ("FlashMHF ms", lambda r: f"{r.flashmhf_ms:.4f}"),
+        ("TFLOP/s", lambda r: f"{r.flashmhf_tflops:.0f}"),
+        ("SwiGLU ms", lambda r: f"{r.swiglu_ms:.4f}"),
+        ("SwiGLU TFLOP/s", lambda r: f"{r.swiglu_tflops:.0f}"),
+    ]
+    if compile_swiglu:
+        columns.append(("compiled SwiGLU ms", lambda r: f"{r.swiglu_compiled_ms:.4f}"))
+    if backward:
+        columns.append(("peak MiB (SwiGLU)", lambda r: f"{r.peak_mib:.0f} ({r.swiglu_peak_mib:.0f})"))
+    columns.append(("rel err", lambda r: f"{r.rel_err:.1e}"))
+    columns.append(("fwd config (source)", lambda r: f"{r.config} ({r.config_source})"))
+    if backward:
+        for kind in BACKWARD_KINDS:
+            columns.append((f"{kind} config (source)", lambda r, kind=kind: r.backward_configs[kind]))
+    return columns

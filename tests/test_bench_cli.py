@@ -1,0 +1,39 @@
+"""`flashmhf bench`: the console table and the Markdown report share one column list; without a GPU
+the command fails with one clear line."""
+
+from click.testing import CliRunner
+
+from flashmhf.bench.core import CoreRow
+from flashmhf.cli.app import main
+from flashmhf.cli.bench_cmd import _columns
+
+
+def _row(backward: bool) -> CoreRow:
+    return CoreRow(tokens=16384, backward=backward, flashmhf_ms=12.3, swiglu_ms=5.6, swiglu_compiled_ms=5.4,
+                   flop=1e13, rel_err=2.3e-3, config="block_m=128", config_source="shipped",
+                   peak_mib=216.0 if backward else None, swiglu_peak_mib=1142.0 if backward else None,
+                   backward_configs={"bwd_dq": "block_m=64 (shipped)", "bwd_dkuv": "block_f=64 (default)"}
+                   if backward else None)
+
+
+def test_backward_columns_carry_peak_memory_compiled_swiglu_and_every_kernels_config():
+    columns = _columns(backward=True, compile_swiglu=True)
+    cells = {name: cell(_row(True)) for name, cell in columns}
+    assert cells["compiled SwiGLU ms"] == "5.4000"
+    assert cells["peak MiB (SwiGLU)"] == "216 (1142)"
+    assert cells["bwd_dq config (source)"] == "block_m=64 (shipped)"
+    assert cells["bwd_dkuv config (source)"] == "block_f=64 (default)"
+    assert cells["TFLOP/s"] == f"{1e13 / 12.3e-3 / 1e12:.0f}"
+
+
+def test_forward_columns_leave_out_backward_only_cells():
+    names = [name for name, _ in _columns(backward=False, compile_swiglu=False)]
+    assert "peak MiB (SwiGLU)" not in names and "compiled SwiGLU ms" not in names
+    assert not any(name.startswith("bwd_") for name in names)
+    assert all(cell(_row(False)) for _, cell in _columns(backward=False, compile_swiglu=False))
+
+
+def test_bench_without_a_gpu_is_one_clear_error():
+    result = CliRunner().invoke(main, ["bench", "--preset", "repo-128m", "--tokens", "64"])
+    assert result.exit_code != 0
+    assert "CUDA GPU" in result.output and "Traceback" not in result.output
