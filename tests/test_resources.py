@@ -26,12 +26,17 @@ print(json.dumps([dict(name=r.name, registers=r.registers, spills=r.spill_bytes,
 """
 
 
-def _report(spec: list, config: dict | None = None) -> list[dict]:
+def _run_compiling(*args: str) -> str:
+    """Run ``python args…`` without TRITON_INTERPRET (so kernels really compile); its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(spec), json.dumps(config or {})],
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return out.stdout
+
+
+def _report(spec: list, config: dict | None = None) -> list[dict]:
+    out = _run_compiling("-c", _SCRIPT, json.dumps(spec), json.dumps(config or {}))
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -56,12 +61,9 @@ def test_split_dkuv_reports_both_kernels_and_narrow_tiles_fall_back_to_mma_v2():
 
 
 def test_show_resources_cli_reports_registers():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "flashmhf.cli", "show", "--preset", "repo-128m", "--kind", "bwd_dkuv",
-                          "--tokens", "4096", "--resources"], capture_output=True, text=True, cwd=REPO, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "registers/thread" in out.stdout and "MMA v3" in out.stdout, out.stdout
+    out = _run_compiling("-m", "flashmhf.cli", "show", "--preset", "repo-128m", "--kind", "bwd_dkuv",
+                         "--tokens", "4096", "--resources")
+    assert "registers/thread" in out and "MMA v3" in out, out
 
 
 def test_resources_refuse_the_interpreter():
