@@ -161,6 +161,9 @@ class DirectLauncher:
             if hasattr(compiled, "result"):  # a future, where the JIT compiles asynchronously
                 compiled = compiled.result()
             values = argument_values(step.kernel, step.args, step.kwargs)
+            built = [v for v in values if not isinstance(v, (str, int, float, bool, type(None)))]
+            if built:  # e.g. a tensor descriptor the plan builds per call: only the JIT path builds it
+                raise RuntimeError(f"plan arguments built per call: {built}")
             real = [named[v] if isinstance(v, str) else v for v in values]
             real_args = [named[a] if isinstance(a, str) else a for a in step.args]
             expected = _triton_binder_values(step.kernel, real_args, step.kwargs)

@@ -114,7 +114,9 @@ def _explicit_launcher(spec: Spec, items: tuple[tuple[str, int], ...]) -> Launch
 def launch_with_config(spec_key: tuple, config: Config, *args) -> object:
     """Launch with an explicit config (validated once per distinct config)."""
     try:
-        launcher = _explicit_launcher(Spec(*spec_key), tuple(sorted(config.items())))
+        spec = Spec(*spec_key)
+        config = get_kind(spec.kind).complete(config)  # a config pinned before a param existed
+        launcher = _explicit_launcher(spec, tuple(sorted(config.items())))
     except SpecError as exc:
         raise ValueError(f"config: {exc}") from None
     return launcher(*args)

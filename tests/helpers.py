@@ -34,3 +34,13 @@ def core_inputs(tokens, h, h_kv, d_h, e, d_e, dtype, device="cpu", seed=None, le
 
 def reference_core(q, k, u, v, r) -> torch.Tensor:
     return reference.flash_mhf(*(t.double().cpu() for t in (q, k, u, v, r)))
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` whose data starts 4 bytes past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 4, dtype=t.dtype, device=t.device)
+    base = (-buf.data_ptr() // t.element_size()) % 4  # elements to the next 16-byte boundary
+    view = buf[base + 1: base + 1 + t.numel()].view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % 16 == 4 and view.is_contiguous()
+    return view

@@ -33,8 +33,10 @@ SPEC = Spec("fwd", 2, 2, 32, 2, 32, "fp32")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cfg(block_m: int = 16, block_f: int = 16, num_warps: int = 4, num_stages: int = 1, split: int = 1) -> dict:
-    return {"block_m": block_m, "block_f": block_f, "num_warps": num_warps, "num_stages": num_stages, "split": split}
+def cfg(block_m: int = 16, block_f: int = 16, num_warps: int = 4, num_stages: int = 1, split: int = 1,
+        tma: int = 0) -> dict:
+    return {"block_m": block_m, "block_f": block_f, "num_warps": num_warps, "num_stages": num_stages, "split": split,
+            "tma": tma}
 
 
 def key(bucket: int = 64, spec: Spec = SPEC, **replace) -> ResultKey:

@@ -14,11 +14,11 @@ import flashmhf_runtime as fm
 from flashmhf.codegen import Spec, load
 from flashmhf_runtime import direct_launch, dispatch, op
 from flashmhf_runtime.direct_launch import DirectLauncher, argument_values
-from tests.helpers import POISON, TOLERANCE, core_inputs, reference_core, rel_error
+from tests.helpers import POISON, TOLERANCE, core_inputs, misaligned, reference_core, rel_error
 
 SHAPE = (5, 2, 2, 64, 2, 32)  # tokens, H, H_kv, d_h, E, d_e
 SPEC = Spec("fwd", *SHAPE[1:], "fp32")
-SPLIT_CONFIG = dict(block_m=16, block_f=16, num_warps=4, num_stages=1, split=2)
+SPLIT_CONFIG = dict(block_m=16, block_f=16, num_warps=4, num_stages=1, split=2, tma=0)
 STREAM = 0xABC
 
 
@@ -68,16 +68,6 @@ def _fake_launcher(monkeypatch, config=SPLIT_CONFIG, tokens=SHAPE[0]):
 def _tensors(seed: int):
     q, k, u, v, r = core_inputs(*SHAPE, torch.float32, seed=seed)
     return q, k, u, v, r, torch.empty_like(q)
-
-
-def _misaligned(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` whose data starts 4 bytes past a 16-byte boundary."""
-    buf = torch.empty(t.numel() + 4, dtype=t.dtype)
-    base = (-buf.data_ptr() // t.element_size()) % 4  # elements to the next 16-byte boundary
-    view = buf[base + 1: base + 1 + t.numel()].view(t.shape)
-    view.copy_(t)
-    assert view.data_ptr() % 16 == 4 and view.is_contiguous()
-    return view
 
 
 def test_argument_values_parameter_order():
@@ -147,8 +137,8 @@ def test_misaligned_pointer_takes_the_jit_path(monkeypatch):
     launcher, plan, fakes = _fake_launcher(monkeypatch)
     launcher(*_tensors(1))
     q, k, u, v, r, out = _tensors(2)
-    launcher(_misaligned(q), k, u, v, r, out)
-    launcher(q, k, _misaligned(u), v, r, out)
+    launcher(misaligned(q), k, u, v, r, out)
+    launcher(q, k, misaligned(u), v, r, out)
     assert [len(f.jit_calls) for f in fakes] == [3, 3] and not fakes[0].compiled.calls
     launcher(q, k, u, v, r, out)
     assert [len(f.jit_calls) for f in fakes] == [3, 3] and len(fakes[0].compiled.calls) == 1
@@ -157,7 +147,7 @@ def test_misaligned_pointer_takes_the_jit_path(monkeypatch):
 def test_misaligned_first_launch_sets_up_later(monkeypatch):
     launcher, plan, fakes = _fake_launcher(monkeypatch)
     q, k, u, v, r, out = _tensors(1)
-    launcher(q, k, u, v, _misaligned(r), out)
+    launcher(q, k, u, v, misaligned(r), out)
     assert launcher.direct is None and not launcher.gave_up  # compiled for a misaligned r: not reused
     launcher(q, k, u, v, r, out)
     assert launcher.direct is not None
@@ -193,6 +183,23 @@ def test_unexpected_setup_keeps_the_jit_path(monkeypatch):
     assert [len(f.jit_calls) for f in fakes] == [2, 2]
 
 
+def test_a_plan_with_per_call_descriptors_stays_on_the_jit_path(monkeypatch):
+    """tma=1: K/U/V descriptors are built from each call's tensors, so the direct path (which bakes
+    every non-tensor argument in at setup) must not serve the plan."""
+    launcher, plan, fakes = _fake_launcher(monkeypatch, dict(SPLIT_CONFIG, split=1, tma=1))
+    calls = [_tensors(seed) for seed in (1, 2)]
+    for tensors in calls:
+        launcher(*tensors)
+    assert launcher.gave_up and launcher.direct is None
+    (fake,) = fakes
+    assert len(fake.jit_calls) == 2 and not fake.compiled.calls
+    for (_grid, args, _kwargs), (q, k, u, v, r, out) in zip(fake.jit_calls, calls):
+        assert args[0] is q and args[4] is r and args[5] is out
+        descs = args[1:4]  # built on this call's K, U, V
+        assert all(d.base is w for d, w in zip(descs, (k, u, v)))
+        assert all(list(d.block_shape) == [SPLIT_CONFIG["block_f"], 64] for d in descs)
+
+
 def test_interpreter_falls_back_to_the_jit_path():
     """Under TRITON_INTERPRET=1 launches return no compiled kernel: every call runs the plan."""
     if not op.uses_kernels(torch.device("cpu")):
@@ -219,7 +226,7 @@ def test_direct_path_matches_the_jit_path_on_gpu(split):
         q, k, u, v, r = core_inputs(*SHAPE, torch.bfloat16, seed=seed, device="cuda")
         direct, jit = torch.full_like(q, POISON), torch.full_like(q, POISON)
         launcher(q, k, u, v, r, direct)
-        mod.launch_contiguous(q, k, u, v, r, jit, SHAPE[0], **config)
+        mod.run_plan(plan, dict(q=q, k=k, u=u, v=v, r=r, out=jit))  # Triton's JIT path
         torch.cuda.synchronize()
         assert torch.equal(direct, jit), seed
     assert launcher.direct is not None, "the direct path was not set up"

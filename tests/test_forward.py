@@ -9,7 +9,7 @@ import torch
 
 import flashmhf_runtime as fm
 from flashmhf.codegen import Spec, get_kind, load
-from tests.helpers import POISON, TOLERANCE, core_inputs, reference_core, rel_error
+from tests.helpers import POISON, TOLERANCE, core_inputs, misaligned, reference_core, rel_error
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -22,10 +22,10 @@ SHAPES = [
     (5, 4, 1, 64, 3, 32),
 ]
 CONFIGS = [
-    dict(block_m=16, block_f=16, num_warps=4, num_stages=1, split=1),
-    dict(block_m=32, block_f=32, num_warps=4, num_stages=2, split=1),
-    dict(block_m=16, block_f=32, num_warps=4, num_stages=2, split=3),
-    dict(block_m=64, block_f=64, num_warps=8, num_stages=3, split=2),
+    dict(block_m=16, block_f=16, num_warps=4, num_stages=1, split=1, tma=0),
+    dict(block_m=32, block_f=32, num_warps=4, num_stages=2, split=1, tma=1),  # K/U/V through descriptors
+    dict(block_m=16, block_f=32, num_warps=4, num_stages=2, split=3, tma=0),
+    dict(block_m=64, block_f=64, num_warps=8, num_stages=3, split=2, tma=1),
 ]
 
 
@@ -48,7 +48,7 @@ def _shape_id(s) -> str:
 
 
 def _config_id(c) -> str:
-    return f"m{c['block_m']}f{c['block_f']}s{c['split']}"
+    return f"m{c['block_m']}f{c['block_f']}s{c['split']}t{c['tma']}"
 
 
 @pytest.mark.parametrize(
@@ -63,18 +63,38 @@ def test_forward_fp32(shape, config):
 @pytest.mark.parametrize("dtype_name", ["fp16", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=_shape_id)
 def test_forward_half(shape, dtype_name):
-    configs = [c for c in CONFIGS[:3] if _valid(shape, c, dtype_name)]
+    configs = [c for c in CONFIGS[:3] if _valid(shape, c, dtype_name)]  # one of them with tma=1
     assert len(configs) >= 2
     for config in configs:
         err, tol = _run_kernel(shape, dtype_name, config, seed=7)
         assert err <= tol, (config, err)
 
 
+def test_tma_forward_takes_weights_that_start_off_a_16_byte_boundary():
+    """TMA descriptors need 16-byte aligned bases: a misaligned (contiguous) K/U/V view still works."""
+    shape = (13, 2, 2, 64, 2, 32)
+    spec = Spec("fwd", *shape[1:], "fp32")
+    q, k, u, v, r = core_inputs(*shape, torch.float32, seed=11)
+    k_off, u_off, v_off = (misaligned(w) for w in (k, u, v))
+    out = torch.full_like(q, POISON)
+    load(spec).launch(q, k_off, u_off, v_off, r, out, block_m=16, block_f=16, num_warps=4, num_stages=1, split=2,
+                      tma=1)
+    assert rel_error(out, reference_core(q, k, u, v, r)) <= 1e-4
+
+
+def test_a_config_pinned_before_the_tma_param_existed_still_runs():
+    q, k, u, v, r = core_inputs(9, 2, 2, 64, 2, 32, torch.float32, seed=14)
+    old = dict(block_m=16, block_f=16, num_warps=4, num_stages=1, split=2)  # no "tma": runs as tma=0
+    assert rel_error(fm.flash_mhf(q, k, u, v, r, config=old), reference_core(q, k, u, v, r)) <= 1e-4
+    with pytest.raises(ValueError, match="block_m"):  # other keys are still required
+        fm.flash_mhf(q, k, u, v, r, config={"tma": 0})
+
+
 def test_every_element_written_and_fresh_inputs_differ():
     """Two different random inputs give different outputs: the kernel is not caching or constant."""
     shape = (9, 2, 2, 64, 2, 32)
     spec = Spec("fwd", 2, 2, 64, 2, 32, "fp32")
-    config = dict(block_m=16, block_f=16, num_warps=4, num_stages=1, split=2)
+    config = dict(block_m=16, block_f=16, num_warps=4, num_stages=1, split=2, tma=0)
     outs = []
     for seed in (1, 2):
         q, k, u, v, r = core_inputs(*shape, torch.float32, seed=seed)

@@ -30,11 +30,15 @@ def test_space_is_pruned_before_compiling():
     assert 0 < len(space) < kind.space_size()
     assert all(kind.reject(spec, c, 16384) is None for c in space)
     # Each rule bites: tile straddling sub-networks, too much shared memory, rows that are not there.
-    base = dict(block_m=128, block_f=64, num_warps=8, num_stages=3, split=1)
+    base = dict(block_m=128, block_f=64, num_warps=8, num_stages=3, split=1, tma=0)
     assert "does not divide" in kind.reject(Spec("fwd", 2, 2, 128, 2, 48, "bf16"), {**base, "block_f": 32}, None)
     assert "shared memory" in kind.reject(spec, {**base, "block_f": 256, "num_stages": 5}, None)
     assert "larger than the" in kind.reject(spec, {**base, "block_m": 64}, 1)
     assert "registers" in kind.reject(spec, {**base, "block_m": 256, "num_warps": 4, "num_stages": 1}, None)
+    # Descriptors are built per call, on the host: only where host time is small next to the kernel.
+    assert "tma=1 below" in kind.reject(spec, {**base, "block_m": 16, "split": 16, "tma": 1}, 64)
+    assert kind.reject(spec, {**base, "tma": 1}, 16384) is None
+    assert any(c["tma"] for c in space) and not any(c["tma"] for c in kind.space(spec, 64))
 
 
 def test_ordinal_encoding_round_trip():
@@ -167,3 +171,31 @@ def test_a_spent_time_budget_still_measures_each_keys_default(tmp_path):
             [key] = [k for k in cache.keys() if k.bucket == bucket]
             trials = cache.trials(key)
             assert len(trials) == 1 and trials[0].config == get_kind("fwd").default(TINY, bucket)
+
+
+def test_a_param_added_later_fills_in_for_older_configs():
+    kind = get_kind("fwd")
+    old = dict(block_m=16, block_f=16, num_warps=4, num_stages=1, split=2)  # written before `tma` existed
+    assert kind.complete(old) == {**old, "tma": 0}
+    assert kind.complete({**old, "tma": 1})["tma"] == 1
+    # Params without an `absent` value are not guessed: the config stays incomplete (and is rejected).
+    assert "block_m" not in kind.complete({"tma": 0})
+
+
+def test_best_config_of_an_older_template_seeds_the_next_study(tmp_path):
+    import dataclasses
+
+    from flashmhf.cache.store import canonical_config
+
+    [first] = session.run(_request(tmp_path, trials=1, isolate=False))  # measures the default only
+    default = first.best.config
+    kind = get_kind("fwd")
+    # An older template's best for the same key, recorded before the `tma` param existed.
+    old_best = next(c for c in kind.space(TINY, 16) if c != default and not c["tma"])
+    old_key = dataclasses.replace(first.key, template_hash="0123456789abcdef")
+    with TuningCache(tmp_path / "c.sqlite") as cache:
+        cache.record_trial(old_key, {n: v for n, v in old_best.items() if n != "tma"}, "ok", median_ms=1e-3)
+    [again] = session.run(_request(tmp_path, trials=2, isolate=False))
+    with TuningCache(tmp_path / "c.sqlite") as cache:
+        measured = [t.canonical_config() for t in cache.trials(again.key)]
+    assert measured == [canonical_config(default), canonical_config(old_best)]  # measured right after the default

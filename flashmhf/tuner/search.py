@@ -238,7 +238,7 @@ class Search:
 
     def _seeds(self) -> list[Config]:
         seeds = [self.kind.default(self.spec, self.bucket), *self.extra_seeds]
-        seeds += neighbour_seeds(self.cache, self.key)
+        seeds += [self.kind.complete(s) for s in neighbour_seeds(self.cache, self.key)]
         out, seen = [], set()
         for s in seeds:
             c = canonical_config(s)

@@ -27,6 +27,7 @@ class Param:
     values: tuple[int, ...]
     log2: bool = True
     help: str = ""
+    absent: int | None = None  # a param added later: the value configs recorded before it ran with
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,12 @@ class KernelKind:
         for extra in self.extra_hash:
             h.update(extra.encode())
         return h.hexdigest()[:16]
+
+    def complete(self, config: Config) -> Config:
+        """``config`` with every param added since it was written set to its ``absent`` value (what the
+        template did before the param existed), so older cache rows and pinned configs stay usable."""
+        missing = {p.name: p.absent for p in self.params if p.name not in config and p.absent is not None}
+        return {**config, **missing} if missing else config
 
     def check_config(self, spec: Spec, config: Config, tokens: int | None = None) -> None:
         """Raise ``SpecError`` if ``config`` is malformed or rejected for ``spec``."""

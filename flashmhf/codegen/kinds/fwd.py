@@ -23,6 +23,9 @@ from flashmhf.codegen.spec import Spec
 SPLIT_TARGET_PROGRAMS = 264
 # A grid this large already fills the GPU (an H200 has 132 SMs): the default does not split it.
 FULL_GRID_PROGRAMS = 100
+# TMA descriptors are built on the host per call and the direct launch path does not take them, so
+# below this many tokens (where host time per call matters) the forward reads K/U/V through pointers.
+TMA_MIN_TOKENS = 1024
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -56,6 +59,8 @@ def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
     if (regs := estimate_regs(spec, c)) > MAX_REGS_PER_THREAD:
         return f"needs ~{regs} registers per thread (> {MAX_REGS_PER_THREAD}): would spill"
     if tokens is not None:
+        if c["tma"] and tokens < TMA_MIN_TOKENS:
+            return f"tma=1 below {TMA_MIN_TOKENS} tokens: per-call descriptors would cost more host time than they save"
         rows = tokens * spec.group
         if bm > max(16, next_pow2(rows)):
             return f"block_m={bm} is larger than the {rows} rows it would cover"
@@ -66,7 +71,8 @@ def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
 
 
 def default(spec: Spec, tokens: int) -> Config:
-    """A safe heuristic: the measured best plain config for large T, split d_ff for small T."""
+    """A safe heuristic from the measured bests: at large T, 128 x 64 tiles through TMA descriptors;
+    below that, pointer loads, and split d_ff at small T."""
     rows = max(tokens, 1) * spec.group
     block_m = min(128, max(16, next_pow2(rows)))
     block_f = 64 if spec.expert_dim % 64 == 0 else (32 if spec.expert_dim % 32 == 0 else 16)
@@ -77,7 +83,8 @@ def default(spec: Spec, tokens: int) -> Config:
         split *= 2
     candidates = [
         {"block_m": block_m, "block_f": block_f, "num_warps": 8 if block_m >= 128 else 4, "num_stages": s,
-         "split": split}
+         "split": split, "tma": tma}
+        for tma in ((1, 0) if tokens >= TMA_MIN_TOKENS else (0,))
         for s in (3, 2, 1)
     ]
     candidates += [{**c, "block_f": 16, "block_m": min(block_m, 64)} for c in candidates]
@@ -98,6 +105,7 @@ FWD = KernelKind(
         Param("num_warps", (4, 8), help="warps per program"),
         Param("num_stages", (1, 2, 3, 4, 5), log2=False, help="software-pipeline depth"),
         Param("split", (1, 2, 4, 8, 16, 32), help="programs sharing one row tile's d_ff (small T)"),
+        Param("tma", (0, 1), log2=False, absent=0, help="1: K/U/V tiles through TMA tensor descriptors (large T)"),
     ),
     reject=reject,
     default=default,
