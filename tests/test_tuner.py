@@ -117,6 +117,19 @@ def test_worker_survives_a_hung_or_killed_child():
         assert worker._proc is not child
 
 
+def test_warm_up_starts_the_child_that_then_measures():
+    spec, config = TINY, get_kind("fwd").default(TINY, 16)
+    with MeasureWorker(timeout_s=120) as worker:
+        worker.warm_up()
+        child = worker._proc
+        assert child is not None and child.is_alive()
+        assert worker.measure(spec, 16, 0, config).status == "ok"
+        assert worker._proc is child and worker.restarts == 0  # the warmed child measured
+    with MeasureWorker(timeout_s=0.01) as worker:  # no answer in time: stopped, replaced on demand
+        worker.warm_up()
+        assert worker._proc is None
+
+
 def test_sigkilled_tune_leaves_a_valid_cache_and_resumes(tmp_path):
     cache_path = tmp_path / "c.sqlite"
     cmd = [sys.executable, "-m", "flashmhf.cli", "tune", "--d-model", "64", "--heads", "2", "--kv-heads", "1",

@@ -86,6 +86,10 @@ def run(request: Request, progress: ProgressFn | None = None) -> list[SearchResu
     results: list[SearchResult] = []
     try:
         with MeasureWorker(isolate=request.isolate) as worker:
+            # The worker's start-up is part of the budget but not of the first key's share: each key
+            # gets an equal part of what is left after it (before this, a short budget could leave
+            # the first key with only its default measured).
+            worker.warm_up()
             for i, (spec, bucket) in enumerate(jobs):
                 # Past the deadline a job still measures its default (Search guarantees one result
                 # per key), so a spent budget leaves every key with a result, not just the first ones.

@@ -32,6 +32,10 @@ def _child(conn: Connection, env: dict[str, str]) -> None:
             return
         if msg is None:
             return
+        if msg == WARM_UP:
+            _initialise_device(interpreter)
+            conn.send(WARM_UP)
+            continue
         spec, tokens, seed, config = msg
         if current != (spec, tokens, seed):
             problem = None  # free the previous inputs first
@@ -41,6 +45,17 @@ def _child(conn: Connection, env: dict[str, str]) -> None:
         conn.send(result)
         if result.status == "crash":
             return  # the CUDA context may be unusable: let the parent start a fresh child
+
+
+WARM_UP = "warm-up"
+
+
+def _initialise_device(interpreter: bool) -> None:
+    """The one-time costs of a fresh process: torch and the measuring code imported, CUDA initialised."""
+    import torch
+
+    if not interpreter:
+        torch.empty(1, device="cuda")
 
 
 class MeasureWorker:
@@ -91,6 +106,23 @@ class MeasureWorker:
         self._stop()
         self.restarts += 1
         return Measurement("crash", error=error)
+
+    def warm_up(self) -> None:
+        """Start the child and let it pay its one-time costs (process start, imports, CUDA context)
+        now, so they are not charged to the first candidate's time. A child that does not answer is
+        stopped; the next ``measure`` starts a fresh one."""
+        if not self.isolate:
+            return
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        assert self._conn is not None
+        try:
+            self._conn.send(WARM_UP)
+            if self._conn.poll(self.timeout_s) and self._conn.recv() == WARM_UP:
+                return
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            pass
+        self._stop()
 
     def _measure_here(self, spec: Spec, tokens: int, seed: int, config: Config) -> Measurement:
         from flashmhf.cache.device import interpreting
