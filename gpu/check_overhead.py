@@ -52,6 +52,8 @@ def host_us(fn, calls: int = 200, repeats: int = 15) -> float:
 def bare_launches(spec: Spec, config: dict, q, k, u, v, r, out) -> list[tuple]:
     """The forward's launches as (kernel, grid, args, kwargs), written out independently of the
     generated host code, every argument precomputed (the split workspace allocated once)."""
+    if config["tma"]:
+        raise SystemExit(f"the bare launch is written for pointer loads (tma=0, what decode sizes use), got {config}")
     mod = load(spec)
     n_tokens = q.shape[0]
     n_rows, split = n_tokens * spec.group, config["split"]
@@ -59,7 +61,7 @@ def bare_launches(spec: Spec, config: dict, q, k, u, v, r, out) -> list[tuple]:
     grid = (triton.cdiv(n_rows, config["block_m"]), spec.n_kv_heads, split)
     dst = out if split == 1 else torch.empty((split, *q.shape), device=q.device, dtype=torch.float32)
     consts = dict(BLOCK_M=config["block_m"], BLOCK_F=config["block_f"], SPLIT=split,
-                  TILES_PER_SPLIT=triton.cdiv(spec.d_ff // config["block_f"], split),
+                  TILES_PER_SPLIT=triton.cdiv(spec.d_ff // config["block_f"], split), TMA=False,
                   num_warps=config["num_warps"], num_stages=config["num_stages"])
     args = (q, k, u, v, r, dst, n_rows, q.stride(0), q.stride(1), r.stride(0), r.stride(1), n_elems)
     launches = [(mod.flashmhf_fwd, grid, args, consts)]
