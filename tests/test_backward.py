@@ -217,6 +217,20 @@ def test_op_backward_strided_q_and_expanded_grad_and_fp16_r():
     assert (wide.grad[:, 0] == 0).all() and (wide.grad[:, 2] == 0).all()
 
 
+def test_rows_for_descriptors_copy_views_tma_cannot_read():
+    """The generated host helper that readies q/ds for TMA descriptors: real rows of H * d_h values,
+    16-byte aligned. An expanded gradient (row stride 0) and a misaligned view are copied; a
+    strided view with usable rows is not."""
+    mod = load(Spec("bwd_dkuv", 2, 2, 64, 2, 32, "fp32"))
+    expanded = torch.ones(1, 2, 64).expand(7, 2, 64)
+    rows = mod._rows(expanded)
+    assert rows.stride(0) == 2 * 64 and torch.equal(rows, expanded)
+    wide = torch.randn(7, 3, 2, 64)[:, 1]  # rows of a wider buffer: readable as they are
+    assert mod._rows(wide) is wide
+    off = misaligned(torch.randn(7, 2, 64))
+    assert mod._rows(off).data_ptr() % 16 == 0 and torch.equal(mod._rows(off), off)
+
+
 @pytest.mark.parametrize(
     "needs,kinds",
     [
