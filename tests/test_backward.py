@@ -377,7 +377,8 @@ def test_defaults_fit_every_preset_and_render(kind):
 
 def test_large_t_defaults_are_the_intended_tiles():
     spec = Spec("bwd_dq", 16, 16, 128, 22, 256, "bf16")
-    assert get_kind("bwd_dq").default(spec, 16384) == dict(block_m=128, block_f=64, num_warps=8, num_stages=2)
+    # The H200 sweep with q/ds through descriptors: 128x64, 8 warps, 3 stages: 3.52 ms (2 stages: 3.92).
+    assert get_kind("bwd_dq").default(spec, 16384) == dict(block_m=128, block_f=64, num_warps=8, num_stages=3)
     dkuv = get_kind("bwd_dkuv").default(Spec("bwd_dkuv", 16, 16, 128, 22, 256, "bf16"), 16384)
     # The H200 sweep: one kernel of 64x16 tiles, 4 warps: 6.49 ms; split forms 7.27 ms and slower.
     assert (dkuv["block_f"], dkuv["block_m"], dkuv["num_warps"], dkuv["split_dv"]) == (64, 16, 4, 0)
