@@ -86,10 +86,10 @@ def bench_core(spec: Spec, d_ff: int, tokens: int, *, backward: bool, compile_sw
         swc = (lambda: torch.autograd.grad(compiled(x, *w), (x, *w), dy)) if backward else (lambda: compiled(x, *w))
         sw_c = median_ms(swc)
     config, source = _chosen(spec, tokens)
+    if not backward:
+        return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, config, source)
     bwd = {kind: "{} ({})".format(*_chosen(replace(spec, kind=kind), tokens)) for kind in BACKWARD_KINDS}
-    return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, config, source,
-                   _peak_mib(op) if backward else None, _peak_mib(sw) if backward else None,
-                   bwd if backward else None)
+    return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, config, source, _peak_mib(op), _peak_mib(sw), bwd)
 
 
 def _chosen(spec: Spec, tokens: int) -> tuple[str, str]:

@@ -88,24 +88,12 @@ class MeasureWorker:
     def measure(self, spec: Spec, tokens: int, seed: int, config: Config) -> Measurement:
         if not self.isolate:
             return self._measure_here(spec, tokens, seed, config)
-        if self._proc is None or not self._proc.is_alive():
-            self._start()
-        assert self._conn is not None
-        try:
-            self._conn.send((spec, tokens, seed, config))
-            if self._conn.poll(self.timeout_s):
-                result = self._conn.recv()
-                if result.status == "crash":
-                    self._stop()
-                    self.restarts += 1
-                return result
-            error = f"timeout: no answer within {self.timeout_s:.0f} s"
-        except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
-            code = self._proc.exitcode if self._proc else "?"
-            error = f"worker process died ({type(exc).__name__}, exit code {code})"
-        self._stop()
+        result, error = self._ask((spec, tokens, seed, config))
+        if error is None and result.status != "crash":
+            return result
+        self._stop()  # a crashed, hung or dead child: the next request starts a fresh one
         self.restarts += 1
-        return Measurement("crash", error=error)
+        return result if error is None else Measurement("crash", error=error)
 
     def warm_up(self) -> None:
         """Start the child and let it pay its one-time costs (process start, imports, CUDA context)
@@ -113,16 +101,24 @@ class MeasureWorker:
         stopped; the next ``measure`` starts a fresh one."""
         if not self.isolate:
             return
+        reply, error = self._ask(WARM_UP)
+        if error is not None or reply != WARM_UP:
+            self._stop()
+
+    def _ask(self, msg) -> tuple[object, str | None]:
+        """Send ``msg`` to the child (started if need be) and wait for its reply: (reply, None), or
+        (None, why) when it does not answer within ``timeout_s`` or has died."""
         if self._proc is None or not self._proc.is_alive():
             self._start()
         assert self._conn is not None
         try:
-            self._conn.send(WARM_UP)
-            if self._conn.poll(self.timeout_s) and self._conn.recv() == WARM_UP:
-                return
-        except (EOFError, BrokenPipeError, ConnectionResetError):
-            pass
-        self._stop()
+            self._conn.send(msg)
+            if self._conn.poll(self.timeout_s):
+                return self._conn.recv(), None
+            return None, f"timeout: no answer within {self.timeout_s:.0f} s"
+        except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
+            code = self._proc.exitcode if self._proc else "?"
+            return None, f"worker process died ({type(exc).__name__}, exit code {code})"
 
     def _measure_here(self, spec: Spec, tokens: int, seed: int, config: Config) -> Measurement:
         from flashmhf.cache.device import interpreting
