@@ -9,8 +9,8 @@ launches the compiled kernels with precomputed arguments (flashmhf_runtime/direc
 with a misaligned pointer, or with a Triton launch hook (profiler) set, take Triton's JIT path.
 
 Autograd: ``flashmhf::core`` saves only its inputs q, k, u, v, r (never anything of size T x d_ff);
-its backward is the custom op ``flashmhf::core_bwd``, which launches ``bwd_dq`` (dq, dr) and
-``bwd_dkuv`` (dK, dU, dV). It allocates nothing but the gradients, with sizes known from the input
+its backward is the custom op ``flashmhf::core_bwd``, which launches ``bwd_dq`` (dq, dr) and, for
+dK, dU, dV, ``bwd_dkuv_ws`` on Hopper GPUs (``bwd_dkuv`` elsewhere, see ``dkuv_kind``). It allocates nothing but the gradients, with sizes known from the input
 shapes alone (no host sync), so it can be captured in a CUDA graph."""
 
 from __future__ import annotations
@@ -79,6 +79,32 @@ def _reference_backward(q, k, u, v, r, ds) -> tuple[torch.Tensor, ...]:
 BACKWARD_ON_TWO_STREAMS = True
 
 
+# On Hopper GPUs dK, dU, dV come from the warp-specialized Gluon kernel (bwd_dkuv_ws) where it takes
+# the shape; set False to always use the plain Triton kernel (bwd_dkuv).
+WARP_SPECIALIZED_DKUV = True
+
+
+@functools.cache
+def _capability(device_index: int | None) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device_index) if torch.cuda.is_available() else None
+
+
+@functools.cache
+def _ws_takes(spec: Spec, device_index: int | None) -> bool:
+    from flashmhf.codegen.kinds.bwd_dkuv_ws import device_reason, shape_reason
+
+    return device_reason(_capability(device_index)) is None and shape_reason(spec) is None
+
+
+def dkuv_kind(spec_key: tuple, device: torch.device) -> str:
+    """The kind that computes dK, dU, dV for ``spec_key`` = (H, H_kv, d_h, E, d_e, dtype) on ``device``:
+    ``bwd_dkuv_ws`` on a Hopper GPU when the shape allows it (16-bit, d_h in 32/64/128, d_e a
+    multiple of 64) and ``WARP_SPECIALIZED_DKUV`` is on, else ``bwd_dkuv``."""
+    if WARP_SPECIALIZED_DKUV and device.type == "cuda" and _ws_takes(Spec("bwd_dkuv_ws", *spec_key), device.index):
+        return "bwd_dkuv_ws"
+    return "bwd_dkuv"
+
+
 @functools.cache
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device, priority=-1)
@@ -133,7 +159,8 @@ def core_backward(
         make = torch.empty_like if n_tokens else torch.zeros_like
         dk, du, dv = (make(k, memory_format=torch.contiguous_format) for _ in range(3))
     key_dq = ("bwd_dq", n_heads, n_kv, head_dim, n_exp, d_e, dtype_name)
-    key_dkuv = ("bwd_dkuv", n_heads, n_kv, head_dim, n_exp, d_e, dtype_name)
+    shape_key = (n_heads, n_kv, head_dim, n_exp, d_e, dtype_name)
+    key_dkuv = (dkuv_kind(shape_key, q.device), *shape_key)
     launch_dq = functools.partial(dispatch.launch, key_dq, n_tokens, q.device.index, q3, k, u, v, r3, ds3, dq, dr)
     launch_dkuv = functools.partial(dispatch.launch, key_dkuv, n_tokens, q.device.index, q3, k, u, v, r3, ds3,
                                     dk, du, dv)

@@ -53,6 +53,14 @@ SWEEP = {
         dict(block_m=128, block_f=64, num_warps=8, num_stages=1),
         dict(block_m=64, block_f=64, num_warps=8, num_stages=3),
     ],
+    "bwd_dkuv_ws": [
+        dict(block_m=64, num_stages=2, coef_fp32=0),
+        dict(block_m=64, num_stages=3, coef_fp32=0),
+        dict(block_m=64, num_stages=4, coef_fp32=0),
+        dict(block_m=64, num_stages=2, coef_fp32=1),
+        dict(block_m=32, num_stages=3, coef_fp32=0),
+        dict(block_m=32, num_stages=4, coef_fp32=1),
+    ],
     "bwd_dkuv": [
         dict(block_f=64, block_m=16, num_warps=4, num_stages=4, split_dv=0, rows_major=0),
         dict(block_f=64, block_m=16, num_warps=4, num_stages=3, split_dv=0, rows_major=0),
@@ -140,6 +148,13 @@ def chosen_config(kind: str, shape, tokens: int) -> dict:
     return dict(choose_config(Spec(kind, *shape, "bf16"), tokens, device_info(torch.cuda.current_device()))[0])
 
 
+def dkuv_kind(shape) -> str:
+    """The kind the op runs for dK, dU, dV here (bwd_dkuv_ws on Hopper where the shape allows)."""
+    from flashmhf_runtime.op import dkuv_kind as pick
+
+    return pick((*shape, "bf16"), torch.device(DEV))
+
+
 # ------------------------------------------------------------------------------------------- checks
 
 GRADS = ("dq", "dk", "du", "dv", "dr")
@@ -161,11 +176,12 @@ def accuracy() -> list[dict]:
         shape = shape_of(name, kv)
         q, k, u, v, r, ds = make_inputs(shape, tokens, seed=tokens)
         ref = reference_grads_f64(q, k, u, v, r, ds)
-        cfg = {kind: chosen_config(kind, shape, tokens) for kind in ("bwd_dq", "bwd_dkuv")}
+        dkuv = dkuv_kind(shape)
+        cfg = {"bwd_dq": chosen_config("bwd_dq", shape, tokens), dkuv: chosen_config(dkuv, shape, tokens)}
         dq, dr = outputs("bwd_dq", q, k, r)
         dk, du, dv = outputs("bwd_dkuv", q, k, r)
         launch("bwd_dq", shape, cfg["bwd_dq"], q, k, u, v, r, ds, (dq, dr))
-        launch("bwd_dkuv", shape, cfg["bwd_dkuv"], q, k, u, v, r, ds, (dk, du, dv))
+        launch(dkuv, shape, cfg[dkuv], q, k, u, v, r, ds, (dk, du, dv))
         errs = {g: rel_error(o, w) for g, o, w in zip(GRADS, (dq, dk, du, dv, dr), ref)}
         row = {"preset": name, "kv_heads": shape[1], "tokens": tokens, "configs": cfg, "rel_err": errs}
         if tokens == 77:  # the public op end to end: forward + autograd through flashmhf::core_bwd
@@ -178,7 +194,7 @@ def accuracy() -> list[dict]:
         rows.append(row)
         worst = max(errs, key=errs.get)
         log(f"acc {name:10s} kv={shape[1]:2d} T={tokens:5d} worst {worst}={errs[worst]:.2e} "
-            f"{'OK' if row['ok'] else 'FAIL'}  (dq {cfg['bwd_dq']}, dkuv {cfg['bwd_dkuv']})")
+            f"{'OK' if row['ok'] else 'FAIL'}  (dq {cfg['bwd_dq']}, {dkuv} {cfg[dkuv]})")
         del ref
     return rows
 
@@ -253,9 +269,12 @@ def speed_case(name: str, tokens: int, compiled_swiglu) -> dict:
     finally:
         op.BACKWARD_ON_TWO_STREAMS = True
     row["core_peak_mib"] = peak_mib(core)
-    cfg = {kind: chosen_config(kind, shape, tokens) for kind in KINDS}
+    dkuv = dkuv_kind(shape)
+    kinds = (*KINDS, dkuv) if dkuv not in KINDS else KINDS  # the op's dK/dU/dV kind and the Triton one
+    cfg = {kind: chosen_config(kind, shape, tokens) for kind in kinds}
     row["configs"] = cfg
-    for kind in KINDS:  # each kernel alone, on preallocated outputs
+    row["dkuv_kind"] = dkuv
+    for kind in kinds:  # each kernel alone, on preallocated outputs
         outs = outputs(kind, q, k, r, fill=0.0)
         args = (kind, shape, cfg[kind], q, k, u, v, r, ds, outs)
         row[f"{kind}_ms"] = median_ms(lambda args=args: launch(*args))
@@ -291,7 +310,8 @@ def speed_case(name: str, tokens: int, compiled_swiglu) -> dict:
     comp_ms = row.get("swiglu_compiled_ms", float("nan"))
     log(f"speed {name} T={tokens}: core {row['core_ms']:.3f} ms ({row['core_tflops']:.0f} TF; "
         f"{row['core_serial_ms']:.3f} ms with the backward kernels one after the other; "
-        f"fwd {row['fwd_ms']:.3f} + dq {row['bwd_dq_ms']:.3f} + dkuv {row['bwd_dkuv_ms']:.3f}), "
+        f"fwd {row['fwd_ms']:.3f} + dq {row['bwd_dq_ms']:.3f} + {dkuv} {row[f'{dkuv}_ms']:.3f}; "
+        f"bwd_dkuv alone {row['bwd_dkuv_ms']:.3f}), "
         f"peak {row['core_peak_mib']:.0f} MiB | swiglu {row['swiglu_ms']:.3f} ms, peak {row['swiglu_peak_mib']:.0f} MiB"
         f" | compiled {comp_ms:.3f} ms")
     return row
@@ -410,15 +430,16 @@ def main() -> None:
     print(f"\naccuracy: {n_ok}/{len(report['accuracy'])} cases within {TOL} "
           f"(worst {max(max(r['rel_err'].values()) for r in report['accuracy']):.2e}); "
           f"cuda graph: {'OK' if report['cuda_graph']['ok'] else 'FAIL'}")
-    print("\n| preset | T | core fwd+bwd ms (TF/s) | same, backward kernels serial | fwd / dq / dkuv ms | peak MiB | "
-          "SwiGLU eager ms (TF/s), peak | SwiGLU compiled ms (TF/s), peak |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| preset | T | core fwd+bwd ms (TF/s) | same, backward kernels serial | fwd / dq / dK-dU-dV ms "
+          "(its kind) | bwd_dkuv ms | peak MiB | SwiGLU eager ms (TF/s), peak | SwiGLU compiled ms (TF/s), peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for x in report["speed"]:
         comp = (f"{x['swiglu_compiled_ms']:.3f} ({x['swiglu_compiled_tflops']:.0f}), "
                 f"{x['swiglu_compiled_peak_mib']:.0f}" if "swiglu_compiled_ms" in x else "—")
         print(f"| {x['preset']} | {x['tokens']} | {x['core_ms']:.3f} ({x['core_tflops']:.0f}) | "
               f"{x['core_serial_ms']:.3f} | "
-              f"{x['fwd_ms']:.3f} / {x['bwd_dq_ms']:.3f} / {x['bwd_dkuv_ms']:.3f} | {x['core_peak_mib']:.0f} | "
+              f"{x['fwd_ms']:.3f} / {x['bwd_dq_ms']:.3f} / {x[x['dkuv_kind'] + '_ms']:.3f} ({x['dkuv_kind']}) | "
+              f"{x['bwd_dkuv_ms']:.3f} | {x['core_peak_mib']:.0f} | "
               f"{x['swiglu_ms']:.3f} ({x['swiglu_tflops']:.0f}), {x['swiglu_peak_mib']:.0f} | {comp} |")
     if report.get("sweep"):
         print(f"\n| kind | config ({SWEEP_PRESET}, T={SWEEP_TOKENS}) | status | ms (TF/s) |\n|---|---|---|---|")

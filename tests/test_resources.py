@@ -73,3 +73,15 @@ def test_resources_refuse_the_interpreter():
     spec = Spec("bwd_dkuv", 2, 2, 64, 2, 64, "fp32")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         kernel_resources(spec, get_kind("bwd_dkuv").default(spec, 16))
+
+
+@pytest.mark.slow
+def test_warp_specialized_dkuv_compiles_for_hopper_without_spills():
+    # The Gluon kernel cannot run here, but it compiles for sm_90: its partitions must not spill
+    # (the grad warp group holds two 64 x 128 fp32 accumulators) and its shared memory must fit.
+    for config in (None, dict(block_m=64, num_stages=2, coef_fp32=1)):
+        [kernel] = _report(["bwd_dkuv_ws", 16, 16, 128, 22, 256, "bf16"], config)
+        assert kernel["name"] == "flashmhf_bwd_dkuv_ws"
+        assert kernel["mma"] and not kernel["v2"], kernel["mma"]
+        assert kernel["spills"] == 0 and kernel["registers"] == 168, kernel  # the kernel-wide budget
+        assert 0 < kernel["shared"] <= 232_448

@@ -88,8 +88,21 @@ def bench_core(spec: Spec, d_ff: int, tokens: int, *, backward: bool, compile_sw
     config, source = _chosen(spec, tokens)
     if not backward:
         return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, config, source)
-    bwd = {kind: "{} ({})".format(*_chosen(replace(spec, kind=kind), tokens)) for kind in BACKWARD_KINDS}
+    bwd = {slot: _backward_choice(spec, slot, tokens) for slot in BACKWARD_KINDS}
     return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, config, source, _peak_mib(op), _peak_mib(sw), bwd)
+
+
+def _backward_choice(spec: Spec, slot: str, tokens: int) -> str:
+    """Config (and source) of the kernel that ran for one backward slot; named when it is another
+    kind than the slot (bwd_dkuv_ws computes dK, dU, dV on Hopper GPUs)."""
+    from flashmhf_runtime.op import dkuv_kind
+
+    kind = slot
+    if slot == "bwd_dkuv":
+        shape_key = (spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.n_experts, spec.expert_dim, spec.dtype)
+        kind = dkuv_kind(shape_key, torch.device("cuda", torch.cuda.current_device()))
+    text = "{} ({})".format(*_chosen(replace(spec, kind=kind), tokens))
+    return text if kind == slot else f"{kind}: {text}"
 
 
 def _chosen(spec: Spec, tokens: int) -> tuple[str, str]:

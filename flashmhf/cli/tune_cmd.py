@@ -14,6 +14,7 @@ from flashmhf.cli.spec_options import dtype_option, shape_from_options, shape_op
 from flashmhf.codegen import DTYPES, KINDS, Spec, SpecError, format_config
 
 GPU_TRIALS = 48
+DEFAULT_KINDS = ("fwd", "bwd_dq", "bwd_dkuv", "bwd_dkuv_ws")
 INTERPRETER_TRIALS = 8  # the interpreter is slow: enough to exercise the pipeline end to end
 
 
@@ -33,6 +34,51 @@ def _choices(text: str, allowed, what: str) -> list[str]:
     if bad or not items:
         raise SpecError(f"{what} must be a comma list of {', '.join(allowed)}, got {text!r}")
     return items
+
+
+def _capability() -> tuple[int, int] | None:
+    import torch
+
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+def _runnable_kinds(text: str | None, console: Console) -> list[str]:
+    """The --kind list. A kind this machine cannot run is an error when named, skipped by default."""
+    from flashmhf.codegen import get_kind
+
+    capability = _capability()
+    if text is None:
+        kinds = []
+        for name in DEFAULT_KINDS:
+            why = get_kind(name).unavailable(capability)
+            if why:
+                console.print(f"[dim]Skipping {name}: {why}.[/]")
+            else:
+                kinds.append(name)
+        return kinds
+    kinds = _choices(text, list(KINDS), "--kind")
+    for name in kinds:
+        why = get_kind(name).unavailable(capability)
+        if why:
+            raise SpecError(f"--kind {name}: this machine cannot run it ({why})")
+    return kinds
+
+
+def _fitting(specs: list[Spec], named: bool, console: Console) -> list[Spec]:
+    """Drop the specs whose kind cannot take the layer shape (an error when the kind was named)."""
+    from flashmhf.codegen import get_kind
+
+    kept = []
+    for s in specs:
+        try:
+            get_kind(s.kind).default(s, 1)
+        except SpecError as exc:
+            if named:
+                raise
+            console.print(f"[dim]Skipping {s.kind} for {s.dtype}: {exc}.[/]")
+            continue
+        kept.append(s)
+    return kept
 
 
 def _buckets(tokens: tuple[int, ...]) -> tuple[int, ...]:
@@ -60,8 +106,9 @@ def _use_interpreter_if_no_gpu(console: Console) -> bool:
 @shape_options
 @click.option("--tokens", default=None, help="comma list of token counts (rounded up to power-of-two buckets) "
               "[default: 1,16,64,256,1024,4096,16384; 1,16 without a GPU]")
-@click.option("--kind", "kinds", default="fwd,bwd_dq,bwd_dkuv", show_default=True,
-              help=f"comma list of kernel kinds ({', '.join(KINDS)})")
+@click.option("--kind", "kinds", default=None,
+              help=f"comma list of kernel kinds ({', '.join(KINDS)}) [default: {','.join(DEFAULT_KINDS)}, "
+              "without those this machine cannot run]")
 @dtype_option(multiple=True)
 @click.option("--trials", type=int, default=None,
               help="distinct configs measured per (kind, bucket), earlier runs included [default: 48; 8 without a GPU]")
@@ -101,13 +148,14 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int | 
     if worker and not storage:
         raise SpecError("--worker joins existing studies: give the shared --storage URL too")
     h, h_kv, d_h, e, d_e, label = shape_from_options(**shape)
-    kind_list = _choices(kinds, list(KINDS), "--kind")
+    kind_list = _runnable_kinds(kinds, console)
     dtypes = _choices(dtype, DTYPES, "--dtype")
     specs = [Spec(k, h, h_kv, d_h, e, d_e, dt) for k in kind_list for dt in dtypes]
     from flashmhf.codegen import plan
 
     for s in specs:
         plan(s)  # validate before anything starts
+    specs = _fitting(specs, kinds is not None, console)
     cache_path = cache_path or user_cache_path()
     if gpus:
         from flashmhf.tuner import multi

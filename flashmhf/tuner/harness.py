@@ -83,6 +83,7 @@ def _bwd_dq(spec: Spec, tokens: int, device: str, seed: int, with_reference: boo
     return Problem(spec, tokens, (q, k, u, v, r, ds, dq, dr), [dq, dr], [ref[0], ref[4]] if ref else [])
 
 
+@builder("bwd_dkuv_ws")
 @builder("bwd_dkuv")
 def _bwd_dkuv(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
     (q, k, u, v, r, ds), ref = _backward_inputs(spec, tokens, device, seed, with_reference)

@@ -74,6 +74,10 @@ def _capture_launches(spec: Spec, config: dict, tokens: int) -> list[_Launch]:
 def _type_string(value) -> str:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    if type(value).__module__.startswith("triton.experimental.gluon"):  # a descriptor with its smem layout
+        from triton.runtime.jit import mangle_type
+
+        return mangle_type(value)
     if isinstance(value, torch.Tensor):
         return "*" + _TL_NAMES[value.dtype]
     if isinstance(value, TensorDescriptor):
@@ -108,7 +112,7 @@ def _compile(launch: _Launch, capability: int) -> KernelReport:
 
     fn = launch.kernel
     kwargs = dict(launch.kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     values = dict(zip(fn.arg_names, launch.args))
     values.update(kwargs)
     signature, constexprs = {}, {}
@@ -118,7 +122,12 @@ def _compile(launch: _Launch, capability: int) -> KernelReport:
             constexprs[(i,)] = values[name]
         else:
             signature[name] = _type_string(values[name])
-    src = ASTSource(fn, signature, constexprs=constexprs)
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        src = GluonASTSource(fn, signature, constexprs=constexprs)
+    else:
+        src = ASTSource(fn, signature, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     mma = tuple(sorted({
         f"v{major} warps {warps} instr {instr}"

@@ -47,6 +47,13 @@ class KernelKind:
     default: Callable[[Spec, int], Config]
     flops: Callable[[Spec, int], float]
     extra_hash: tuple[str, ...] = field(default_factory=tuple)
+    # Why a device of compute capability (major, minor) -- None: no CUDA device -- cannot run the
+    # kind (None: it can). Unset: the kind runs wherever Triton does, the interpreter included.
+    device_reason: Callable[[tuple[int, int] | None], str | None] | None = None
+
+    def unavailable(self, capability: tuple[int, int] | None) -> str | None:
+        """Why this machine (``capability``; None: no CUDA device) cannot run the kind, or None."""
+        return self.device_reason(capability) if self.device_reason else None
 
     @property
     def param_names(self) -> tuple[str, ...]:

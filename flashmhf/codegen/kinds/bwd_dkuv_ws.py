@@ -1,0 +1,96 @@
+"""Backward core kernel, part 2 (dK, dU, dV), warp-specialized for Hopper GPUs (Gluon).
+
+The same results as ``bwd_dkuv`` from one program per 64-row slice of d_ff of one kv head, but the
+program's warps split the work: a "gate" warp group recomputes m and n, hands the coefficients of dm
+and dn to a "grad" warp group through shared memory and accumulates dV; the grad group computes da
+and accumulates dK and dU; one warp issues the TMA loads. Each group holds at most two fp32
+accumulators, so a step covers 64 tokens instead of 16, and the two groups' products overlap.
+
+Needs an NVIDIA Hopper GPU (compute capability 9.x: warp-group MMA and TMA) and 16-bit inputs; it
+cannot run under Triton's interpreter. ``device_reason`` says why a device cannot run it; the op then
+uses ``bwd_dkuv``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from flashmhf.codegen.kinds import bwd_dkuv
+from flashmhf.codegen.kinds.base import DTYPE_BYTES, SMEM_BYTES, Config, KernelKind, Param, first_accepted
+from flashmhf.codegen.spec import Spec, SpecError
+
+BLOCK_F = 64  # d_ff rows per program (the M side of one warp group's MMA)
+HEAD_DIMS = (32, 64, 128)  # power-of-two tiles; two (64, d_h) fp32 accumulators fit the grad group at 128
+
+
+def estimate_smem(spec: Spec, c: Config) -> int:
+    """K/U/V tiles, the q/ds ring, the two double-buffered coefficient tiles, and the barriers."""
+    b = DTYPE_BYTES[spec.dtype]
+    d, bm = spec.head_dim, c["block_m"]
+    coef = 4 if c["coef_fp32"] else b
+    return 3 * BLOCK_F * d * b + c["num_stages"] * 2 * bm * d * b + 2 * 2 * BLOCK_F * bm * coef + 1024
+
+
+def shape_reason(spec: Spec) -> str | None:
+    """Why the kind cannot take this layer shape and dtype at all (``None`` = it can)."""
+    if spec.dtype not in ("bf16", "fp16"):
+        return f"the warp-group MMA kernel takes 16-bit inputs, not {spec.dtype} (bwd_dkuv runs fp32)"
+    if spec.head_dim not in HEAD_DIMS:
+        return f"head_dim={spec.head_dim} is not one of {HEAD_DIMS} (bwd_dkuv handles it)"
+    if spec.expert_dim % BLOCK_F:
+        return f"expert_dim={spec.expert_dim} is not a multiple of {BLOCK_F} (a tile must stay in one sub-network)"
+    return None
+
+
+def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
+    reason = shape_reason(spec)
+    if reason:
+        return reason
+    smem = estimate_smem(spec, c)
+    if smem > SMEM_BYTES:
+        return f"needs ~{smem // 1024} KiB shared memory, more than {SMEM_BYTES // 1024} KiB"
+    return None
+
+
+def default(spec: Spec, tokens: int) -> Config:
+    """64-token steps, a 2-slot q/ds ring, 16-bit coefficients.
+
+    Measured on an H200 (repo-1.3b, T = 16384, bf16; docs/benchmarks/2026-11-29-dkuv-warp-specialized.md):
+    5.06 ms, against 6.50 ms for bwd_dkuv's best config."""
+    reason = shape_reason(spec)
+    if reason:
+        raise SpecError(f"bwd_dkuv_ws cannot run {spec.label()}: {reason}")
+    return first_accepted(reject, spec, (
+        {"block_m": bm, "num_stages": stages, "coef_fp32": 0} for bm in (64, 32) for stages in (2, 3)
+    ))
+
+
+def device_reason(capability: tuple[int, int] | None) -> str | None:
+    """Why a device of this compute capability cannot run the kind (``None`` = it can).
+    ``capability`` is ``None`` for no CUDA device."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "Triton's interpreter cannot run Gluon kernels"
+    if capability is None:
+        return "needs an NVIDIA GPU"
+    if capability[0] != 9:
+        return f"needs a Hopper GPU (compute capability 9.x), this one is {capability[0]}.{capability[1]}"
+    if importlib.util.find_spec("triton.experimental.gluon") is None:
+        return "this Triton has no Gluon (triton.experimental.gluon)"
+    return None
+
+
+BWD_DKUV_WS = KernelKind(
+    name="bwd_dkuv_ws",
+    template="bwd_dkuv_ws.py.jinja",
+    description="backward dK, dU, dV for Hopper: warp-specialized (gate/grad warp groups + TMA warp), Gluon",
+    params=(
+        Param("block_m", (32, 64), help="tokens per step"),
+        Param("num_stages", (2, 3, 4), log2=False, help="slots of the q/ds ring"),
+        Param("coef_fp32", (0, 1), log2=False, help="1: hand the dm/dn coefficients over in fp32 (else 16-bit)"),
+    ),
+    reject=reject,
+    default=default,
+    flops=bwd_dkuv.flops,
+    device_reason=device_reason,
+)

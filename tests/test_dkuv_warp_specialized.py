@@ -1,0 +1,129 @@
+"""bwd_dkuv_ws: the warp-specialized (Gluon) dK/dU/dV kernel for Hopper GPUs.
+
+On CPU: which shapes and machines it takes, that the op picks it only where it can run, and that
+the tuner says so. On a GPU (marker ``gpu``): its gradients against the float64 reference, and the
+op's backward through it."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import flashmhf_runtime as fm
+from flashmhf.checks import reference_grads_f64, rel_error
+from flashmhf.cli.app import main as cli
+from flashmhf.codegen import Spec, SpecError, get_kind
+from flashmhf.codegen.kinds import bwd_dkuv_ws
+from flashmhf_runtime import dispatch, op
+from tests.helpers import core_inputs
+
+KIND = get_kind("bwd_dkuv_ws")
+REPO_13B = (16, 16, 128, 22, 256)
+
+
+def test_takes_16_bit_power_of_two_head_dims_and_64_row_tiles():
+    assert bwd_dkuv_ws.shape_reason(Spec("bwd_dkuv_ws", *REPO_13B, "bf16")) is None
+    assert bwd_dkuv_ws.shape_reason(Spec("bwd_dkuv_ws", 4, 2, 64, 3, 384, "fp16")) is None  # d_e = 384
+    assert "16-bit" in bwd_dkuv_ws.shape_reason(Spec("bwd_dkuv_ws", *REPO_13B, "fp32"))
+    assert "head_dim=96" in bwd_dkuv_ws.shape_reason(Spec("bwd_dkuv_ws", 4, 4, 96, 3, 128, "bf16"))
+    assert "multiple of 64" in bwd_dkuv_ws.shape_reason(Spec("bwd_dkuv_ws", 4, 4, 64, 3, 96, "bf16"))
+    with pytest.raises(SpecError, match="head_dim=96"):
+        KIND.default(Spec("bwd_dkuv_ws", 4, 4, 96, 3, 128, "bf16"), 1)
+
+
+def test_space_respects_shared_memory():
+    spec = Spec("bwd_dkuv_ws", *REPO_13B, "bf16")
+    space = list(KIND.space(spec))
+    assert KIND.default(spec, 16384) == {"block_m": 64, "num_stages": 2, "coef_fp32": 0}
+    assert {"block_m": 64, "num_stages": 4, "coef_fp32": 0} in space
+    # 3 K/U/V tiles (48 KiB) + a 4-slot q/ds ring (128 KiB) + fp32 coefficients (64 KiB) do not fit.
+    assert {"block_m": 64, "num_stages": 4, "coef_fp32": 1} not in space
+    assert "shared memory" in KIND.reject(spec, {"block_m": 64, "num_stages": 4, "coef_fp32": 1}, None)
+
+
+def test_device_reason_names_what_is_missing(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "interpreter" in KIND.unavailable((9, 0))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert KIND.unavailable((9, 0)) is None
+    assert "NVIDIA GPU" in KIND.unavailable(None)
+    assert "Hopper" in KIND.unavailable((8, 0)) and "8.0" in KIND.unavailable((8, 0))
+    assert "Hopper" in KIND.unavailable((10, 0))
+    assert get_kind("bwd_dkuv").unavailable(None) is None  # the Triton kinds run anywhere
+
+
+def test_op_picks_the_warp_specialized_kind_only_where_it_runs(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    key = (*REPO_13B, "bf16")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(op, "_capability", lambda index: (9, 0))
+    op._ws_takes.cache_clear()
+    try:
+        assert op.dkuv_kind(key, cuda) == "bwd_dkuv_ws"
+        assert op.dkuv_kind((4, 4, 96, 3, 128, "bf16"), cuda) == "bwd_dkuv"  # shape it cannot take
+        assert op.dkuv_kind((*REPO_13B, "fp32"), cuda) == "bwd_dkuv"
+        assert op.dkuv_kind(key, torch.device("cpu")) == "bwd_dkuv"
+        monkeypatch.setattr(op, "WARP_SPECIALIZED_DKUV", False)
+        assert op.dkuv_kind(key, cuda) == "bwd_dkuv"
+        monkeypatch.setattr(op, "WARP_SPECIALIZED_DKUV", True)
+        monkeypatch.setattr(op, "_capability", lambda index: (8, 0))
+        op._ws_takes.cache_clear()
+        assert op.dkuv_kind(key, cuda) == "bwd_dkuv"  # an A100
+    finally:
+        op._ws_takes.cache_clear()
+
+
+def test_tune_refuses_the_kind_on_a_machine_without_hopper():
+    result = CliRunner().invoke(cli, ["tune", "--preset", "repo-1.3b", "--kind", "bwd_dkuv_ws"])
+    assert result.exit_code != 0
+    assert "bwd_dkuv_ws" in result.output and "cannot run it" in result.output
+
+
+def test_show_renders_the_gluon_source():
+    result = CliRunner().invoke(cli, ["show", "--preset", "repo-1.3b", "--kind", "bwd_dkuv_ws"])
+    assert result.exit_code == 0, result.output
+    assert "@gluon.jit" in result.output and "gl.warp_specialize" in result.output
+    assert "block_m=64,num_stages=2,coef_fp32=0" in result.output
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+GPU_CASES = [  # (tokens, H, H_kv, d_h, E, d_e, dtype)
+    (77, *REPO_13B, torch.bfloat16),
+    (1, *REPO_13B, torch.bfloat16),
+    (300, 16, 4, 128, 22, 256, torch.bfloat16),  # 4 heads per kv head
+    (1000, 8, 8, 64, 4, 384, torch.float16),  # d_e = 384, fp16
+    (129, 4, 2, 32, 2, 64, torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "T{}-H{}-kv{}-d{}-E{}x{}-{}".format(*c[:6], str(c[6])[6:]))
+@pytest.mark.parametrize("config", [None, {"block_m": 32, "num_stages": 3, "coef_fp32": 1}])
+def test_kernel_gradients_match_float64_on_gpu(case, config):
+    tokens, h, h_kv, d_h, e, d_e, dtype = case
+    q, k, u, v, r = core_inputs(tokens, h, h_kv, d_h, e, d_e, dtype, seed=11, device="cuda")
+    ds = torch.randn_like(q)
+    spec = Spec("bwd_dkuv_ws", h, h_kv, d_h, e, d_e, "bf16" if dtype == torch.bfloat16 else "fp16")
+    config = config or KIND.default(spec, tokens)
+    outs = [torch.full_like(k, float("nan")) for _ in range(3)]  # poisoned: every element must be written
+    dispatch.launch_with_config(tuple(vars(spec).values()), config, q, k, u, v, r, ds, *outs)
+    torch.cuda.synchronize()
+    want = reference_grads_f64(q, k, u, v, r, ds)[1:4]
+    for name, got, ref in zip(("dk", "du", "dv"), outs, want):
+        assert torch.isfinite(got).all(), name
+        assert rel_error(got, ref) <= 2e-2, (name, rel_error(got, ref))
+
+
+@pytest.mark.gpu
+def test_op_backward_runs_the_warp_specialized_kind_on_hopper():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialized kernel needs a Hopper GPU")
+    q, k, u, v, r = core_inputs(513, 4, 2, 64, 3, 64, torch.bfloat16, seed=5, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in (q, k, u, v, r)]
+    ds = torch.randn_like(q)
+    got = torch.autograd.grad(fm.flash_mhf(*leaves), leaves, ds)
+    spec = Spec("bwd_dkuv_ws", 4, 2, 64, 3, 64, "bf16")
+    assert dispatch.chosen_config(spec, 513, torch.cuda.current_device()) is not None  # it really ran
+    want = reference_grads_f64(q, k, u, v, r, ds)
+    for a, b in zip(got, want):
+        assert rel_error(a, b) <= 2e-2
