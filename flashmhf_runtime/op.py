@@ -10,8 +10,9 @@ with a misaligned pointer, or with a Triton launch hook (profiler) set, take Tri
 
 Autograd: ``flashmhf::core`` saves only its inputs q, k, u, v, r (never anything of size T x d_ff);
 its backward is the custom op ``flashmhf::core_bwd``, which launches ``bwd_dq`` (dq, dr) and, for
-dK, dU, dV, ``bwd_dkuv_ws`` on Hopper GPUs (``bwd_dkuv`` elsewhere, see ``dkuv_kind``). It allocates nothing but the gradients, with sizes known from the input
-shapes alone (no host sync), so it can be captured in a CUDA graph."""
+dK, dU, dV, ``bwd_dkuv_ws`` on Hopper GPUs (``bwd_dkuv`` elsewhere, see ``dkuv_kind``). It allocates
+nothing but the gradients, with sizes known from the input shapes alone (no host sync), so it can be
+captured in a CUDA graph."""
 
 from __future__ import annotations
 

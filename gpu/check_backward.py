@@ -1,4 +1,5 @@
-"""GPU check of the backward (bwd_dq + bwd_dkuv) and of the op's autograd, in one run (~3-4 min):
+"""GPU check of the backward (bwd_dq + the dK/dU/dV kind the op picks: bwd_dkuv_ws on Hopper) and of
+the op's autograd, in one run (~3-4 min):
 
 1. accuracy: every preset, bf16, T in {1, 77, 4096} (plus a grouped-kv case): the five gradients of
    the kernels (launched on NaN-poisoned outputs with the configs dispatch picks) against autograd of

@@ -49,7 +49,7 @@ def main() -> None:
     session.run(session.Request(specs("fwd"), session.DEFAULT_BUCKETS, trials=args.trials,
                                 time_budget_s=args.fwd_budget, cache_path=tmp, seed=0))
     t_fwd = time.monotonic() - t0
-    session.run(session.Request(specs("bwd_dq") + specs("bwd_dkuv"), (4096, 16384),
+    session.run(session.Request(specs("bwd_dq") + specs("bwd_dkuv") + specs("bwd_dkuv_ws"), (4096, 16384),
                                 trials=args.bwd_trials or args.trials,
                                 time_budget_s=args.bwd_budget, cache_path=tmp, seed=0))
     t_all = time.monotonic() - t0

@@ -33,11 +33,12 @@ def test_takes_16_bit_power_of_two_head_dims_and_64_row_tiles():
 def test_space_respects_shared_memory():
     spec = Spec("bwd_dkuv_ws", *REPO_13B, "bf16")
     space = list(KIND.space(spec))
-    assert KIND.default(spec, 16384) == {"block_m": 64, "num_stages": 2, "coef_fp32": 0}
-    assert {"block_m": 64, "num_stages": 4, "coef_fp32": 0} in space
+    assert KIND.default(spec, 16384) == {"block_m": 64, "num_stages": 2, "coef_fp32": 0, "halves": 0}
+    assert {"block_m": 64, "num_stages": 4, "coef_fp32": 0, "halves": 1} in space
     # 3 K/U/V tiles (48 KiB) + a 4-slot q/ds ring (128 KiB) + fp32 coefficients (64 KiB) do not fit.
-    assert {"block_m": 64, "num_stages": 4, "coef_fp32": 1} not in space
-    assert "shared memory" in KIND.reject(spec, {"block_m": 64, "num_stages": 4, "coef_fp32": 1}, None)
+    too_big = {"block_m": 64, "num_stages": 4, "coef_fp32": 1, "halves": 0}
+    assert too_big not in space
+    assert "shared memory" in KIND.reject(spec, too_big, None)
 
 
 def test_device_reason_names_what_is_missing(monkeypatch):
@@ -82,7 +83,7 @@ def test_show_renders_the_gluon_source():
     result = CliRunner().invoke(cli, ["show", "--preset", "repo-1.3b", "--kind", "bwd_dkuv_ws"])
     assert result.exit_code == 0, result.output
     assert "@gluon.jit" in result.output and "gl.warp_specialize" in result.output
-    assert "block_m=64,num_stages=2,coef_fp32=0" in result.output
+    assert "block_m=64,num_stages=2,coef_fp32=0,halves=0" in result.output
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -98,7 +99,9 @@ GPU_CASES = [  # (tokens, H, H_kv, d_h, E, d_e, dtype)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "T{}-H{}-kv{}-d{}-E{}x{}-{}".format(*c[:6], str(c[6])[6:]))
-@pytest.mark.parametrize("config", [None, {"block_m": 32, "num_stages": 3, "coef_fp32": 1}])
+@pytest.mark.parametrize("config", [None, {"block_m": 32, "num_stages": 3, "coef_fp32": 1, "halves": 0},
+                                    {"block_m": 64, "num_stages": 2, "coef_fp32": 0, "halves": 1},
+                                    {"block_m": 32, "num_stages": 4, "coef_fp32": 1, "halves": 1}])
 def test_kernel_gradients_match_float64_on_gpu(case, config):
     tokens, h, h_kv, d_h, e, d_e, dtype = case
     q, k, u, v, r = core_inputs(tokens, h, h_kv, d_h, e, d_e, dtype, seed=11, device="cuda")

@@ -79,7 +79,7 @@ def test_resources_refuse_the_interpreter():
 def test_warp_specialized_dkuv_compiles_for_hopper_without_spills():
     # The Gluon kernel cannot run here, but it compiles for sm_90: its partitions must not spill
     # (the grad warp group holds two 64 x 128 fp32 accumulators) and its shared memory must fit.
-    for config in (None, dict(block_m=64, num_stages=2, coef_fp32=1)):
+    for config in (None, dict(block_m=64, num_stages=2, coef_fp32=1, halves=1)):
         [kernel] = _report(["bwd_dkuv_ws", 16, 16, 128, 22, 256, "bf16"], config)
         assert kernel["name"] == "flashmhf_bwd_dkuv_ws"
         assert kernel["mma"] and not kernel["v2"], kernel["mma"]

@@ -62,7 +62,7 @@ def default(spec: Spec, tokens: int) -> Config:
     if reason:
         raise SpecError(f"bwd_dkuv_ws cannot run {spec.label()}: {reason}")
     return first_accepted(reject, spec, (
-        {"block_m": bm, "num_stages": stages, "coef_fp32": 0} for bm in (64, 32) for stages in (2, 3)
+        {"block_m": bm, "num_stages": stages, "coef_fp32": 0, "halves": 0} for bm in (64, 32) for stages in (2, 3)
     ))
 
 
@@ -88,6 +88,8 @@ BWD_DKUV_WS = KernelKind(
         Param("block_m", (32, 64), help="tokens per step"),
         Param("num_stages", (2, 3, 4), log2=False, help="slots of the q/ds ring"),
         Param("coef_fp32", (0, 1), log2=False, help="1: hand the dm/dn coefficients over in fp32 (else 16-bit)"),
+        Param("halves", (0, 1), log2=False, help="1: each partition works in two half steps, overlapping its "
+              "MMAs with its elementwise work"),
     ),
     reject=reject,
     default=default,
