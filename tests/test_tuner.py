@@ -212,3 +212,22 @@ def test_best_config_of_an_older_template_seeds_the_next_study(tmp_path):
     with TuningCache(tmp_path / "c.sqlite") as cache:
         measured = [t.canonical_config() for t in cache.trials(again.key)]
     assert measured == [canonical_config(default), canonical_config(old_best)]  # measured right after the default
+
+
+def test_measurements_from_an_older_space_give_this_key_its_best(tmp_path):
+    import dataclasses
+
+    [first] = session.run(_request(tmp_path, trials=3, isolate=False))
+    # The same measurements, as if made before the kind's space changed (another space hash only).
+    old_key = dataclasses.replace(first.key, space_hash="0" * 16)
+    with TuningCache(tmp_path / "c.sqlite") as cache:
+        for t in cache.trials(first.key):
+            cache.record_trial(old_key, t.config, t.status, median_ms=t.median_ms)
+        cache.delete(**first.key.to_dict())
+        assert cache.best(first.key) is None
+    [again] = session.run(_request(tmp_path, trials=3, isolate=False))
+    assert again.measured_now == 0  # every config reused, none measured again
+    assert again.best is not None and again.best.median_ms == first.best.median_ms
+    with TuningCache(tmp_path / "c.sqlite", readonly=True) as cache:
+        assert cache.best(first.key).median_ms == first.best.median_ms  # what the runtime reads
+        assert len(cache.trials(first.key)) == 3

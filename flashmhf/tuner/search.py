@@ -153,6 +153,8 @@ class Search:
         if self.use_cache_measurements:
             for c, trial in self.cache.measured_configs(self.key).items():
                 if c in self.space_keys:
+                    if trial.key != self.key:
+                        self._adopt(trial)
                     self.measured[c] = trial
         in_study = set()
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
@@ -162,6 +164,16 @@ class Search:
             if c not in in_study:
                 self._add_known(study, trial.config, trial.median_ms if trial.status == "ok" else None)
         self.order = [(c, t.median_ms if t.status == "ok" else None) for c, t in self.measured.items()]
+
+    def _adopt(self, trial: Trial) -> None:
+        """Record a measurement made under another space hash (same template, device, Triton) for
+        this key too: otherwise a run whose goal is met by reused measurements leaves the key
+        without a best row, and the runtime, which reads only this key, without a tuned config."""
+        self.cache.record_trial(
+            self.key, trial.config, trial.status, median_ms=trial.median_ms, p20_ms=trial.p20_ms,
+            p80_ms=trial.p80_ms, torch_version=trial.torch_version, error=trial.error,
+            source=f"reused:{trial.source or ''}",
+        )
 
     def _add_known(self, study: optuna.Study, config: Config, ms: float | None) -> None:
         params = to_params(self.kind, config)
