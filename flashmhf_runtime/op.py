@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from flashmhf.cache.device import interpreting
+from flashmhf.cache.device import device_info, interpreting
 from flashmhf.codegen import Config, Spec, load
 from flashmhf_runtime import dispatch, reference
 from flashmhf_runtime.direct_launch import DirectLauncher
@@ -86,24 +86,22 @@ WARP_SPECIALIZED_DKUV = True
 
 
 @functools.cache
-def _capability(device_index: int | None) -> tuple[int, int] | None:
-    return torch.cuda.get_device_capability(device_index) if torch.cuda.is_available() else None
+def _dkuv_kind(spec_key: tuple, device_index: int | None, warp_specialized: bool) -> str:
+    from flashmhf.codegen.kinds.bwd_dkuv_ws import BWD_DKUV_WS, shape_reason
 
-
-@functools.cache
-def _ws_takes(spec: Spec, device_index: int | None) -> bool:
-    from flashmhf.codegen.kinds.bwd_dkuv_ws import device_reason, shape_reason
-
-    return device_reason(_capability(device_index)) is None and shape_reason(spec) is None
+    if (warp_specialized and BWD_DKUV_WS.unavailable(device_info(device_index).cuda_capability) is None
+            and shape_reason(Spec("bwd_dkuv_ws", *spec_key)) is None):
+        return "bwd_dkuv_ws"
+    return "bwd_dkuv"
 
 
 def dkuv_kind(spec_key: tuple, device: torch.device) -> str:
     """The kind that computes dK, dU, dV for ``spec_key`` = (H, H_kv, d_h, E, d_e, dtype) on ``device``:
     ``bwd_dkuv_ws`` on a Hopper GPU when the shape allows it (16-bit, d_h in 32/64/128, d_e a
-    multiple of 64) and ``WARP_SPECIALIZED_DKUV`` is on, else ``bwd_dkuv``."""
-    if WARP_SPECIALIZED_DKUV and device.type == "cuda" and _ws_takes(Spec("bwd_dkuv_ws", *spec_key), device.index):
-        return "bwd_dkuv_ws"
-    return "bwd_dkuv"
+    multiple of 64) and ``WARP_SPECIALIZED_DKUV`` is on, else ``bwd_dkuv``. Memoised per key."""
+    if device.type != "cuda":
+        return "bwd_dkuv"
+    return _dkuv_kind(spec_key, device.index, WARP_SPECIALIZED_DKUV)
 
 
 @functools.cache

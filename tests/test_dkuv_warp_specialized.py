@@ -53,11 +53,17 @@ def test_device_reason_names_what_is_missing(monkeypatch):
 
 
 def test_op_picks_the_warp_specialized_kind_only_where_it_runs(monkeypatch):
+    from flashmhf.cache.device import DeviceInfo
+
     cuda = torch.device("cuda", 0)
     key = (*REPO_13B, "bf16")
+
+    def on(capability):
+        monkeypatch.setattr(op, "device_info", lambda index: DeviceInfo("gpu", capability, "3.6.0", "2.11.0"))
+        op._dkuv_kind.cache_clear()
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(op, "_capability", lambda index: (9, 0))
-    op._ws_takes.cache_clear()
+    on("9.0")
     try:
         assert op.dkuv_kind(key, cuda) == "bwd_dkuv_ws"
         assert op.dkuv_kind((4, 4, 96, 3, 128, "bf16"), cuda) == "bwd_dkuv"  # shape it cannot take
@@ -66,11 +72,10 @@ def test_op_picks_the_warp_specialized_kind_only_where_it_runs(monkeypatch):
         monkeypatch.setattr(op, "WARP_SPECIALIZED_DKUV", False)
         assert op.dkuv_kind(key, cuda) == "bwd_dkuv"
         monkeypatch.setattr(op, "WARP_SPECIALIZED_DKUV", True)
-        monkeypatch.setattr(op, "_capability", lambda index: (8, 0))
-        op._ws_takes.cache_clear()
+        on("8.0")
         assert op.dkuv_kind(key, cuda) == "bwd_dkuv"  # an A100
     finally:
-        op._ws_takes.cache_clear()
+        op._dkuv_kind.cache_clear()
 
 
 def test_tune_refuses_the_kind_on_a_machine_without_hopper():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, replace
 
 import torch
 
@@ -99,8 +99,7 @@ def _backward_choice(spec: Spec, slot: str, tokens: int) -> str:
 
     kind = slot
     if slot == "bwd_dkuv":
-        shape_key = (spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.n_experts, spec.expert_dim, spec.dtype)
-        kind = dkuv_kind(shape_key, torch.device("cuda", torch.cuda.current_device()))
+        kind = dkuv_kind(astuple(spec)[1:], torch.device("cuda", torch.cuda.current_device()))
     text = "{} ({})".format(*_chosen(replace(spec, kind=kind), tokens))
     return text if kind == slot else f"{kind}: {text}"
 

@@ -18,6 +18,12 @@ class DeviceInfo:
     triton_version: str
     torch_version: str
 
+    @property
+    def cuda_capability(self) -> tuple[int, int] | None:
+        """(major, minor) of a CUDA device; None for the interpreter."""
+        major, minor = (int(x) for x in self.capability.split("."))
+        return None if (major, minor) == (0, 0) else (major, minor)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -36,17 +36,12 @@ def _choices(text: str, allowed, what: str) -> list[str]:
     return items
 
 
-def _capability() -> tuple[int, int] | None:
-    import torch
-
-    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-
-
 def _runnable_kinds(text: str | None, console: Console) -> list[str]:
     """The --kind list. A kind this machine cannot run is an error when named, skipped by default."""
+    from flashmhf.cache.device import device_info
     from flashmhf.codegen import get_kind
 
-    capability = _capability()
+    capability = device_info().cuda_capability
     if text is None:
         kinds = []
         for name in DEFAULT_KINDS:
