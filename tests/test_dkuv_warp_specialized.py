@@ -60,7 +60,7 @@ def test_op_picks_the_warp_specialized_kind_only_where_it_runs(monkeypatch):
 
     def on(capability):
         monkeypatch.setattr(op, "device_info", lambda index: DeviceInfo("gpu", capability, "3.6.0", "2.11.0"))
-        op._dkuv_kind.cache_clear()
+        op._warp_specialized_runs.cache_clear()
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     on("9.0")
@@ -75,7 +75,7 @@ def test_op_picks_the_warp_specialized_kind_only_where_it_runs(monkeypatch):
         on("8.0")
         assert op.dkuv_kind(key, cuda) == "bwd_dkuv"  # an A100
     finally:
-        op._dkuv_kind.cache_clear()
+        op._warp_specialized_runs.cache_clear()
 
 
 def test_tune_refuses_the_kind_on_a_machine_without_hopper():

@@ -26,7 +26,7 @@ class Problem:
 
     @property
     def tolerance(self) -> float:
-        table = TOLERANCE if self.spec.kind == "fwd" else GRAD_TOLERANCE
+        table = TOLERANCE if self.spec.kind.startswith("fwd") else GRAD_TOLERANCE
         return table[self.spec.dtype]
 
     def run(self, config: Config) -> object:
@@ -60,6 +60,7 @@ def make_problem(spec: Spec, tokens: int, device: str, seed: int, with_reference
     return build(spec, tokens, device, seed, with_reference)
 
 
+@builder("fwd_ws")
 @builder("fwd")
 def _fwd(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
     q, k, u, v, r = core_inputs(spec, tokens, TORCH_DTYPES[spec.dtype], device, seed)

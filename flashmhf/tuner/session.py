@@ -70,6 +70,12 @@ class Request:
     compile_workers: int | None = None  # parallel compile processes (GPU only); 0 disables
 
 
+def tunable_jobs(specs: list[Spec], buckets: tuple[int, ...]) -> list[tuple[Spec, int]]:
+    """Every (spec, bucket) whose kind has a config for that token count (fwd_ws, for one, leaves
+    small token counts to fwd): the rest have nothing to tune."""
+    return [(s, b) for s in specs for b in buckets if next(get_kind(s.kind).space(s, b), None) is not None]
+
+
 ProgressFn = Callable[[str, int, int, float | None, float | None], None]
 
 
@@ -78,7 +84,7 @@ def run(request: Request, progress: ProgressFn | None = None) -> list[SearchResu
     device = device_info()
     cache = TuningCache(request.cache_path)
     storage = open_storage(request.storage_url, request.cache_path)
-    jobs = [(spec, b) for spec in request.specs for b in request.buckets]
+    jobs = tunable_jobs(request.specs, request.buckets)
     deadline = time.monotonic() + (request.time_budget_s if request.time_budget_s else math.inf)
     pool = None
     if not interpreting() and request.compile_workers != 0:

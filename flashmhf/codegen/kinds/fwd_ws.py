@@ -1,0 +1,87 @@
+"""Forward core kernel, warp-specialized for Hopper GPUs (Gluon).
+
+The same result as ``fwd`` from one program per 128 tokens of one head: two 64-row warp groups
+each compute m, n, the gate and s += a V on their own rows, sharing a ring of K/U/V tiles that one
+TMA warp fills; while one group computes its gate the other's products keep the tensor cores busy.
+For large token counts (training, prefill); decode sizes stay on ``fwd`` (split d_ff, direct launch).
+
+Needs an NVIDIA Hopper GPU and 16-bit inputs, like ``bwd_dkuv_ws`` (whose ``device_reason`` it shares).
+"""
+
+from __future__ import annotations
+
+from flashmhf.codegen.kinds import fwd
+from flashmhf.codegen.kinds.base import DTYPE_BYTES, SMEM_BYTES, Config, KernelKind, Param, first_accepted
+from flashmhf.codegen.kinds.bwd_dkuv_ws import HEAD_DIMS, device_reason
+from flashmhf.codegen.spec import Spec, SpecError
+
+ROWS = 64  # rows per warp group; a program covers two groups
+# Below this many tokens the plain forward (split d_ff, launched without Triton's JIT dispatch) wins.
+MIN_TOKENS = 1024
+
+
+def estimate_smem(spec: Spec, c: Config) -> int:
+    """Two q tiles, the K/U/V ring, and the barriers."""
+    b = DTYPE_BYTES[spec.dtype]
+    d = spec.head_dim
+    return 2 * ROWS * d * b + c["num_stages"] * 3 * c["block_f"] * d * b + 1024
+
+
+def shape_reason(spec: Spec) -> str | None:
+    """Why the kind cannot take this layer shape and dtype at all (``None`` = it can)."""
+    if spec.dtype not in ("bf16", "fp16"):
+        return f"the warp-group MMA kernel takes 16-bit inputs, not {spec.dtype} (fwd runs fp32)"
+    if spec.head_dim not in HEAD_DIMS:
+        return f"head_dim={spec.head_dim} is not one of {HEAD_DIMS} (fwd handles it)"
+    if spec.expert_dim % 64:
+        return f"expert_dim={spec.expert_dim} is not a multiple of 64 (a tile must stay in one sub-network)"
+    return None
+
+
+def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
+    reason = shape_reason(spec)
+    if reason:
+        return reason
+    bf, stages = c["block_f"], c["num_stages"]
+    if spec.expert_dim % bf:
+        return f"block_f={bf} does not divide expert_dim={spec.expert_dim} (a tile must stay in one sub-network)"
+    if c["pipe"] and bf > 64:
+        return "pipe=1 keeps two tiles' m and n in registers: block_f=64 at most"
+    if c["pipe"] and stages < 3:
+        return "pipe=1 holds a slot until the next tile's products are issued: needs num_stages >= 3"
+    smem = estimate_smem(spec, c)
+    if smem > SMEM_BYTES:
+        return f"needs ~{smem // 1024} KiB shared memory, more than {SMEM_BYTES // 1024} KiB"
+    if tokens is not None and tokens < MIN_TOKENS:
+        return f"below {MIN_TOKENS} tokens the plain forward (fwd) is the one to run"
+    return None
+
+
+def default(spec: Spec, tokens: int) -> Config:
+    """128-wide d_ff tiles in a 2-slot ring where d_e allows, else 64-wide in 3 slots; no pipe.
+
+    Measured on an H200 (repo-1.3b, bf16, T = 16384): 2.04 ms against 2.31 for 64-wide tiles, 2.56
+    with pipe=1, and 2.27 for fwd's best config (docs/benchmarks/2026-11-29-fwd-warp-specialized.md)."""
+    reason = shape_reason(spec)
+    if reason:
+        raise SpecError(f"fwd_ws cannot run {spec.label()}: {reason}")
+    return first_accepted(
+        lambda s, c, _t: reject(s, c, None), spec,
+        ({"block_f": bf, "num_stages": stages, "pipe": 0} for bf, stages in ((128, 2), (64, 3), (64, 2))),
+    )
+
+
+FWD_WS = KernelKind(
+    name="fwd_ws",
+    template="fwd_ws.py.jinja",
+    description="forward core for Hopper: warp-specialized (two 64-row warp groups + TMA warp), Gluon",
+    params=(
+        Param("block_f", (64, 128), help="d_ff columns per loop step"),
+        Param("num_stages", (2, 3, 4), log2=False, help="slots of the K/U/V ring"),
+        Param("pipe", (0, 1), log2=False, help="1: issue the next tile's q K^T, q U^T before this tile's gate"),
+    ),
+    reject=reject,
+    default=default,
+    flops=fwd.flops,
+    device_reason=device_reason,
+)

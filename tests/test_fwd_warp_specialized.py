@@ -1,0 +1,138 @@
+"""fwd_ws: the warp-specialized (Gluon) forward kernel for Hopper GPUs at large token counts.
+
+On CPU: which shapes and configs it takes and that it renders. On a GPU (marker ``gpu``): its
+output against the float64 reference at odd token counts, shared kv heads, small head dims and
+fp16, for every kind of config."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from flashmhf.checks import reference_f64, rel_error
+from flashmhf.cli.app import main as cli
+from flashmhf.codegen import Spec, SpecError, get_kind
+from flashmhf.codegen.kinds import fwd_ws
+from flashmhf_runtime import dispatch
+from tests.helpers import core_inputs
+
+KIND = get_kind("fwd_ws")
+REPO_13B = (16, 16, 128, 22, 256)
+
+
+def test_takes_16_bit_power_of_two_head_dims_and_64_wide_tiles():
+    assert fwd_ws.shape_reason(Spec("fwd_ws", *REPO_13B, "bf16")) is None
+    assert fwd_ws.shape_reason(Spec("fwd_ws", 4, 2, 64, 3, 384, "fp16")) is None  # d_e = 384
+    assert "16-bit" in fwd_ws.shape_reason(Spec("fwd_ws", *REPO_13B, "fp32"))
+    assert "head_dim=96" in fwd_ws.shape_reason(Spec("fwd_ws", 4, 4, 96, 3, 128, "bf16"))
+    assert "multiple of 64" in fwd_ws.shape_reason(Spec("fwd_ws", 4, 4, 64, 3, 96, "bf16"))
+    with pytest.raises(SpecError, match="head_dim=96"):
+        KIND.default(Spec("fwd_ws", 4, 4, 96, 3, 128, "bf16"), 4096)
+
+
+def test_space_respects_shared_memory_pipelining_and_token_counts():
+    spec = Spec("fwd_ws", *REPO_13B, "bf16")
+    space = list(KIND.space(spec))
+    assert {"block_f": 64, "num_stages": 4, "pipe": 1} in space
+    assert {"block_f": 128, "num_stages": 2, "pipe": 0} in space
+    # 3 slots of 128-wide K/U/V tiles (288 KiB) do not fit; pipelining needs a third slot.
+    assert "shared memory" in KIND.reject(spec, {"block_f": 128, "num_stages": 3, "pipe": 0}, None)
+    assert "num_stages >= 3" in KIND.reject(spec, {"block_f": 64, "num_stages": 2, "pipe": 1}, None)
+    assert "block_f=64" in KIND.reject(spec, {"block_f": 128, "num_stages": 3, "pipe": 1}, None)
+    assert "fwd" in KIND.reject(spec, {"block_f": 64, "num_stages": 3, "pipe": 1}, 512)
+    # d_e = 64 cannot take 128-wide tiles.
+    assert "expert_dim" in KIND.reject(Spec("fwd_ws", 4, 4, 64, 3, 64, "bf16"), {"block_f": 128, "num_stages": 2,
+                                                                                   "pipe": 0}, None)
+
+
+def test_shares_the_hopper_requirements_of_the_backward_kind(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert KIND.unavailable((9, 0)) is None
+    assert "Hopper" in KIND.unavailable((8, 9))
+    assert "NVIDIA GPU" in KIND.unavailable(None)
+
+
+def test_show_renders_the_gluon_source():
+    result = CliRunner().invoke(cli, ["show", "--preset", "repo-1.3b", "--kind", "fwd_ws"])
+    assert result.exit_code == 0, result.output
+    assert "@gluon.jit" in result.output and "gl.warp_specialize" in result.output
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+GPU_CASES = [  # (tokens, H, H_kv, d_h, E, d_e, dtype)
+    (77, *REPO_13B, torch.bfloat16),
+    (1, *REPO_13B, torch.bfloat16),
+    (300, 16, 4, 128, 22, 256, torch.bfloat16),  # 4 heads per kv head
+    (1000, 8, 8, 64, 4, 384, torch.float16),  # d_e = 384, fp16
+    (129, 4, 2, 32, 2, 64, torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "T{}-H{}-kv{}-d{}-E{}x{}-{}".format(*c[:6], str(c[6])[6:]))
+@pytest.mark.parametrize("config", [{"block_f": 64, "num_stages": 3, "pipe": 1},
+                                    {"block_f": 64, "num_stages": 2, "pipe": 0},
+                                    {"block_f": 128, "num_stages": 2, "pipe": 0}])
+def test_kernel_matches_float64_on_gpu(case, config):
+    tokens, h, h_kv, d_h, e, d_e, dtype = case
+    spec = Spec("fwd_ws", h, h_kv, d_h, e, d_e, "bf16" if dtype == torch.bfloat16 else "fp16")
+    if KIND.reject(spec, config, None):
+        pytest.skip(f"config not in the space of this shape: {KIND.reject(spec, config, None)}")
+    q, k, u, v, r = core_inputs(tokens, h, h_kv, d_h, e, d_e, dtype, seed=7, device="cuda")
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    dispatch.launch_with_config(tuple(vars(spec).values()), config, q, k, u, v, r, out)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    tol = 1e-2 if dtype == torch.bfloat16 else 3e-3
+    assert rel_error(out, reference_f64(q, k, u, v, r)) <= tol
+
+
+def test_op_runs_it_from_1024_tokens_on_hopper_only(monkeypatch):
+    from flashmhf.cache.device import DeviceInfo
+    from flashmhf_runtime import op
+
+    cuda = torch.device("cuda", 0)
+    key = (*REPO_13B, "bf16")
+
+    def on(capability):
+        monkeypatch.setattr(op, "device_info", lambda index: DeviceInfo("gpu", capability, "3.6.0", "2.11.0"))
+        op._warp_specialized_runs.cache_clear()
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    on("9.0")
+    try:
+        assert op.forward_kind(key, 1024, cuda) == "fwd_ws"
+        assert op.forward_kind(key, 1023, cuda) == "fwd"  # decode and short prefill stay on fwd
+        assert op.forward_kind((4, 4, 96, 3, 128, "bf16"), 4096, cuda) == "fwd"  # shape it cannot take
+        assert op.forward_kind((*REPO_13B, "fp32"), 4096, cuda) == "fwd"
+        assert op.forward_kind(key, 4096, torch.device("cpu")) == "fwd"
+        monkeypatch.setattr(op, "WARP_SPECIALIZED_FORWARD", False)
+        assert op.forward_kind(key, 4096, cuda) == "fwd"
+        monkeypatch.setattr(op, "WARP_SPECIALIZED_FORWARD", True)
+        on("8.0")
+        assert op.forward_kind(key, 4096, cuda) == "fwd"  # an A100
+    finally:
+        op._warp_specialized_runs.cache_clear()
+
+
+def test_tune_leaves_small_token_counts_to_fwd():
+    from flashmhf.tuner.session import tunable_jobs
+
+    spec = Spec("fwd_ws", *REPO_13B, "bf16")
+    assert tunable_jobs([spec], (1, 256, 1024, 16384)) == [(spec, 1024), (spec, 16384)]
+
+
+@pytest.mark.gpu
+def test_op_forward_runs_the_warp_specialized_kind_on_hopper():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialized kernel needs a Hopper GPU")
+    q, k, u, v, r = core_inputs(1500, 4, 2, 64, 3, 128, torch.bfloat16, seed=5, device="cuda")
+    want = reference_f64(q, k, u, v, r)
+    import flashmhf_runtime as fm
+
+    for _ in range(2):  # the first call chooses and remembers, the second takes the fast path
+        assert rel_error(fm.flash_mhf(q, k, u, v, r), want) <= 1e-2
+    spec = Spec("fwd_ws", 4, 2, 64, 3, 128, "bf16")
+    assert dispatch.chosen_config(spec, 1500, torch.cuda.current_device()) is not None  # it really ran
+    leaves = [t.clone().requires_grad_() for t in (q, k, u, v, r)]
+    assert rel_error(fm.flash_mhf(*leaves), want) <= 1e-2  # the autograd path
