@@ -16,6 +16,7 @@ the Triton path and ``--reference`` follow the same policy, so their loss curves
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -144,17 +145,19 @@ class TinyLM(nn.Module):
         return self.head(self.norm(x))
 
 
-def reference_core(q, k, u, v, r) -> torch.Tensor:
-    """The reference core computed in fp32 (what the kernels approximate: fp32 accumulation)."""
+def reference_core(q, k, u, v, r, precision: torch.dtype = torch.float32) -> torch.Tensor:
+    """The reference core computed in fp32 (what the kernels approximate: fp32 accumulation), or in
+    ``precision``; the result comes back in q's dtype."""
     with torch.autocast(q.device.type, enabled=False):
-        s = reference.flash_mhf(q.float(), k.float(), u.float(), v.float(), r.float())
+        s = reference.flash_mhf(*(t.to(precision) for t in (q, k, u, v, r)))
     return s.to(q.dtype)
 
 
-def use_reference_core(model: nn.Module) -> None:
+def use_reference_core(model: nn.Module, precision: torch.dtype = torch.float32) -> None:
+    core = reference_core if precision == torch.float32 else functools.partial(reference_core, precision=precision)
     for m in model.modules():
         if isinstance(m, fm.FlashMHF):
-            m.core_fn = reference_core
+            m.core_fn = core
 
 
 # ------------------------------------------------------------------------------------- training
@@ -170,6 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--reference", action="store_true", help="core = reference.flash_mhf instead of fm.flash_mhf")
+    p.add_argument("--reference-precision", choices=["fp32", "fp64"], default="fp32",
+                   help="what the --reference core computes in (fp64: the same maths, rounded differently)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -204,7 +209,7 @@ def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = TinyLM(args.layers, args.d_model, args.heads, args.d_ff, args.experts, args.head_norm).to(device)
     if args.reference:
-        use_reference_core(model)
+        use_reference_core(model, torch.float64 if args.reference_precision == "fp64" else torch.float32)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(

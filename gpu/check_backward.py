@@ -112,7 +112,7 @@ def make_inputs(shape, tokens: int, seed: int, device: str | None = None):
 def outputs(kind: str, q, k, r, fill=float("nan")):
     if kind.startswith("fwd"):
         return (torch.full_like(q, fill),)
-    if kind == "bwd_dq":
+    if kind.startswith("bwd_dq"):
         return torch.full_like(q, fill), torch.full_like(r, fill)
     if kind == "bwd_fused":  # (dq, dk, du, dv, dr)
         return torch.full_like(q, fill), *(torch.full_like(k, fill) for _ in range(3)), torch.full_like(r, fill)
@@ -156,6 +156,13 @@ def forward_kind(shape, tokens: int) -> str:
     return pick((*shape, "bf16"), tokens, torch.device(DEV))
 
 
+def dq_kind(shape, tokens: int) -> str:
+    """The kind the op runs for dq, dr here (bwd_dq_ws on Hopper at large T where the shape allows)."""
+    from flashmhf_runtime.op import dq_kind as pick
+
+    return pick((*shape, "bf16"), tokens, torch.device(DEV))
+
+
 def dkuv_kind(shape) -> str:
     """The kind the op runs for dK, dU, dV here (bwd_dkuv_ws on Hopper where the shape allows)."""
     from flashmhf_runtime.op import dkuv_kind as pick
@@ -184,11 +191,11 @@ def accuracy() -> list[dict]:
         shape = shape_of(name, kv)
         q, k, u, v, r, ds = make_inputs(shape, tokens, seed=tokens)
         ref = reference_grads_f64(q, k, u, v, r, ds)
-        dkuv = dkuv_kind(shape)
-        cfg = {"bwd_dq": chosen_config("bwd_dq", shape, tokens), dkuv: chosen_config(dkuv, shape, tokens)}
-        dq, dr = outputs("bwd_dq", q, k, r)
+        dkuv, dqk = dkuv_kind(shape), dq_kind(shape, tokens)
+        cfg = {dqk: chosen_config(dqk, shape, tokens), dkuv: chosen_config(dkuv, shape, tokens)}
+        dq, dr = outputs(dqk, q, k, r)
         dk, du, dv = outputs("bwd_dkuv", q, k, r)
-        launch("bwd_dq", shape, cfg["bwd_dq"], q, k, u, v, r, ds, (dq, dr))
+        launch(dqk, shape, cfg[dqk], q, k, u, v, r, ds, (dq, dr))
         launch(dkuv, shape, cfg[dkuv], q, k, u, v, r, ds, (dk, du, dv))
         errs = {g: rel_error(o, w) for g, o, w in zip(GRADS, (dq, dk, du, dv, dr), ref)}
         row = {"preset": name, "kv_heads": shape[1], "tokens": tokens, "configs": cfg, "rel_err": errs}
@@ -202,7 +209,7 @@ def accuracy() -> list[dict]:
         rows.append(row)
         worst = max(errs, key=errs.get)
         log(f"acc {name:10s} kv={shape[1]:2d} T={tokens:5d} worst {worst}={errs[worst]:.2e} "
-            f"{'OK' if row['ok'] else 'FAIL'}  (dq {cfg['bwd_dq']}, {dkuv} {cfg[dkuv]})")
+            f"{'OK' if row['ok'] else 'FAIL'}  ({dqk} {cfg[dqk]}, {dkuv} {cfg[dkuv]})")
         del ref
     return rows
 
@@ -277,12 +284,13 @@ def speed_case(name: str, tokens: int, compiled_swiglu) -> dict:
     finally:
         op.BACKWARD_ON_TWO_STREAMS = True
     row["core_peak_mib"] = peak_mib(core)
-    dkuv, fwd = dkuv_kind(shape), forward_kind(shape, tokens)
-    kinds = tuple(dict.fromkeys((*KINDS, dkuv, fwd)))  # the op's kinds and the Triton ones
+    dkuv, fwd, dqk = dkuv_kind(shape), forward_kind(shape, tokens), dq_kind(shape, tokens)
+    kinds = tuple(dict.fromkeys((*KINDS, dkuv, fwd, dqk)))  # the op's kinds and the Triton ones
     cfg = {kind: chosen_config(kind, shape, tokens) for kind in kinds}
     row["configs"] = cfg
     row["dkuv_kind"] = dkuv
     row["fwd_kind"] = fwd
+    row["dq_kind"] = dqk
     for kind in kinds:  # each kernel alone, on preallocated outputs
         outs = outputs(kind, q, k, r, fill=0.0)
         args = (kind, shape, cfg[kind], q, k, u, v, r, ds, outs)
@@ -319,7 +327,7 @@ def speed_case(name: str, tokens: int, compiled_swiglu) -> dict:
     comp_ms = row.get("swiglu_compiled_ms", float("nan"))
     log(f"speed {name} T={tokens}: core {row['core_ms']:.3f} ms ({row['core_tflops']:.0f} TF; "
         f"{row['core_serial_ms']:.3f} ms with the backward kernels one after the other; "
-        f"{fwd} {row[f'{fwd}_ms']:.3f} + dq {row['bwd_dq_ms']:.3f} + {dkuv} {row[f'{dkuv}_ms']:.3f}; "
+        f"{fwd} {row[f'{fwd}_ms']:.3f} + {dqk} {row[f'{dqk}_ms']:.3f} + {dkuv} {row[f'{dkuv}_ms']:.3f}; "
         f"bwd_dkuv alone {row['bwd_dkuv_ms']:.3f}), "
         f"peak {row['core_peak_mib']:.0f} MiB | swiglu {row['swiglu_ms']:.3f} ms, peak {row['swiglu_peak_mib']:.0f} MiB"
         f" | compiled {comp_ms:.3f} ms")
@@ -443,11 +451,13 @@ def main() -> None:
           "(its kind) | bwd_dkuv ms | peak MiB | SwiGLU eager ms (TF/s), peak | SwiGLU compiled ms (TF/s), peak |")
     print("|---|---|---|---|---|---|---|---|---|")
     for x in report["speed"]:
+        fk, dqk = x.get("fwd_kind", "fwd"), x.get("dq_kind", "bwd_dq")
         comp = (f"{x['swiglu_compiled_ms']:.3f} ({x['swiglu_compiled_tflops']:.0f}), "
                 f"{x['swiglu_compiled_peak_mib']:.0f}" if "swiglu_compiled_ms" in x else "—")
         print(f"| {x['preset']} | {x['tokens']} | {x['core_ms']:.3f} ({x['core_tflops']:.0f}) | "
               f"{x['core_serial_ms']:.3f} | "
-              f"{x[x.get('fwd_kind', 'fwd') + '_ms']:.3f} ({x.get('fwd_kind', 'fwd')}) / {x['bwd_dq_ms']:.3f} / {x[x['dkuv_kind'] + '_ms']:.3f} ({x['dkuv_kind']}) | "
+              f"{x[fk + '_ms']:.3f} ({fk}) / {x[dqk + '_ms']:.3f} ({dqk}) / "
+              f"{x[x['dkuv_kind'] + '_ms']:.3f} ({x['dkuv_kind']}) | "
               f"{x['bwd_dkuv_ms']:.3f} | {x['core_peak_mib']:.0f} | "
               f"{x['swiglu_ms']:.3f} ({x['swiglu_tflops']:.0f}), {x['swiglu_peak_mib']:.0f} | {comp} |")
     if report.get("sweep"):

@@ -80,6 +80,9 @@ def main() -> int:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                     help="training precision of both runs (fp32: the kernels' ieee fp32 path)")
     ap.add_argument("--grad-tol", type=float, default=2e-2, help="layer gradients vs float64, bf16")
+    ap.add_argument("--noise-floor", action="store_true",
+                    help="also train the reference with its core in float64: how far two runs of the same "
+                         "maths, rounded differently, drift apart (the chaos of training itself)")
     opts, extra = ap.parse_known_args()
     lm = load_example()
     dev = opts.device
@@ -93,7 +96,10 @@ def main() -> int:
 
     base = ["--device", dev, "--dtype", opts.dtype, "--steps", str(opts.steps), "--seed", "0", *extra]
     runs = {}
-    for run_name, flag in (("triton", []), ("reference", ["--reference"])):
+    variants = [("triton", []), ("reference", ["--reference"])]
+    if opts.noise_floor:
+        variants.append(("reference_fp64", ["--reference", "--reference-precision", "fp64"]))
+    for run_name, flag in variants:
         t0 = time.perf_counter()
         runs[run_name] = lm.main([*base, *flag, "--quiet"])
         took = time.perf_counter() - t0
@@ -110,6 +116,14 @@ def main() -> int:
     val_diff = abs(tri["val_loss"] - ref["val_loss"]) / ref["val_loss"]
     print(f"{'val':>6} {tri['val_loss']:9.4f} {ref['val_loss']:10.4f} {val_diff:9.2e}")
     max_diff = max(r["rel_diff"] for r in rows)
+    floor = None
+    if "reference_fp64" in runs:
+        ref64 = runs["reference_fp64"]
+        drift = [abs(a - b) / abs(b) for (_, a), (_, b) in zip(ref64["losses"], ref["losses"])]
+        floor = {"max_rel_diff": max(drift), "per_step": drift,
+                 "val_rel_diff": abs(ref64["val_loss"] - ref["val_loss"]) / ref["val_loss"]}
+        print(f"noise floor (reference fp64 vs fp32): max rel loss diff {floor['max_rel_diff']:.2e} "
+              f"(" + " ".join(f"{d:.1e}" for d in drift) + f"), val {floor['val_rel_diff']:.2e}")
     first, last = rows[0], rows[-1]
     verdicts = {
         "layer output and gradients vs float64": all(c["ok"] for c in checks),
@@ -127,8 +141,9 @@ def main() -> int:
     if out:
         os.makedirs(out, exist_ok=True)
         result = {"layer_checks": checks, "rows": rows, "max_rel_diff": max_diff, "val_rel_diff": val_diff,
-                  "runs": runs, "verdicts": verdicts, "device": name}  # fmt: skip
-        with open(os.path.join(out, "compare_tiny_lm.json"), "w") as f:
+                  "noise_floor": floor, "runs": runs, "verdicts": verdicts, "device": name,
+                  "args": sys.argv[1:]}  # fmt: skip
+        with open(os.path.join(out, os.environ.get("TINY_LM_JSON", "compare_tiny_lm.json")), "w") as f:
             json.dump(result, f, indent=1)
     return 0 if all(verdicts.values()) else 1
 

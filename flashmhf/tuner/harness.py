@@ -77,6 +77,7 @@ def _backward_inputs(spec: Spec, tokens: int, device: str, seed: int, with_refer
     return (q, k, u, v, r, ds), ref
 
 
+@builder("bwd_dq_ws")
 @builder("bwd_dq")
 def _bwd_dq(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
     (q, k, u, v, r, ds), ref = _backward_inputs(spec, tokens, device, seed, with_reference)

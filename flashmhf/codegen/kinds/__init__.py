@@ -6,11 +6,12 @@ from flashmhf.codegen.kinds.base import Config, KernelKind, Param, format_config
 from flashmhf.codegen.kinds.bwd_dkuv import BWD_DKUV
 from flashmhf.codegen.kinds.bwd_dkuv_ws import BWD_DKUV_WS
 from flashmhf.codegen.kinds.bwd_dq import BWD_DQ
+from flashmhf.codegen.kinds.bwd_dq_ws import BWD_DQ_WS
 from flashmhf.codegen.kinds.bwd_fused import BWD_FUSED
 from flashmhf.codegen.kinds.fwd import FWD
 from flashmhf.codegen.kinds.fwd_ws import FWD_WS
 
-KINDS: dict[str, KernelKind] = {k.name: k for k in (FWD, FWD_WS, BWD_DQ, BWD_DKUV, BWD_DKUV_WS, BWD_FUSED)}
+KINDS: dict[str, KernelKind] = {k.name: k for k in (FWD, FWD_WS, BWD_DQ, BWD_DQ_WS, BWD_DKUV, BWD_DKUV_WS, BWD_FUSED)}
 
 
 def get_kind(name: str) -> KernelKind:

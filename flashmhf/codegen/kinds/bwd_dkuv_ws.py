@@ -7,21 +7,17 @@ and accumulates dK and dU; one warp issues the TMA loads. Each group holds at mo
 accumulators, so a step covers 64 tokens instead of 16, and the two groups' products overlap.
 
 Needs an NVIDIA Hopper GPU (compute capability 9.x: warp-group MMA and TMA) and 16-bit inputs; it
-cannot run under Triton's interpreter. ``device_reason`` says why a device cannot run it; the op then
-uses ``bwd_dkuv``.
+cannot run under Triton's interpreter (``hopper.device_reason`` says why a device cannot run it); the
+op then uses ``bwd_dkuv``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-from flashmhf.codegen.kinds import bwd_dkuv
+from flashmhf.codegen.kinds import bwd_dkuv, hopper
 from flashmhf.codegen.kinds.base import DTYPE_BYTES, SMEM_BYTES, Config, KernelKind, Param, first_accepted
 from flashmhf.codegen.spec import Spec, SpecError
 
 BLOCK_F = 64  # d_ff rows per program (the M side of one warp group's MMA)
-HEAD_DIMS = (32, 64, 128)  # power-of-two tiles; two (64, d_h) fp32 accumulators fit the grad group at 128
 
 
 def estimate_smem(spec: Spec, c: Config) -> int:
@@ -34,13 +30,7 @@ def estimate_smem(spec: Spec, c: Config) -> int:
 
 def shape_reason(spec: Spec) -> str | None:
     """Why the kind cannot take this layer shape and dtype at all (``None`` = it can)."""
-    if spec.dtype not in ("bf16", "fp16"):
-        return f"the warp-group MMA kernel takes 16-bit inputs, not {spec.dtype} (bwd_dkuv runs fp32)"
-    if spec.head_dim not in HEAD_DIMS:
-        return f"head_dim={spec.head_dim} is not one of {HEAD_DIMS} (bwd_dkuv handles it)"
-    if spec.expert_dim % BLOCK_F:
-        return f"expert_dim={spec.expert_dim} is not a multiple of {BLOCK_F} (a tile must stay in one sub-network)"
-    return None
+    return hopper.shape_reason(spec, "bwd_dkuv")
 
 
 def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
@@ -66,20 +56,6 @@ def default(spec: Spec, tokens: int) -> Config:
     ))
 
 
-def device_reason(capability: tuple[int, int] | None) -> str | None:
-    """Why a device of this compute capability cannot run the kind (``None`` = it can).
-    ``capability`` is ``None`` for no CUDA device."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "Triton's interpreter cannot run Gluon kernels"
-    if capability is None:
-        return "needs an NVIDIA GPU"
-    if capability[0] != 9:
-        return f"needs a Hopper GPU (compute capability 9.x), this one is {capability[0]}.{capability[1]}"
-    if importlib.util.find_spec("triton.experimental.gluon") is None:
-        return "this Triton has no Gluon (triton.experimental.gluon)"
-    return None
-
-
 BWD_DKUV_WS = KernelKind(
     name="bwd_dkuv_ws",
     template="bwd_dkuv_ws.py.jinja",
@@ -94,5 +70,5 @@ BWD_DKUV_WS = KernelKind(
     reject=reject,
     default=default,
     flops=bwd_dkuv.flops,
-    device_reason=device_reason,
+    device_reason=hopper.device_reason,
 )

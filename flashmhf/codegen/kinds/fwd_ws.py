@@ -5,14 +5,13 @@ each compute m, n, the gate and s += a V on their own rows, sharing a ring of K/
 TMA warp fills; while one group computes its gate the other's products keep the tensor cores busy.
 For large token counts (training, prefill); decode sizes stay on ``fwd`` (split d_ff, direct launch).
 
-Needs an NVIDIA Hopper GPU and 16-bit inputs, like ``bwd_dkuv_ws`` (whose ``device_reason`` it shares).
+Needs an NVIDIA Hopper GPU and 16-bit inputs (``hopper``).
 """
 
 from __future__ import annotations
 
-from flashmhf.codegen.kinds import fwd
+from flashmhf.codegen.kinds import fwd, hopper
 from flashmhf.codegen.kinds.base import DTYPE_BYTES, SMEM_BYTES, Config, KernelKind, Param, first_accepted
-from flashmhf.codegen.kinds.bwd_dkuv_ws import HEAD_DIMS, device_reason
 from flashmhf.codegen.spec import Spec, SpecError
 
 ROWS = 64  # rows per warp group; a program covers two groups
@@ -29,13 +28,7 @@ def estimate_smem(spec: Spec, c: Config) -> int:
 
 def shape_reason(spec: Spec) -> str | None:
     """Why the kind cannot take this layer shape and dtype at all (``None`` = it can)."""
-    if spec.dtype not in ("bf16", "fp16"):
-        return f"the warp-group MMA kernel takes 16-bit inputs, not {spec.dtype} (fwd runs fp32)"
-    if spec.head_dim not in HEAD_DIMS:
-        return f"head_dim={spec.head_dim} is not one of {HEAD_DIMS} (fwd handles it)"
-    if spec.expert_dim % 64:
-        return f"expert_dim={spec.expert_dim} is not a multiple of 64 (a tile must stay in one sub-network)"
-    return None
+    return hopper.shape_reason(spec, "fwd")
 
 
 def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
@@ -83,5 +76,5 @@ FWD_WS = KernelKind(
     reject=reject,
     default=default,
     flops=fwd.flops,
-    device_reason=device_reason,
+    device_reason=hopper.device_reason,
 )

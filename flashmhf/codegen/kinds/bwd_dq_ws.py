@@ -1,0 +1,62 @@
+"""Backward core kernel, part 1 (dq, dr), warp-specialized for Hopper GPUs (Gluon).
+
+The same results as ``bwd_dq`` from one program per 128 tokens of one head: two 64-row warp groups
+each recompute m, n, da and accumulate dq on their own rows, sharing a ring of K/U/V tiles that one
+TMA warp fills; while one group computes its elementwise terms, the other's products keep the tensor
+cores busy. For large token counts (training); below ``MIN_TOKENS`` the op runs ``bwd_dq``.
+
+Needs an NVIDIA Hopper GPU and 16-bit inputs (``hopper``).
+"""
+
+from __future__ import annotations
+
+from flashmhf.codegen.kinds import bwd_dq, hopper
+from flashmhf.codegen.kinds.base import DTYPE_BYTES, SMEM_BYTES, Config, KernelKind, Param, first_accepted
+from flashmhf.codegen.kinds.fwd_ws import MIN_TOKENS
+from flashmhf.codegen.spec import Spec, SpecError
+
+ROWS, TILE = 64, hopper.TILE  # rows per warp group (a program covers two) and d_ff columns per step
+
+
+def estimate_smem(spec: Spec, c: Config) -> int:
+    """Two q and two ds tiles, the K/U/V ring, and the barriers."""
+    b = DTYPE_BYTES[spec.dtype]
+    d = spec.head_dim
+    return 4 * ROWS * d * b + c["num_stages"] * 3 * TILE * d * b + 1024
+
+
+def shape_reason(spec: Spec) -> str | None:
+    """Why the kind cannot take this layer shape and dtype at all (``None`` = it can)."""
+    return hopper.shape_reason(spec, "bwd_dq")
+
+
+def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
+    reason = shape_reason(spec)
+    if reason:
+        return reason
+    smem = estimate_smem(spec, c)
+    if smem > SMEM_BYTES:
+        return f"needs ~{smem // 1024} KiB shared memory, more than {SMEM_BYTES // 1024} KiB"
+    if tokens is not None and tokens < MIN_TOKENS:
+        return f"below {MIN_TOKENS} tokens the plain kernel (bwd_dq) is the one to run"
+    return None
+
+
+def default(spec: Spec, tokens: int) -> Config:
+    """A 3-slot K/U/V ring where it fits, else 2."""
+    reason = shape_reason(spec)
+    if reason:
+        raise SpecError(f"bwd_dq_ws cannot run {spec.label()}: {reason}")
+    return first_accepted(lambda s, c, _t: reject(s, c, None), spec, ({"num_stages": n} for n in (3, 2)))
+
+
+BWD_DQ_WS = KernelKind(
+    name="bwd_dq_ws",
+    template="bwd_dq_ws.py.jinja",
+    description="backward dq, dr for Hopper: warp-specialized (two 64-row warp groups + TMA warp), Gluon",
+    params=(Param("num_stages", (2, 3, 4), log2=False, help="slots of the K/U/V ring"),),
+    reject=reject,
+    default=default,
+    flops=bwd_dq.flops,
+    device_reason=hopper.device_reason,
+)

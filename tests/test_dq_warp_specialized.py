@@ -1,0 +1,71 @@
+"""bwd_dq_ws: the warp-specialized (Gluon) dq/dr kernel for Hopper GPUs at large token counts.
+
+On CPU: its space and the op's choice. On a GPU (marker ``gpu``): dq and dr against the float64
+reference at odd token counts, shared kv heads, small head dims, d_e = 384 and fp16."""
+
+import pytest
+import torch
+
+from flashmhf.checks import reference_grads_f64, rel_error
+from flashmhf.codegen import Spec, SpecError, get_kind
+from flashmhf_runtime import dispatch, op
+from tests.helpers import core_inputs
+
+KIND = get_kind("bwd_dq_ws")
+REPO_13B = (16, 16, 128, 22, 256)
+
+
+def test_space_and_default():
+    spec = Spec("bwd_dq_ws", *REPO_13B, "bf16")
+    assert KIND.default(spec, 16384) == {"num_stages": 3}
+    assert [c["num_stages"] for c in KIND.space(spec)] == [2, 3]  # 4 slots (192 KiB) + q, ds (64 KiB) do not fit
+    assert "shared memory" in KIND.reject(spec, {"num_stages": 4}, None)
+    assert "bwd_dq" in KIND.reject(spec, {"num_stages": 3}, 1000)
+    assert KIND.reject(Spec("bwd_dq_ws", 4, 2, 64, 3, 384, "fp16"), {"num_stages": 4}, None) is None
+    with pytest.raises(SpecError, match="head_dim=96"):
+        KIND.default(Spec("bwd_dq_ws", 4, 4, 96, 3, 128, "bf16"), 4096)
+
+
+def test_op_picks_it_from_1024_tokens_on_hopper_only(monkeypatch):
+    from flashmhf.cache.device import DeviceInfo
+
+    cuda = torch.device("cuda", 0)
+    key = (*REPO_13B, "bf16")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(op, "device_info", lambda index: DeviceInfo("gpu", "9.0", "3.6.0", "2.11.0"))
+    op._warp_specialized_runs.cache_clear()
+    try:
+        assert op.dq_kind(key, 4096, cuda) == "bwd_dq_ws"
+        assert op.dq_kind(key, 77, cuda) == "bwd_dq"
+        assert op.dq_kind((*REPO_13B, "fp32"), 4096, cuda) == "bwd_dq"
+        monkeypatch.setattr(op, "WARP_SPECIALIZED_DQ", False)
+        assert op.dq_kind(key, 4096, cuda) == "bwd_dq"
+    finally:
+        op._warp_specialized_runs.cache_clear()
+
+
+GPU_CASES = [  # (tokens, H, H_kv, d_h, E, d_e, dtype)
+    (77, *REPO_13B, torch.bfloat16),
+    (1, *REPO_13B, torch.bfloat16),
+    (300, 16, 4, 128, 22, 256, torch.bfloat16),  # 4 heads per kv head
+    (1000, 8, 8, 64, 4, 384, torch.float16),  # d_e = 384, fp16
+    (129, 4, 2, 32, 2, 64, torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "T{}-H{}-kv{}-d{}-E{}x{}-{}".format(*c[:6], str(c[6])[6:]))
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("r_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_gradients_match_float64_on_gpu(case, stages, r_dtype):
+    tokens, h, h_kv, d_h, e, d_e, dtype = case
+    q, k, u, v, r = core_inputs(tokens, h, h_kv, d_h, e, d_e, dtype, seed=13, device="cuda", r_dtype=r_dtype)
+    ds = torch.randn_like(q)
+    spec = Spec("bwd_dq_ws", h, h_kv, d_h, e, d_e, "bf16" if dtype == torch.bfloat16 else "fp16")
+    dq, dr = torch.full_like(q, float("nan")), torch.full_like(r, float("nan"))  # poisoned
+    dispatch.launch_with_config(tuple(vars(spec).values()), {"num_stages": stages}, q, k, u, v, r, ds, dq, dr)
+    torch.cuda.synchronize()
+    want = reference_grads_f64(q, k, u, v, r, ds)
+    for name, got, ref in (("dq", dq, want[0]), ("dr", dr, want[4])):
+        assert torch.isfinite(got).all(), name
+        assert rel_error(got, ref) <= 2e-2, (name, rel_error(got, ref))
