@@ -1,5 +1,5 @@
 """Produce the tuned cache shipped for the H200 (package data): repo-1.3b and paper-1.3b, bf16,
-forward at every default token bucket, backward kinds at training sizes, under a time budget;
+forward at every default token bucket, fwd_ws and the backward kinds at training sizes, under a time budget;
 optionally merged with exhaustive results. Writes a single-file cache and prints the bests.
 
     PYTHONUNBUFFERED=1 python3 gpu/ship_h200.py --out h200.sqlite [--merge exhaustive-64.sqlite ...]
@@ -49,7 +49,8 @@ def main() -> None:
     session.run(session.Request(specs("fwd"), session.DEFAULT_BUCKETS, trials=args.trials,
                                 time_budget_s=args.fwd_budget, cache_path=tmp, seed=0))
     t_fwd = time.monotonic() - t0
-    session.run(session.Request(specs("bwd_dq") + specs("bwd_dkuv") + specs("bwd_dkuv_ws"), (4096, 16384),
+    session.run(session.Request(specs("fwd_ws") + specs("bwd_dq") + specs("bwd_dq_ws") + specs("bwd_dkuv")
+                                + specs("bwd_dkuv_ws"), (4096, 16384),
                                 trials=args.bwd_trials or args.trials,
                                 time_budget_s=args.bwd_budget, cache_path=tmp, seed=0))
     t_all = time.monotonic() - t0
