@@ -21,7 +21,8 @@ import functools
 import torch
 
 from flashmhf.cache.device import device_info, interpreting
-from flashmhf.codegen import Config, Spec, load
+from flashmhf.codegen import Config, Spec, SpecError, get_kind, load
+from flashmhf.codegen.kinds.fwd_ws import MIN_TOKENS as WS_MIN_TOKENS
 from flashmhf_runtime import dispatch, reference
 from flashmhf_runtime.direct_launch import DirectLauncher
 from flashmhf_runtime.validation import DTYPE_NAMES, check_core_inputs, check_grad_output
@@ -60,11 +61,12 @@ def core_forward(
     n_tokens = q3.shape[0]
     out = torch.empty((n_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
     if n_tokens:
-        spec_key = ("fwd", n_heads, n_kv, head_dim, n_exp, d_e, DTYPE_NAMES[q.dtype])
+        shape_key = (n_heads, n_kv, head_dim, n_exp, d_e, DTYPE_NAMES[q.dtype])
         if config is None:
+            spec_key = (forward_kind(shape_key, n_tokens, q.device), *shape_key)
             dispatch.launch(spec_key, n_tokens, q.device.index, q3, k, u, v, r3, out)
-        else:
-            dispatch.launch_with_config(spec_key, config, q3, k, u, v, r3, out)
+        else:  # a pinned config is one of fwd's
+            dispatch.launch_with_config(("fwd", *shape_key), config, q3, k, u, v, r3, out)
     return out.view(q.shape)
 
 
@@ -83,25 +85,51 @@ BACKWARD_ON_TWO_STREAMS = True
 # On Hopper GPUs dK, dU, dV come from the warp-specialized Gluon kernel (bwd_dkuv_ws) where it takes
 # the shape; set False to always use the plain Triton kernel (bwd_dkuv).
 WARP_SPECIALIZED_DKUV = True
+# Likewise the forward (fwd_ws) and dq, dr (bwd_dq_ws) at large token counts; False: fwd and bwd_dq.
+WARP_SPECIALIZED_FORWARD = True
+WARP_SPECIALIZED_DQ = True
 
 
 @functools.cache
-def _dkuv_kind(spec_key: tuple, device_index: int | None, warp_specialized: bool) -> str:
-    from flashmhf.codegen.kinds.bwd_dkuv_ws import BWD_DKUV_WS, shape_reason
-
-    if (warp_specialized and BWD_DKUV_WS.unavailable(device_info(device_index).cuda_capability) is None
-            and shape_reason(Spec("bwd_dkuv_ws", *spec_key)) is None):
-        return "bwd_dkuv_ws"
-    return "bwd_dkuv"
+def _warp_specialized_runs(kind: str, shape_key: tuple, device_index: int | None) -> bool:
+    """Whether the warp-specialized ``kind`` can run shape (H, H_kv, d_h, E, d_e, dtype) on that GPU."""
+    ws = get_kind(kind)
+    if ws.unavailable(device_info(device_index).cuda_capability) is not None:
+        return False
+    try:
+        ws.default(Spec(kind, *shape_key), 1 << 14)  # raises for a shape the kind cannot take
+    except SpecError:
+        return False
+    return True
 
 
 def dkuv_kind(spec_key: tuple, device: torch.device) -> str:
     """The kind that computes dK, dU, dV for ``spec_key`` = (H, H_kv, d_h, E, d_e, dtype) on ``device``:
     ``bwd_dkuv_ws`` on a Hopper GPU when the shape allows it (16-bit, d_h in 32/64/128, d_e a
     multiple of 64) and ``WARP_SPECIALIZED_DKUV`` is on, else ``bwd_dkuv``. Memoised per key."""
-    if device.type != "cuda":
-        return "bwd_dkuv"
-    return _dkuv_kind(spec_key, device.index, WARP_SPECIALIZED_DKUV)
+    if (device.type == "cuda" and WARP_SPECIALIZED_DKUV
+            and _warp_specialized_runs("bwd_dkuv_ws", spec_key, device.index)):
+        return "bwd_dkuv_ws"
+    return "bwd_dkuv"
+
+
+def dq_kind(spec_key: tuple, n_tokens: int, device: torch.device) -> str:
+    """The kind that computes dq, dr: ``bwd_dq_ws`` under the conditions of ``forward_kind`` (and
+    ``WARP_SPECIALIZED_DQ``), else ``bwd_dq``."""
+    if (n_tokens >= WS_MIN_TOKENS and device.type == "cuda" and WARP_SPECIALIZED_DQ
+            and _warp_specialized_runs("bwd_dq_ws", spec_key, device.index)):
+        return "bwd_dq_ws"
+    return "bwd_dq"
+
+
+def forward_kind(spec_key: tuple, n_tokens: int, device: torch.device) -> str:
+    """The forward kind for ``spec_key`` = (H, H_kv, d_h, E, d_e, dtype) at ``n_tokens`` on ``device``:
+    ``fwd_ws`` on a Hopper GPU from ``fwd_ws.MIN_TOKENS`` tokens when the shape allows it and
+    ``WARP_SPECIALIZED_FORWARD`` is on, else ``fwd`` (which also serves decode sizes)."""
+    if (n_tokens >= WS_MIN_TOKENS and device.type == "cuda" and WARP_SPECIALIZED_FORWARD
+            and _warp_specialized_runs("fwd_ws", spec_key, device.index)):
+        return "fwd_ws"
+    return "fwd"
 
 
 @functools.cache
@@ -157,8 +185,8 @@ def core_backward(
     if need_dkuv:
         make = torch.empty_like if n_tokens else torch.zeros_like
         dk, du, dv = (make(k, memory_format=torch.contiguous_format) for _ in range(3))
-    key_dq = ("bwd_dq", n_heads, n_kv, head_dim, n_exp, d_e, dtype_name)
     shape_key = (n_heads, n_kv, head_dim, n_exp, d_e, dtype_name)
+    key_dq = (dq_kind(shape_key, n_tokens, q.device), *shape_key)
     key_dkuv = (dkuv_kind(shape_key, q.device), *shape_key)
     launch_dq = functools.partial(dispatch.launch, key_dq, n_tokens, q.device.index, q3, k, u, v, r3, ds3, dq, dr)
     launch_dkuv = functools.partial(dispatch.launch, key_dkuv, n_tokens, q.device.index, q3, k, u, v, r3, ds3,
@@ -271,7 +299,10 @@ def _remember_plan(q, k, u, v, r) -> None:
 
 def _fast_launcher(spec_key: tuple, n_tokens: int, device_index: int | None) -> DirectLauncher | None:
     """The launcher, for contiguous inputs, of the config dispatch chose for this token count:
-    ``launcher(q, k, u, v, r, out)``."""
+    ``launcher(q, k, u, v, r, out)``. Direct launches are for fwd (decode sizes, where host time
+    matters); fwd_ws runs at large token counts and keeps dispatch's launcher."""
+    if spec_key[0] != "fwd":
+        return functools.partial(dispatch.launch, spec_key, n_tokens, device_index)
     config = dispatch.memoised_config(spec_key, n_tokens, device_index)
     if not config:
         return None
@@ -311,6 +342,7 @@ def flash_mhf(
             if launcher is not None:
                 launcher(q, k, u, v, r, out)
             elif n_tokens:
+                spec_key = (forward_kind(spec_key[1:], n_tokens, q.device), *spec_key[1:])
                 dispatch.launch(spec_key, n_tokens, device_index, q, k, u, v, r, out)
                 launchers[n_tokens] = _fast_launcher(spec_key, n_tokens, device_index)
             return out

@@ -17,11 +17,12 @@ REPO_13B = (16, 16, 128, 22, 256)
 
 def test_space_and_default():
     spec = Spec("bwd_dq_ws", *REPO_13B, "bf16")
-    assert KIND.default(spec, 16384) == {"num_stages": 3}
-    assert [c["num_stages"] for c in KIND.space(spec)] == [2, 3]  # 4 slots (192 KiB) + q, ds (64 KiB) do not fit
-    assert "shared memory" in KIND.reject(spec, {"num_stages": 4}, None)
-    assert "bwd_dq" in KIND.reject(spec, {"num_stages": 3}, 1000)
-    assert KIND.reject(Spec("bwd_dq_ws", 4, 2, 64, 3, 384, "fp16"), {"num_stages": 4}, None) is None
+    assert KIND.default(spec, 16384) == {"num_stages": 3, "pingpong": 0}
+    # 4 slots of K/U/V tiles (192 KiB) + q, ds (64 KiB) do not fit.
+    assert [(c["num_stages"], c["pingpong"]) for c in KIND.space(spec)] == [(2, 0), (2, 1), (3, 0), (3, 1)]
+    assert "shared memory" in KIND.reject(spec, {"num_stages": 4, "pingpong": 0}, None)
+    assert "bwd_dq" in KIND.reject(spec, {"num_stages": 3, "pingpong": 1}, 1000)
+    assert KIND.reject(Spec("bwd_dq_ws", 4, 2, 64, 3, 384, "fp16"), {"num_stages": 4, "pingpong": 1}, None) is None
     with pytest.raises(SpecError, match="head_dim=96"):
         KIND.default(Spec("bwd_dq_ws", 4, 4, 96, 3, 128, "bf16"), 4096)
 
@@ -55,15 +56,16 @@ GPU_CASES = [  # (tokens, H, H_kv, d_h, E, d_e, dtype)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "T{}-H{}-kv{}-d{}-E{}x{}-{}".format(*c[:6], str(c[6])[6:]))
-@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("config", [{"num_stages": 2, "pingpong": 0}, {"num_stages": 3, "pingpong": 1},
+                                    {"num_stages": 2, "pingpong": 1}])
 @pytest.mark.parametrize("r_dtype", [torch.float32, torch.bfloat16])
-def test_kernel_gradients_match_float64_on_gpu(case, stages, r_dtype):
+def test_kernel_gradients_match_float64_on_gpu(case, config, r_dtype):
     tokens, h, h_kv, d_h, e, d_e, dtype = case
     q, k, u, v, r = core_inputs(tokens, h, h_kv, d_h, e, d_e, dtype, seed=13, device="cuda", r_dtype=r_dtype)
     ds = torch.randn_like(q)
     spec = Spec("bwd_dq_ws", h, h_kv, d_h, e, d_e, "bf16" if dtype == torch.bfloat16 else "fp16")
     dq, dr = torch.full_like(q, float("nan")), torch.full_like(r, float("nan"))  # poisoned
-    dispatch.launch_with_config(tuple(vars(spec).values()), {"num_stages": stages}, q, k, u, v, r, ds, dq, dr)
+    dispatch.launch_with_config(tuple(vars(spec).values()), config, q, k, u, v, r, ds, dq, dr)
     torch.cuda.synchronize()
     want = reference_grads_f64(q, k, u, v, r, ds)
     for name, got, ref in (("dq", dq, want[0]), ("dr", dr, want[4])):

@@ -29,19 +29,18 @@ def test_takes_16_bit_power_of_two_head_dims_and_64_wide_tiles():
         KIND.default(Spec("fwd_ws", 4, 4, 96, 3, 128, "bf16"), 4096)
 
 
-def test_space_respects_shared_memory_pipelining_and_token_counts():
+def test_space_respects_shared_memory_and_token_counts():
     spec = Spec("fwd_ws", *REPO_13B, "bf16")
     space = list(KIND.space(spec))
-    assert {"block_f": 64, "num_stages": 4, "pipe": 1} in space
-    assert {"block_f": 128, "num_stages": 2, "pipe": 0} in space
-    # 3 slots of 128-wide K/U/V tiles (288 KiB) do not fit; pipelining needs a third slot.
-    assert "shared memory" in KIND.reject(spec, {"block_f": 128, "num_stages": 3, "pipe": 0}, None)
-    assert "num_stages >= 3" in KIND.reject(spec, {"block_f": 64, "num_stages": 2, "pipe": 1}, None)
-    assert "block_f=64" in KIND.reject(spec, {"block_f": 128, "num_stages": 3, "pipe": 1}, None)
-    assert "fwd" in KIND.reject(spec, {"block_f": 64, "num_stages": 3, "pipe": 1}, 512)
-    # d_e = 64 cannot take 128-wide tiles.
-    assert "expert_dim" in KIND.reject(Spec("fwd_ws", 4, 4, 64, 3, 64, "bf16"), {"block_f": 128, "num_stages": 2,
-                                                                                   "pipe": 0}, None)
+    assert KIND.default(spec, 16384) == {"block_f": 128, "num_stages": 2}
+    assert {"block_f": 64, "num_stages": 4} in space
+    # 3 slots of 128-wide K/U/V tiles (288 KiB) do not fit.
+    assert "shared memory" in KIND.reject(spec, {"block_f": 128, "num_stages": 3}, None)
+    assert "fwd" in KIND.reject(spec, {"block_f": 64, "num_stages": 3}, 512)
+    # d_e = 64 cannot take 128-wide tiles: the default falls back to 64-wide ones.
+    small = Spec("fwd_ws", 4, 4, 64, 3, 64, "bf16")
+    assert "expert_dim" in KIND.reject(small, {"block_f": 128, "num_stages": 2}, None)
+    assert KIND.default(small, 4096) == {"block_f": 64, "num_stages": 3}
 
 
 def test_shares_the_hopper_requirements_of_the_backward_kind(monkeypatch):
@@ -70,9 +69,8 @@ GPU_CASES = [  # (tokens, H, H_kv, d_h, E, d_e, dtype)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "T{}-H{}-kv{}-d{}-E{}x{}-{}".format(*c[:6], str(c[6])[6:]))
-@pytest.mark.parametrize("config", [{"block_f": 64, "num_stages": 3, "pipe": 1},
-                                    {"block_f": 64, "num_stages": 2, "pipe": 0},
-                                    {"block_f": 128, "num_stages": 2, "pipe": 0}])
+@pytest.mark.parametrize("config", [{"block_f": 64, "num_stages": 3}, {"block_f": 64, "num_stages": 2},
+                                    {"block_f": 128, "num_stages": 2}])
 def test_kernel_matches_float64_on_gpu(case, config):
     tokens, h, h_kv, d_h, e, d_e, dtype = case
     spec = Spec("fwd_ws", h, h_kv, d_h, e, d_e, "bf16" if dtype == torch.bfloat16 else "fp16")

@@ -47,14 +47,18 @@ def default(spec: Spec, tokens: int) -> Config:
     reason = shape_reason(spec)
     if reason:
         raise SpecError(f"bwd_dq_ws cannot run {spec.label()}: {reason}")
-    return first_accepted(lambda s, c, _t: reject(s, c, None), spec, ({"num_stages": n} for n in (3, 2)))
+    return first_accepted(lambda s, c, _t: reject(s, c, None), spec,
+                          ({"num_stages": n, "pingpong": 0} for n in (3, 2)))
 
 
 BWD_DQ_WS = KernelKind(
     name="bwd_dq_ws",
     template="bwd_dq_ws.py.jinja",
     description="backward dq, dr for Hopper: warp-specialized (two 64-row warp groups + TMA warp), Gluon",
-    params=(Param("num_stages", (2, 3, 4), log2=False, help="slots of the K/U/V ring"),),
+    params=(
+        Param("num_stages", (2, 3, 4), log2=False, help="slots of the K/U/V ring"),
+        Param("pingpong", (0, 1), log2=False, help="1: the two row groups take turns to issue their products"),
+    ),
     reject=reject,
     default=default,
     flops=bwd_dq.flops,

@@ -35,13 +35,9 @@ def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
     reason = shape_reason(spec)
     if reason:
         return reason
-    bf, stages = c["block_f"], c["num_stages"]
+    bf = c["block_f"]
     if spec.expert_dim % bf:
         return f"block_f={bf} does not divide expert_dim={spec.expert_dim} (a tile must stay in one sub-network)"
-    if c["pipe"] and bf > 64:
-        return "pipe=1 keeps two tiles' m and n in registers: block_f=64 at most"
-    if c["pipe"] and stages < 3:
-        return "pipe=1 holds a slot until the next tile's products are issued: needs num_stages >= 3"
     smem = estimate_smem(spec, c)
     if smem > SMEM_BYTES:
         return f"needs ~{smem // 1024} KiB shared memory, more than {SMEM_BYTES // 1024} KiB"
@@ -60,7 +56,7 @@ def default(spec: Spec, tokens: int) -> Config:
         raise SpecError(f"fwd_ws cannot run {spec.label()}: {reason}")
     return first_accepted(
         lambda s, c, _t: reject(s, c, None), spec,
-        ({"block_f": bf, "num_stages": stages, "pipe": 0} for bf, stages in ((128, 2), (64, 3), (64, 2))),
+        ({"block_f": bf, "num_stages": stages} for bf, stages in ((128, 2), (64, 3), (64, 2))),
     )
 
 
@@ -69,9 +65,8 @@ FWD_WS = KernelKind(
     template="fwd_ws.py.jinja",
     description="forward core for Hopper: warp-specialized (two 64-row warp groups + TMA warp), Gluon",
     params=(
-        Param("block_f", (64, 128), help="d_ff columns per loop step"),
+        Param("block_f", (64, 128), help="d_ff columns per loop step (64: q is held in registers)"),
         Param("num_stages", (2, 3, 4), log2=False, help="slots of the K/U/V ring"),
-        Param("pipe", (0, 1), log2=False, help="1: issue the next tile's q K^T, q U^T before this tile's gate"),
     ),
     reject=reject,
     default=default,
