@@ -17,7 +17,7 @@ REPO_13B = (16, 16, 128, 22, 256)
 
 def test_space_and_default():
     spec = Spec("bwd_dq_ws", *REPO_13B, "bf16")
-    assert KIND.default(spec, 16384) == {"num_stages": 3, "pingpong": 0}
+    assert KIND.default(spec, 16384) == {"num_stages": 3, "pingpong": 1}
     # 4 slots of K/U/V tiles (192 KiB) + q, ds (64 KiB) do not fit.
     assert [(c["num_stages"], c["pingpong"]) for c in KIND.space(spec)] == [(2, 0), (2, 1), (3, 0), (3, 1)]
     assert "shared memory" in KIND.reject(spec, {"num_stages": 4, "pingpong": 0}, None)

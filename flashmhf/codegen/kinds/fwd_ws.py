@@ -47,10 +47,10 @@ def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
 
 
 def default(spec: Spec, tokens: int) -> Config:
-    """128-wide d_ff tiles in a 2-slot ring where d_e allows, else 64-wide in 3 slots; no pipe.
+    """128-wide d_ff tiles in a 2-slot ring where d_e allows, else 64-wide ones in 3 slots.
 
-    Measured on an H200 (repo-1.3b, bf16, T = 16384): 2.04 ms against 2.31 for 64-wide tiles, 2.56
-    with pipe=1, and 2.27 for fwd's best config (docs/benchmarks/2026-11-29-fwd-warp-specialized.md)."""
+    Measured on an H200 (repo-1.3b, bf16, T = 16384; docs/benchmarks/2026-11-29-fwd-dq-warp-specialized.md):
+    2.02-2.05 ms against 2.13 for 64-wide tiles and 2.27 for fwd's best config in the same run."""
     reason = shape_reason(spec)
     if reason:
         raise SpecError(f"fwd_ws cannot run {spec.label()}: {reason}")
