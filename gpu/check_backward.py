@@ -27,7 +27,7 @@ import time
 import warnings
 
 os.environ.setdefault("FLASHMHF_KERNEL_DIR", os.path.join(tempfile.gettempdir(), "flashmhf-kernels"))
-# An empty cache directory: every kind runs its heuristic default (what an untuned user gets).
+# An empty user cache: every kind runs the shipped results for this GPU, else its default.
 os.environ.setdefault("FLASHMHF_CACHE_DIR", os.path.join(tempfile.gettempdir(), "flashmhf-check-backward-cache"))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", message="flashmhf: no tuned")  # untuned on purpose: defaults everywhere
