@@ -44,3 +44,28 @@ def misaligned(t: torch.Tensor) -> torch.Tensor:
     view.copy_(t)
     assert view.data_ptr() % 16 == 4 and view.is_contiguous()
     return view
+
+
+# Shapes the warp-specialized (Hopper) kinds are checked at on a GPU: (tokens, H, H_kv, d_h, E, d_e, dtype).
+REPO_13B = (16, 16, 128, 22, 256)
+WS_GPU_CASES = [
+    (77, *REPO_13B, torch.bfloat16),
+    (1, *REPO_13B, torch.bfloat16),
+    (300, 16, 4, 128, 22, 256, torch.bfloat16),  # 4 heads per kv head
+    (1000, 8, 8, 64, 4, 384, torch.float16),  # d_e = 384, fp16
+    (129, 4, 2, 32, 2, 64, torch.bfloat16),
+]
+
+
+def ws_case_id(case) -> str:
+    return "T{}-H{}-kv{}-d{}-E{}x{}-{}".format(*case[:6], str(case[6])[6:])
+
+
+def pretend_gpu(monkeypatch, op_module, capability: str) -> None:
+    """Make ``op_module`` (flashmhf_runtime.op) see a GPU of this compute capability, outside the
+    interpreter, with its memoised kind choices forgotten."""
+    from flashmhf.cache.device import DeviceInfo
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(op_module, "device_info", lambda index: DeviceInfo("gpu", capability, "3.6.0", "2.11.0"))
+    op_module._warp_specialized_runs.cache_clear()

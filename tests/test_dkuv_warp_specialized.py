@@ -14,10 +14,9 @@ from flashmhf.cli.app import main as cli
 from flashmhf.codegen import Spec, SpecError, get_kind
 from flashmhf.codegen.kinds import bwd_dkuv_ws
 from flashmhf_runtime import dispatch, op
-from tests.helpers import core_inputs
+from tests.helpers import REPO_13B, WS_GPU_CASES, core_inputs, pretend_gpu, ws_case_id
 
 KIND = get_kind("bwd_dkuv_ws")
-REPO_13B = (16, 16, 128, 22, 256)
 
 
 def test_takes_16_bit_power_of_two_head_dims_and_64_row_tiles():
@@ -53,17 +52,9 @@ def test_device_reason_names_what_is_missing(monkeypatch):
 
 
 def test_op_picks_the_warp_specialized_kind_only_where_it_runs(monkeypatch):
-    from flashmhf.cache.device import DeviceInfo
-
     cuda = torch.device("cuda", 0)
     key = (*REPO_13B, "bf16")
-
-    def on(capability):
-        monkeypatch.setattr(op, "device_info", lambda index: DeviceInfo("gpu", capability, "3.6.0", "2.11.0"))
-        op._warp_specialized_runs.cache_clear()
-
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    on("9.0")
+    pretend_gpu(monkeypatch, op, "9.0")
     try:
         assert op.dkuv_kind(key, cuda) == "bwd_dkuv_ws"
         assert op.dkuv_kind((4, 4, 96, 3, 128, "bf16"), cuda) == "bwd_dkuv"  # shape it cannot take
@@ -72,7 +63,7 @@ def test_op_picks_the_warp_specialized_kind_only_where_it_runs(monkeypatch):
         monkeypatch.setattr(op, "WARP_SPECIALIZED_DKUV", False)
         assert op.dkuv_kind(key, cuda) == "bwd_dkuv"
         monkeypatch.setattr(op, "WARP_SPECIALIZED_DKUV", True)
-        on("8.0")
+        pretend_gpu(monkeypatch, op, "8.0")
         assert op.dkuv_kind(key, cuda) == "bwd_dkuv"  # an A100
     finally:
         op._warp_specialized_runs.cache_clear()
@@ -93,17 +84,8 @@ def test_show_renders_the_gluon_source():
 
 # ------------------------------------------------------------------------------------------------ GPU
 
-GPU_CASES = [  # (tokens, H, H_kv, d_h, E, d_e, dtype)
-    (77, *REPO_13B, torch.bfloat16),
-    (1, *REPO_13B, torch.bfloat16),
-    (300, 16, 4, 128, 22, 256, torch.bfloat16),  # 4 heads per kv head
-    (1000, 8, 8, 64, 4, 384, torch.float16),  # d_e = 384, fp16
-    (129, 4, 2, 32, 2, 64, torch.bfloat16),
-]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "T{}-H{}-kv{}-d{}-E{}x{}-{}".format(*c[:6], str(c[6])[6:]))
+@pytest.mark.parametrize("case", WS_GPU_CASES, ids=ws_case_id)
 @pytest.mark.parametrize("config", [None, {"block_m": 32, "num_stages": 3, "coef_fp32": 1, "halves": 0},
                                     {"block_m": 64, "num_stages": 2, "coef_fp32": 0, "halves": 1},
                                     {"block_m": 32, "num_stages": 4, "coef_fp32": 1, "halves": 1}])

@@ -9,10 +9,9 @@ import torch
 from flashmhf.checks import reference_grads_f64, rel_error
 from flashmhf.codegen import Spec, SpecError, get_kind
 from flashmhf_runtime import dispatch, op
-from tests.helpers import core_inputs
+from tests.helpers import REPO_13B, WS_GPU_CASES, core_inputs, pretend_gpu, ws_case_id
 
 KIND = get_kind("bwd_dq_ws")
-REPO_13B = (16, 16, 128, 22, 256)
 
 
 def test_space_and_default():
@@ -28,13 +27,9 @@ def test_space_and_default():
 
 
 def test_op_picks_it_from_1024_tokens_on_hopper_only(monkeypatch):
-    from flashmhf.cache.device import DeviceInfo
-
     cuda = torch.device("cuda", 0)
     key = (*REPO_13B, "bf16")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(op, "device_info", lambda index: DeviceInfo("gpu", "9.0", "3.6.0", "2.11.0"))
-    op._warp_specialized_runs.cache_clear()
+    pretend_gpu(monkeypatch, op, "9.0")
     try:
         assert op.dq_kind(key, 4096, cuda) == "bwd_dq_ws"
         assert op.dq_kind(key, 77, cuda) == "bwd_dq"
@@ -45,17 +40,8 @@ def test_op_picks_it_from_1024_tokens_on_hopper_only(monkeypatch):
         op._warp_specialized_runs.cache_clear()
 
 
-GPU_CASES = [  # (tokens, H, H_kv, d_h, E, d_e, dtype)
-    (77, *REPO_13B, torch.bfloat16),
-    (1, *REPO_13B, torch.bfloat16),
-    (300, 16, 4, 128, 22, 256, torch.bfloat16),  # 4 heads per kv head
-    (1000, 8, 8, 64, 4, 384, torch.float16),  # d_e = 384, fp16
-    (129, 4, 2, 32, 2, 64, torch.bfloat16),
-]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "T{}-H{}-kv{}-d{}-E{}x{}-{}".format(*c[:6], str(c[6])[6:]))
+@pytest.mark.parametrize("case", WS_GPU_CASES, ids=ws_case_id)
 @pytest.mark.parametrize("config", [{"num_stages": 2, "pingpong": 0}, {"num_stages": 3, "pingpong": 1},
                                     {"num_stages": 2, "pingpong": 1}])
 @pytest.mark.parametrize("r_dtype", [torch.float32, torch.bfloat16])

@@ -13,10 +13,9 @@ from flashmhf.cli.app import main as cli
 from flashmhf.codegen import Spec, SpecError, get_kind
 from flashmhf.codegen.kinds import fwd_ws
 from flashmhf_runtime import dispatch
-from tests.helpers import core_inputs
+from tests.helpers import REPO_13B, WS_GPU_CASES, core_inputs, pretend_gpu, ws_case_id
 
 KIND = get_kind("fwd_ws")
-REPO_13B = (16, 16, 128, 22, 256)
 
 
 def test_takes_16_bit_power_of_two_head_dims_and_64_wide_tiles():
@@ -58,17 +57,8 @@ def test_show_renders_the_gluon_source():
 
 # ------------------------------------------------------------------------------------------------ GPU
 
-GPU_CASES = [  # (tokens, H, H_kv, d_h, E, d_e, dtype)
-    (77, *REPO_13B, torch.bfloat16),
-    (1, *REPO_13B, torch.bfloat16),
-    (300, 16, 4, 128, 22, 256, torch.bfloat16),  # 4 heads per kv head
-    (1000, 8, 8, 64, 4, 384, torch.float16),  # d_e = 384, fp16
-    (129, 4, 2, 32, 2, 64, torch.bfloat16),
-]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "T{}-H{}-kv{}-d{}-E{}x{}-{}".format(*c[:6], str(c[6])[6:]))
+@pytest.mark.parametrize("case", WS_GPU_CASES, ids=ws_case_id)
 @pytest.mark.parametrize("config", [{"block_f": 64, "num_stages": 3}, {"block_f": 64, "num_stages": 2},
                                     {"block_f": 128, "num_stages": 2}])
 def test_kernel_matches_float64_on_gpu(case, config):
@@ -86,18 +76,11 @@ def test_kernel_matches_float64_on_gpu(case, config):
 
 
 def test_op_runs_it_from_1024_tokens_on_hopper_only(monkeypatch):
-    from flashmhf.cache.device import DeviceInfo
     from flashmhf_runtime import op
 
     cuda = torch.device("cuda", 0)
     key = (*REPO_13B, "bf16")
-
-    def on(capability):
-        monkeypatch.setattr(op, "device_info", lambda index: DeviceInfo("gpu", capability, "3.6.0", "2.11.0"))
-        op._warp_specialized_runs.cache_clear()
-
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    on("9.0")
+    pretend_gpu(monkeypatch, op, "9.0")
     try:
         assert op.forward_kind(key, 1024, cuda) == "fwd_ws"
         assert op.forward_kind(key, 1023, cuda) == "fwd"  # decode and short prefill stay on fwd
@@ -107,7 +90,7 @@ def test_op_runs_it_from_1024_tokens_on_hopper_only(monkeypatch):
         monkeypatch.setattr(op, "WARP_SPECIALIZED_FORWARD", False)
         assert op.forward_kind(key, 4096, cuda) == "fwd"
         monkeypatch.setattr(op, "WARP_SPECIALIZED_FORWARD", True)
-        on("8.0")
+        pretend_gpu(monkeypatch, op, "8.0")
         assert op.forward_kind(key, 4096, cuda) == "fwd"  # an A100
     finally:
         op._warp_specialized_runs.cache_clear()

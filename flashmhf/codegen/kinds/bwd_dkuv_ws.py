@@ -14,8 +14,8 @@ op then uses ``bwd_dkuv``.
 from __future__ import annotations
 
 from flashmhf.codegen.kinds import bwd_dkuv, hopper
-from flashmhf.codegen.kinds.base import DTYPE_BYTES, SMEM_BYTES, Config, KernelKind, Param, first_accepted
-from flashmhf.codegen.spec import Spec, SpecError
+from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param
+from flashmhf.codegen.spec import Spec
 
 BLOCK_F = 64  # d_ff rows per program (the M side of one warp group's MMA)
 
@@ -34,13 +34,7 @@ def shape_reason(spec: Spec) -> str | None:
 
 
 def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
-    reason = shape_reason(spec)
-    if reason:
-        return reason
-    smem = estimate_smem(spec, c)
-    if smem > SMEM_BYTES:
-        return f"needs ~{smem // 1024} KiB shared memory, more than {SMEM_BYTES // 1024} KiB"
-    return None
+    return hopper.reject(spec, "bwd_dkuv", estimate_smem(spec, c))
 
 
 def default(spec: Spec, tokens: int) -> Config:
@@ -48,12 +42,9 @@ def default(spec: Spec, tokens: int) -> Config:
 
     Measured on an H200 (repo-1.3b, T = 16384, bf16; docs/benchmarks/2026-11-29-dkuv-warp-specialized.md):
     5.06 ms, against 6.50 ms for bwd_dkuv's best config."""
-    reason = shape_reason(spec)
-    if reason:
-        raise SpecError(f"bwd_dkuv_ws cannot run {spec.label()}: {reason}")
-    return first_accepted(reject, spec, (
-        {"block_m": bm, "num_stages": stages, "coef_fp32": 0, "halves": 0} for bm in (64, 32) for stages in (2, 3)
-    ))
+    candidates = ({"block_m": bm, "num_stages": stages, "coef_fp32": 0, "halves": 0} for bm in (64, 32)
+                  for stages in (2, 3))
+    return hopper.default("bwd_dkuv_ws", spec, "bwd_dkuv", reject, candidates)
 
 
 BWD_DKUV_WS = KernelKind(

@@ -11,9 +11,9 @@ Needs an NVIDIA Hopper GPU and 16-bit inputs (``hopper``).
 from __future__ import annotations
 
 from flashmhf.codegen.kinds import bwd_dq, hopper
-from flashmhf.codegen.kinds.base import DTYPE_BYTES, SMEM_BYTES, Config, KernelKind, Param, first_accepted
+from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param
 from flashmhf.codegen.kinds.fwd_ws import MIN_TOKENS
-from flashmhf.codegen.spec import Spec, SpecError
+from flashmhf.codegen.spec import Spec
 
 ROWS, TILE = 64, hopper.TILE  # rows per warp group (a program covers two) and d_ff columns per step
 
@@ -25,21 +25,8 @@ def estimate_smem(spec: Spec, c: Config) -> int:
     return 4 * ROWS * d * b + c["num_stages"] * 3 * TILE * d * b + 1024
 
 
-def shape_reason(spec: Spec) -> str | None:
-    """Why the kind cannot take this layer shape and dtype at all (``None`` = it can)."""
-    return hopper.shape_reason(spec, "bwd_dq")
-
-
 def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
-    reason = shape_reason(spec)
-    if reason:
-        return reason
-    smem = estimate_smem(spec, c)
-    if smem > SMEM_BYTES:
-        return f"needs ~{smem // 1024} KiB shared memory, more than {SMEM_BYTES // 1024} KiB"
-    if tokens is not None and tokens < MIN_TOKENS:
-        return f"below {MIN_TOKENS} tokens the plain kernel (bwd_dq) is the one to run"
-    return None
+    return hopper.reject(spec, "bwd_dq", estimate_smem(spec, c), tokens, MIN_TOKENS)
 
 
 def default(spec: Spec, tokens: int) -> Config:
@@ -47,11 +34,7 @@ def default(spec: Spec, tokens: int) -> Config:
 
     Measured on an H200 (repo-1.3b, bf16, T = 16384; docs/benchmarks/2026-11-29-fwd-dq-warp-specialized.md):
     3.08 ms tuned, 9 % faster than without ping-pong in the same run; bwd_dq's best config 3.44-3.50."""
-    reason = shape_reason(spec)
-    if reason:
-        raise SpecError(f"bwd_dq_ws cannot run {spec.label()}: {reason}")
-    return first_accepted(lambda s, c, _t: reject(s, c, None), spec,
-                          ({"num_stages": n, "pingpong": 1} for n in (3, 2)))
+    return hopper.default("bwd_dq_ws", spec, "bwd_dq", reject, ({"num_stages": n, "pingpong": 1} for n in (3, 2)))
 
 
 BWD_DQ_WS = KernelKind(

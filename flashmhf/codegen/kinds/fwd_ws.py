@@ -11,8 +11,8 @@ Needs an NVIDIA Hopper GPU and 16-bit inputs (``hopper``).
 from __future__ import annotations
 
 from flashmhf.codegen.kinds import fwd, hopper
-from flashmhf.codegen.kinds.base import DTYPE_BYTES, SMEM_BYTES, Config, KernelKind, Param, first_accepted
-from flashmhf.codegen.spec import Spec, SpecError
+from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param
+from flashmhf.codegen.spec import Spec
 
 ROWS = 64  # rows per warp group; a program covers two groups
 # Below this many tokens the plain forward (split d_ff, launched without Triton's JIT dispatch) wins.
@@ -32,18 +32,10 @@ def shape_reason(spec: Spec) -> str | None:
 
 
 def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
-    reason = shape_reason(spec)
-    if reason:
-        return reason
     bf = c["block_f"]
-    if spec.expert_dim % bf:
+    if spec.expert_dim % bf and not shape_reason(spec):
         return f"block_f={bf} does not divide expert_dim={spec.expert_dim} (a tile must stay in one sub-network)"
-    smem = estimate_smem(spec, c)
-    if smem > SMEM_BYTES:
-        return f"needs ~{smem // 1024} KiB shared memory, more than {SMEM_BYTES // 1024} KiB"
-    if tokens is not None and tokens < MIN_TOKENS:
-        return f"below {MIN_TOKENS} tokens the plain forward (fwd) is the one to run"
-    return None
+    return hopper.reject(spec, "fwd", estimate_smem(spec, c), tokens, MIN_TOKENS)
 
 
 def default(spec: Spec, tokens: int) -> Config:
@@ -51,13 +43,8 @@ def default(spec: Spec, tokens: int) -> Config:
 
     Measured on an H200 (repo-1.3b, bf16, T = 16384; docs/benchmarks/2026-11-29-fwd-dq-warp-specialized.md):
     2.02-2.05 ms against 2.13 for 64-wide tiles and 2.27 for fwd's best config in the same run."""
-    reason = shape_reason(spec)
-    if reason:
-        raise SpecError(f"fwd_ws cannot run {spec.label()}: {reason}")
-    return first_accepted(
-        lambda s, c, _t: reject(s, c, None), spec,
-        ({"block_f": bf, "num_stages": stages} for bf, stages in ((128, 2), (64, 3), (64, 2))),
-    )
+    candidates = ({"block_f": bf, "num_stages": stages} for bf, stages in ((128, 2), (64, 3), (64, 2)))
+    return hopper.default("fwd_ws", spec, "fwd", reject, candidates)
 
 
 FWD_WS = KernelKind(

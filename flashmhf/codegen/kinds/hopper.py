@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable, Iterable
 
-from flashmhf.codegen.spec import Spec
+from flashmhf.codegen.kinds.base import SMEM_BYTES, Config, first_accepted
+from flashmhf.codegen.spec import Spec, SpecError
 
 HEAD_DIMS = (32, 64, 128)  # power-of-two tiles; the largest that the register budgets were checked at is 128
 TILE = 64  # d_ff tile of every warp-specialized kind: one warp group's MMA side
@@ -36,3 +38,26 @@ def device_reason(capability: tuple[int, int] | None) -> str | None:
     if importlib.util.find_spec("triton.experimental.gluon") is None:
         return "this Triton has no Gluon (triton.experimental.gluon)"
     return None
+
+
+def reject(spec: Spec, plain_kind: str, smem: int, tokens: int | None = None, min_tokens: int = 0) -> str | None:
+    """What every warp-specialized kind checks of a config: the shape, its shared memory estimate
+    ``smem``, and (for kinds that serve large token counts only) ``tokens >= min_tokens``."""
+    reason = shape_reason(spec, plain_kind)
+    if reason:
+        return reason
+    if smem > SMEM_BYTES:
+        return f"needs ~{smem // 1024} KiB shared memory, more than {SMEM_BYTES // 1024} KiB"
+    if tokens is not None and tokens < min_tokens:
+        return f"below {min_tokens} tokens the plain kernel ({plain_kind}) is the one to run"
+    return None
+
+
+def default(name: str, spec: Spec, plain_kind: str, reject_config: Callable[[Spec, Config, int | None], str | None],
+            candidates: Iterable[Config]) -> Config:
+    """The first of ``candidates`` that ``reject_config`` accepts; ``SpecError`` for a shape the kind
+    ``name`` cannot take at all (the op then runs ``plain_kind``)."""
+    reason = shape_reason(spec, plain_kind)
+    if reason:
+        raise SpecError(f"{name} cannot run {spec.label()}: {reason}")
+    return first_accepted(reject_config, spec, candidates)
