@@ -8,11 +8,15 @@ torch dispatcher; after the first launch for a token count it also skips Triton'
 launches the compiled kernels with precomputed arguments (flashmhf_runtime/direct_launch.py). Calls
 with a misaligned pointer, or with a Triton launch hook (profiler) set, take Triton's JIT path.
 
+Kinds: on Hopper GPUs, for shapes they take, the warp-specialized Gluon kernels run the forward and
+dq, dr from 1024 tokens (``fwd_ws``, ``bwd_dq_ws``) and dK, dU, dV always (``bwd_dkuv_ws``); the
+Triton kernels ``fwd``, ``bwd_dq``, ``bwd_dkuv`` run everything else (see ``forward_kind``,
+``dq_kind``, ``dkuv_kind``).
+
 Autograd: ``flashmhf::core`` saves only its inputs q, k, u, v, r (never anything of size T x d_ff);
-its backward is the custom op ``flashmhf::core_bwd``, which launches ``bwd_dq`` (dq, dr) and, for
-dK, dU, dV, ``bwd_dkuv_ws`` on Hopper GPUs (``bwd_dkuv`` elsewhere, see ``dkuv_kind``). It allocates
-nothing but the gradients, with sizes known from the input shapes alone (no host sync), so it can be
-captured in a CUDA graph."""
+its backward is the custom op ``flashmhf::core_bwd``, which launches the dq/dr and dK/dU/dV kernels.
+It allocates nothing but the gradients, with sizes known from the input shapes alone (no host
+sync), so it can be captured in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -322,9 +326,9 @@ def flash_mhf(
     """FlashMHF core: ``s[t,h] = sum_e r[t,h,e] (silu(q K_e^T) * q U_e^T) V_e`` for each token and head.
 
     q: (..., H, d_h); k, u, v: (H_kv, E, d_e, d_h); r: (..., H, E), fp32 or q's dtype. Returns s
-    shaped like q. ``config`` pins the forward kernel's config (see ``flashmhf show``); by default
-    the tuned one for this GPU and token count is used, else a safe default. The backward (kernels
-    ``bwd_dq`` and ``bwd_dkuv``) always takes the tuned or default config of each kind.
+    shaped like q. ``config`` pins a config of the forward kind ``fwd`` (see ``flashmhf show``); by
+    default the kind and config tuned for this GPU and token count are used, else a safe default.
+    The backward always takes the tuned or default config of each of its kinds.
     """
     # Inlined checks: this is the per-call path of inference (see _fast_plans).
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (

@@ -85,21 +85,32 @@ def bench_core(spec: Spec, d_ff: int, tokens: int, *, backward: bool, compile_sw
         compiled = torch.compile(swiglu)
         swc = (lambda: torch.autograd.grad(compiled(x, *w), (x, *w), dy)) if backward else (lambda: compiled(x, *w))
         sw_c = median_ms(swc)
-    config, source = _chosen(spec, tokens)
+    kind = _kind_that_ran(spec, "fwd", tokens)
+    config, source = _chosen(replace(spec, kind=kind), tokens)
+    if kind != "fwd":
+        config = f"{kind}: {config}"
     if not backward:
         return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, config, source)
     bwd = {slot: _backward_choice(spec, slot, tokens) for slot in BACKWARD_KINDS}
     return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, config, source, _peak_mib(op), _peak_mib(sw), bwd)
 
 
+def _kind_that_ran(spec: Spec, slot: str, tokens: int) -> str:
+    """The kind the op runs for one slot (fwd, bwd_dq, bwd_dkuv): on Hopper GPUs a warp-specialized one."""
+    from flashmhf_runtime import op
+
+    shape, device = astuple(spec)[1:], torch.device("cuda", torch.cuda.current_device())
+    if slot == "fwd":
+        return op.forward_kind(shape, tokens, device)
+    if slot == "bwd_dq":
+        return op.dq_kind(shape, tokens, device)
+    return op.dkuv_kind(shape, device)
+
+
 def _backward_choice(spec: Spec, slot: str, tokens: int) -> str:
     """Config (and source) of the kernel that ran for one backward slot; named when it is another
-    kind than the slot (bwd_dkuv_ws computes dK, dU, dV on Hopper GPUs)."""
-    from flashmhf_runtime.op import dkuv_kind
-
-    kind = slot
-    if slot == "bwd_dkuv":
-        kind = dkuv_kind(astuple(spec)[1:], torch.device("cuda", torch.cuda.current_device()))
+    kind than the slot (a warp-specialized kind on Hopper GPUs)."""
+    kind = _kind_that_ran(spec, slot, tokens)
     text = "{} ({})".format(*_chosen(replace(spec, kind=kind), tokens))
     return text if kind == slot else f"{kind}: {text}"
 
