@@ -85,3 +85,17 @@ def test_warp_specialized_dkuv_compiles_for_hopper_without_spills():
         assert kernel["mma"] and not kernel["v2"], kernel["mma"]
         assert kernel["spills"] == 0 and kernel["registers"] == 168, kernel  # the kernel-wide budget
         assert 0 < kernel["shared"] <= 232_448
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, config", [
+    ("fwd_ws", None), ("fwd_ws", dict(block_f=64, num_stages=4)),  # q held in registers
+    ("bwd_dq_ws", None), ("bwd_dq_ws", dict(num_stages=2, pingpong=0)),
+])
+def test_warp_specialized_forward_and_dq_compile_for_hopper_without_spills(kind, config):
+    # Each row group holds a (64, 128) fp32 accumulator and its tile's products in registers.
+    [kernel] = _report([kind, 16, 16, 128, 22, 256, "bf16"], config)
+    assert kernel["name"] == f"flashmhf_{kind}"
+    assert kernel["mma"] and not kernel["v2"], kernel["mma"]
+    assert kernel["spills"] == 0 and kernel["registers"] == 168, kernel  # the kernel-wide budget
+    assert 0 < kernel["shared"] <= 232_448
