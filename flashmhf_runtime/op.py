@@ -26,7 +26,7 @@ import torch
 
 from flashmhf.cache.device import device_info, interpreting
 from flashmhf.codegen import Config, Spec, SpecError, get_kind, load
-from flashmhf.codegen.kinds.fwd_ws import MIN_TOKENS as WS_MIN_TOKENS
+from flashmhf.codegen.kinds import hopper
 from flashmhf_runtime import dispatch, reference
 from flashmhf_runtime.direct_launch import DirectLauncher
 from flashmhf_runtime.validation import DTYPE_NAMES, check_core_inputs, check_grad_output
@@ -107,33 +107,34 @@ def _warp_specialized_runs(kind: str, shape_key: tuple, device_index: int | None
     return True
 
 
+def _kind(plain: str, warp_specialized: str, enabled: bool, spec_key: tuple, device: torch.device,
+          n_tokens: int = hopper.MIN_TOKENS) -> str:
+    """``warp_specialized`` where it is ``enabled``, the device is a GPU that runs it, the shape
+    allows it and there are at least ``hopper.MIN_TOKENS`` tokens; else ``plain``."""
+    if (enabled and device.type == "cuda" and n_tokens >= hopper.MIN_TOKENS
+            and _warp_specialized_runs(warp_specialized, spec_key, device.index)):
+        return warp_specialized
+    return plain
+
+
 def dkuv_kind(spec_key: tuple, device: torch.device) -> str:
     """The kind that computes dK, dU, dV for ``spec_key`` = (H, H_kv, d_h, E, d_e, dtype) on ``device``:
     ``bwd_dkuv_ws`` on a Hopper GPU when the shape allows it (16-bit, d_h in 32/64/128, d_e a
-    multiple of 64) and ``WARP_SPECIALIZED_DKUV`` is on, else ``bwd_dkuv``. Memoised per key."""
-    if (device.type == "cuda" and WARP_SPECIALIZED_DKUV
-            and _warp_specialized_runs("bwd_dkuv_ws", spec_key, device.index)):
-        return "bwd_dkuv_ws"
-    return "bwd_dkuv"
+    multiple of 64) and ``WARP_SPECIALIZED_DKUV`` is on, at any token count; else ``bwd_dkuv``."""
+    return _kind("bwd_dkuv", "bwd_dkuv_ws", WARP_SPECIALIZED_DKUV, spec_key, device)
 
 
 def dq_kind(spec_key: tuple, n_tokens: int, device: torch.device) -> str:
     """The kind that computes dq, dr: ``bwd_dq_ws`` under the conditions of ``forward_kind`` (and
     ``WARP_SPECIALIZED_DQ``), else ``bwd_dq``."""
-    if (n_tokens >= WS_MIN_TOKENS and device.type == "cuda" and WARP_SPECIALIZED_DQ
-            and _warp_specialized_runs("bwd_dq_ws", spec_key, device.index)):
-        return "bwd_dq_ws"
-    return "bwd_dq"
+    return _kind("bwd_dq", "bwd_dq_ws", WARP_SPECIALIZED_DQ, spec_key, device, n_tokens)
 
 
 def forward_kind(spec_key: tuple, n_tokens: int, device: torch.device) -> str:
     """The forward kind for ``spec_key`` = (H, H_kv, d_h, E, d_e, dtype) at ``n_tokens`` on ``device``:
-    ``fwd_ws`` on a Hopper GPU from ``fwd_ws.MIN_TOKENS`` tokens when the shape allows it and
+    ``fwd_ws`` on a Hopper GPU from ``hopper.MIN_TOKENS`` tokens when the shape allows it and
     ``WARP_SPECIALIZED_FORWARD`` is on, else ``fwd`` (which also serves decode sizes)."""
-    if (n_tokens >= WS_MIN_TOKENS and device.type == "cuda" and WARP_SPECIALIZED_FORWARD
-            and _warp_specialized_runs("fwd_ws", spec_key, device.index)):
-        return "fwd_ws"
-    return "fwd"
+    return _kind("fwd", "fwd_ws", WARP_SPECIALIZED_FORWARD, spec_key, device, n_tokens)
 
 
 @functools.cache

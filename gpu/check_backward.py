@@ -149,25 +149,13 @@ def chosen_config(kind: str, shape, tokens: int) -> dict:
     return dict(choose_config(Spec(kind, *shape, "bf16"), tokens, device_info(torch.cuda.current_device()))[0])
 
 
-def forward_kind(shape, tokens: int) -> str:
-    """The kind the op runs for the forward here (fwd_ws on Hopper at large T where the shape allows)."""
-    from flashmhf_runtime.op import forward_kind as pick
+def op_kinds(shape, tokens: int) -> tuple[str, str, str]:
+    """The kinds the op runs here for the forward, dq/dr and dK/dU/dV (the *_ws ones on Hopper where
+    the shape and token count allow)."""
+    from flashmhf_runtime import op
 
-    return pick((*shape, "bf16"), tokens, torch.device(DEV))
-
-
-def dq_kind(shape, tokens: int) -> str:
-    """The kind the op runs for dq, dr here (bwd_dq_ws on Hopper at large T where the shape allows)."""
-    from flashmhf_runtime.op import dq_kind as pick
-
-    return pick((*shape, "bf16"), tokens, torch.device(DEV))
-
-
-def dkuv_kind(shape) -> str:
-    """The kind the op runs for dK, dU, dV here (bwd_dkuv_ws on Hopper where the shape allows)."""
-    from flashmhf_runtime.op import dkuv_kind as pick
-
-    return pick((*shape, "bf16"), torch.device(DEV))
+    key, dev = (*shape, "bf16"), torch.device(DEV)
+    return op.forward_kind(key, tokens, dev), op.dq_kind(key, tokens, dev), op.dkuv_kind(key, dev)
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -191,7 +179,7 @@ def accuracy() -> list[dict]:
         shape = shape_of(name, kv)
         q, k, u, v, r, ds = make_inputs(shape, tokens, seed=tokens)
         ref = reference_grads_f64(q, k, u, v, r, ds)
-        dkuv, dqk = dkuv_kind(shape), dq_kind(shape, tokens)
+        _, dqk, dkuv = op_kinds(shape, tokens)
         cfg = {dqk: chosen_config(dqk, shape, tokens), dkuv: chosen_config(dkuv, shape, tokens)}
         dq, dr = outputs(dqk, q, k, r)
         dk, du, dv = outputs("bwd_dkuv", q, k, r)
@@ -284,7 +272,7 @@ def speed_case(name: str, tokens: int, compiled_swiglu) -> dict:
     finally:
         op.BACKWARD_ON_TWO_STREAMS = True
     row["core_peak_mib"] = peak_mib(core)
-    dkuv, fwd, dqk = dkuv_kind(shape), forward_kind(shape, tokens), dq_kind(shape, tokens)
+    fwd, dqk, dkuv = op_kinds(shape, tokens)
     kinds = tuple(dict.fromkeys((*KINDS, dkuv, fwd, dqk)))  # the op's kinds and the Triton ones
     cfg = {kind: chosen_config(kind, shape, tokens) for kind in kinds}
     row["configs"] = cfg

@@ -3,7 +3,7 @@
 The same results as ``bwd_dq`` from one program per 128 tokens of one head: two 64-row warp groups
 each recompute m, n, da and accumulate dq on their own rows, sharing a ring of K/U/V tiles that one
 TMA warp fills; while one group computes its elementwise terms, the other's products keep the tensor
-cores busy. For large token counts (training); below ``MIN_TOKENS`` the op runs ``bwd_dq``.
+cores busy. For large token counts (training); below ``hopper.MIN_TOKENS`` the op runs ``bwd_dq``.
 
 Needs an NVIDIA Hopper GPU and 16-bit inputs (``hopper``).
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from flashmhf.codegen.kinds import bwd_dq, hopper
 from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param
-from flashmhf.codegen.kinds.fwd_ws import MIN_TOKENS
 from flashmhf.codegen.spec import Spec
 
 ROWS, TILE = 64, hopper.TILE  # rows per warp group (a program covers two) and d_ff columns per step
@@ -26,7 +25,7 @@ def estimate_smem(spec: Spec, c: Config) -> int:
 
 
 def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
-    return hopper.reject(spec, "bwd_dq", estimate_smem(spec, c), tokens, MIN_TOKENS)
+    return hopper.reject(spec, "bwd_dq", estimate_smem(spec, c), tokens, hopper.MIN_TOKENS)
 
 
 def default(spec: Spec, tokens: int) -> Config:

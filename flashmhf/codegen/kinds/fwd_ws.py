@@ -35,7 +35,7 @@ def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
     bf = c["block_f"]
     if spec.expert_dim % bf and not shape_reason(spec):
         return f"block_f={bf} does not divide expert_dim={spec.expert_dim} (a tile must stay in one sub-network)"
-    return hopper.reject(spec, "fwd", estimate_smem(spec, c), tokens, MIN_TOKENS)
+    return hopper.reject(spec, "fwd", estimate_smem(spec, c), tokens, hopper.MIN_TOKENS)
 
 
 def default(spec: Spec, tokens: int) -> Config:

@@ -13,6 +13,9 @@ from flashmhf.codegen.spec import Spec, SpecError
 
 HEAD_DIMS = (32, 64, 128)  # power-of-two tiles; the largest that the register budgets were checked at is 128
 TILE = 64  # d_ff tile of every warp-specialized kind: one warp group's MMA side
+# Below this many tokens fwd_ws and bwd_dq_ws leave the work to fwd and bwd_dq (decode sizes: fwd's
+# split d_ff and direct launch path; few 128-token programs).
+MIN_TOKENS = 1024
 
 
 def shape_reason(spec: Spec, plain_kind: str) -> str | None:
