@@ -25,3 +25,20 @@ def test_shipped_caches_are_single_files_that_verify():
             conn.close()
         result = CliRunner().invoke(main, ["cache", "verify", "--cache", str(path)])
         assert result.exit_code == 0 and "ok" in result.output, result.output
+
+
+def test_shipped_configs_were_tuned_on_the_current_templates():
+    # A template edit stales its kind's tuned configs (they silently fall back to defaults):
+    # re-tune on the GPU before shipping.
+    from flashmhf.codegen.render import template_hash
+
+    for path in SHIPPED:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("SELECT DISTINCT k.kind, k.template_hash FROM best b "
+                                "JOIN result_keys k ON k.id = b.key_id").fetchall()
+        finally:
+            conn.close()
+        assert rows, path
+        stale = [(kind, h) for kind, h in rows if h != template_hash(kind)]
+        assert not stale, f"{path.name}: stale configs {stale}"

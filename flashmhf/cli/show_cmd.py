@@ -56,3 +56,5 @@ def _print_resources(spec, config: dict, tokens: int, capability: int) -> None:
         spills = "?" if r.spill_bytes is None else f"{r.spill_bytes} B"
         click.echo(f"  {r.name}{' [' + switches + ']' if switches else ''}: {r.registers} registers/thread, "
                    f"spills {spills}, shared {r.shared_bytes // 1024} KiB, MMA {'; '.join(r.mma) or 'none'}")
+        if r.special:
+            click.echo("    special functions (PTX): " + ", ".join(f"{n} x{c}" for n, c in r.special.items()))

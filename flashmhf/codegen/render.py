@@ -7,6 +7,7 @@ from functools import cache
 from importlib import resources
 
 import jinja2
+import jinja2.meta
 
 from flashmhf.codegen.kinds import get_kind
 from flashmhf.codegen.plan import plan
@@ -19,10 +20,21 @@ def _template_text(name: str) -> str:
     return resources.files(TEMPLATE_PACKAGE).joinpath(name).read_text(encoding="utf-8")
 
 
-def _shared_partials() -> list[str]:
-    """Files a template may include (names starting with ``_``), in a fixed order."""
-    files = resources.files(TEMPLATE_PACKAGE).iterdir()
-    return sorted(f.name for f in files if f.name.startswith("_") and f.name.endswith(".jinja"))
+def _partials(name: str) -> list[str]:
+    """The shared partials (names starting with ``_``) that template ``name`` includes or imports,
+    directly or through another partial, sorted."""
+    env = _environment()
+    found: set[str] = set()
+    todo = [name]
+    while todo:
+        ast = env.parse(_template_text(todo.pop()))
+        for ref in jinja2.meta.find_referenced_templates(ast):
+            if ref is None or not ref.startswith("_"):
+                raise ValueError(f"template {name}: includes must name a shared partial, got {ref!r}")
+            if ref not in found:
+                found.add(ref)
+                todo.append(ref)
+    return sorted(found)
 
 
 @cache
@@ -39,9 +51,11 @@ def _environment() -> jinja2.Environment:
 
 @cache
 def template_hash(kind: str) -> str:
-    """sha256 (first 16 hex digits) of the kind's template and every shared partial."""
+    """sha256 (first 16 hex digits) of the kind's template and the shared partials it uses: editing
+    a partial stales the tuned configs of the kinds that include it, and only those."""
     h = hashlib.sha256()
-    for name in (get_kind(kind).template, *_shared_partials()):
+    template = get_kind(kind).template
+    for name in (template, *_partials(template)):
         h.update(name.encode())
         h.update(_template_text(name).encode())
     return h.hexdigest()[:16]

@@ -39,6 +39,9 @@ class KernelReport:
     shared_bytes: int
     mma: tuple[str, ...]  # e.g. "v3 warps [4, 1] instr [16, 64, 16]"
     constexprs: dict = field(default_factory=dict)
+    # PTX instructions of the special-function unit (and divisions, which use it), by name, as
+    # written in the code: the gates' SiLU is the elementwise work between their MMAs.
+    special: dict = field(default_factory=dict)
 
     @property
     def uses_mma_v2(self) -> bool:
@@ -91,6 +94,17 @@ def _type_string(value) -> str:
     raise TypeError(f"cannot type launch argument {value!r}")
 
 
+_SPECIAL = re.compile(r"\b(tanh\.approx|ex2\.approx|rcp\.approx|rcp\.rn|div\.rn|div\.full|div\.approx)\.")
+
+
+def special_function_counts(ptx: str) -> dict[str, int]:
+    """How many instructions of each special-function kind the PTX contains (static count)."""
+    counts: dict[str, int] = {}
+    for m in _SPECIAL.finditer(ptx):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _ptxas_info(ptx: str, arch: str) -> tuple[int | None, int | None]:
     import triton
 
@@ -137,7 +151,8 @@ def _compile(launch: _Launch, capability: int) -> KernelReport:
     arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
     regs, spills = _ptxas_info(compiled.asm["ptx"], arch)
     return KernelReport(fn.__name__, regs, spills, compiled.metadata.shared, mma,
-                        {fn.arg_names[i[0]]: v for i, v in constexprs.items()})
+                        {fn.arg_names[i[0]]: v for i, v in constexprs.items()},
+                        special_function_counts(compiled.asm["ptx"]))
 
 
 def kernel_resources(

@@ -1,0 +1,27 @@
+"""Rendering: template hashes cover exactly the files a template is made of."""
+
+import importlib
+
+from flashmhf.codegen.kinds import KINDS
+from flashmhf.codegen.render import _partials, template_hash
+
+
+def test_partials_are_those_a_template_uses():
+    assert _partials("fwd.py.jinja") == ["_header.py.jinja", "_macros.py.jinja"]
+    assert _partials("fwd_ws.py.jinja") == ["_gluon.py.jinja", "_header.py.jinja"]
+
+
+def test_hashes_are_distinct_per_kind_and_cover_the_gluon_helpers(monkeypatch):
+    hashes = {name: template_hash(name) for name in KINDS}
+    assert len(set(hashes.values())) == len(hashes)
+    # Editing the Gluon partial stales the warp-specialized kinds only.
+    render = importlib.import_module("flashmhf.codegen.render")  # the package exports a function of that name
+    real = render._template_text
+    monkeypatch.setattr(render, "_template_text",
+                        lambda name: real(name) + ("# edited\n" if name == "_gluon.py.jinja" else ""))
+    template_hash.cache_clear()
+    try:
+        changed = {name for name in KINDS if template_hash(name) != hashes[name]}
+    finally:
+        template_hash.cache_clear()
+    assert changed == {"fwd_ws", "bwd_dq_ws", "bwd_dkuv_ws"}
