@@ -31,8 +31,8 @@ def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
 def default(spec: Spec, tokens: int) -> Config:
     """A 3-slot K/U/V ring where it fits, else 2; ping-pong.
 
-    Measured on an H200 (repo-1.3b, bf16, T = 16384; docs/benchmarks/2026-11-29-fwd-dq-warp-specialized.md):
-    3.08 ms tuned, 9 % faster than without ping-pong in the same run; bwd_dq's best config 3.44-3.50."""
+    Measured on an H200 (repo-1.3b, bf16, T = 16384; docs/benchmarks/2026-11-29-fast-sigmoid.md):
+    3.00 ms, 3.04 without ping-pong in the same run; bwd_dq's best config 3.44-3.50."""
     return hopper.default("bwd_dq_ws", spec, "bwd_dq", reject, ({"num_stages": n, "pingpong": 1} for n in (3, 2)))
 
 

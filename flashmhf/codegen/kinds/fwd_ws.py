@@ -41,8 +41,9 @@ def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
 def default(spec: Spec, tokens: int) -> Config:
     """128-wide d_ff tiles in a 2-slot ring where d_e allows, else 64-wide ones in 3 slots.
 
-    Measured on an H200 (repo-1.3b, bf16, T = 16384; docs/benchmarks/2026-11-29-fwd-dq-warp-specialized.md):
-    2.02-2.05 ms against 2.13 for 64-wide tiles and 2.27 for fwd's best config in the same run."""
+    Measured on an H200 (repo-1.3b, bf16, T = 16384; docs/benchmarks/2026-11-29-fast-sigmoid.md):
+    1.83 ms, 64-wide tiles in 3 slots 1.80 (the tuner's pick); before the fast sigmoid 2.02 against
+    2.27 for fwd's best config."""
     candidates = ({"block_f": bf, "num_stages": stages} for bf, stages in ((128, 2), (64, 3), (64, 2)))
     return hopper.default("fwd_ws", spec, "fwd", reject, candidates)
 
