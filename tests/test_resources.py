@@ -65,6 +65,15 @@ def test_show_resources_cli_reports_registers():
     out = _run_compiling("-m", "flashmhf.cli", "show", "--preset", "repo-128m", "--kind", "bwd_dkuv",
                          "--tokens", "4096", "--resources")
     assert "registers/thread" in out and "MMA v3" in out, out
+    assert "special functions (PTX): " in out and "ex2.approx x" in out, out  # the plain kernels' SiLU
+
+
+def test_special_function_counts_read_ptx_mnemonics():
+    from flashmhf.tuner.resources import special_function_counts
+
+    ptx = ("\tex2.approx.f32 %f3, %f2;\n\tdiv.full.f32 %f5, %f4, %f3;\n\ttanh.approx.f32 %f6, %f1;\n"
+           "\ttanh.approx.f32 %f7, %f8;\n\tmul.f32 %f9, %f7, %f6;\n\tex2.approx.ftz.f32 %f10, %f9;\n")
+    assert special_function_counts(ptx) == {"div.full": 1, "ex2.approx": 2, "tanh.approx": 2}
 
 
 def test_resources_refuse_the_interpreter():

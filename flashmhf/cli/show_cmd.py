@@ -18,7 +18,7 @@ from flashmhf.codegen import SpecError, format_config, get_kind, render
 @click.option("--tokens", type=int, help="token count for the default config shown in the header comment")
 @click.option("--resources", is_flag=True,
               help="instead of the source: compile for a GPU (no GPU needed) and report registers, spills, "
-                   "shared memory and tensor-core instructions per kernel")
+                   "shared memory, tensor-core instructions and special-function (MUFU) instructions per kernel")
 @click.option("--capability", type=int, default=90, show_default=True,
               help="with --resources: target compute capability (90 = H100/H200, 80 = A100)")
 @with_shape
