@@ -41,7 +41,7 @@ def default(spec: Spec, tokens: int) -> Config:
     """64-token steps, a 2-slot q/ds ring, 16-bit coefficients.
 
     Measured on an H200 (repo-1.3b, T = 16384, bf16; docs/benchmarks/2026-11-29-fast-sigmoid.md):
-    4.70 ms, 4.72 with 3 slots, against 6.50 ms for bwd_dkuv's best config."""
+    4.37 ms, 4.33-4.36 with 3 slots (tuned 4.21), against 6.50 ms for bwd_dkuv's best config."""
     candidates = ({"block_m": bm, "num_stages": stages, "coef_fp32": 0, "halves": 0} for bm in (64, 32)
                   for stages in (2, 3))
     return hopper.default("bwd_dkuv_ws", spec, "bwd_dkuv", reject, candidates)
