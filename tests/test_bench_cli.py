@@ -4,8 +4,9 @@ the command fails with one clear line."""
 from click.testing import CliRunner
 
 from flashmhf.bench.core import CoreRow
+from flashmhf.bench.layer import LayerRow
 from flashmhf.cli.app import main
-from flashmhf.cli.bench_cmd import _columns
+from flashmhf.cli.bench_cmd import _columns, _layer_columns
 
 
 def _row(backward: bool) -> CoreRow:
@@ -35,5 +36,27 @@ def test_forward_columns_leave_out_backward_only_cells():
 
 def test_bench_without_a_gpu_is_one_clear_error():
     result = CliRunner().invoke(main, ["bench", "--preset", "repo-128m", "--tokens", "64"])
+    assert result.exit_code != 0
+    assert "CUDA GPU" in result.output and "Traceback" not in result.output
+
+
+def _layer_row(backward: bool) -> LayerRow:
+    return LayerRow(tokens=4096, backward=backward, flashmhf_ms=3.1, swiglu_ms=1.4, swiglu_compiled_ms=1.3,
+                    rel_err=3e-3, flashmhf_params=43_000_000, swiglu_params=34_600_000,
+                    flashmhf_peak_mib=300.0 if backward else None, swiglu_peak_mib=900.0 if backward else None,
+                    swiglu_compiled_peak_mib=700.0 if backward else None)
+
+
+def test_layer_columns_show_peak_memory_of_a_training_step_only():
+    cells = {name: cell(_layer_row(True)) for name, cell in _layer_columns(backward=True, compile_swiglu=True)}
+    assert cells["peak MiB FlashMHF"] == "300" and cells["peak MiB compiled SwiGLU"] == "700"
+    assert cells["params (M) FlashMHF / SwiGLU"] == "43.0 / 34.6"
+    forward = [name for name, _ in _layer_columns(backward=False, compile_swiglu=False)]
+    assert not any(name.startswith("peak") for name in forward) and "compiled SwiGLU ms" not in forward
+    assert all(cell(_layer_row(False)) for _, cell in _layer_columns(backward=False, compile_swiglu=False))
+
+
+def test_bench_layer_without_a_gpu_is_one_clear_error():
+    result = CliRunner().invoke(main, ["bench", "--preset", "repo-128m", "--tokens", "64", "--layer", "--backward"])
     assert result.exit_code != 0
     assert "CUDA GPU" in result.output and "Traceback" not in result.output

@@ -1,0 +1,109 @@
+"""The whole FlashMHF layer (W_in, optional head RMSNorm, router, core, W_out) next to a SwiGLU FFN of
+the same d_ff: time and, for a training step, the peak memory it adds.
+
+The core benchmark (``bench.core``) times the kernels alone; what a model pays per layer also holds
+the projections, the router and their saved activations, and SwiGLU's own T x d_ff intermediates.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from flashmhf.bench.baselines import swiglu, swiglu_weights
+from flashmhf.bench.timing import median_ms
+from flashmhf.checks import rel_error
+
+CHECK_TOKENS = 1024  # the layer is position-wise: its first tokens are checked against float64
+
+
+@dataclass
+class LayerRow:
+    tokens: int
+    backward: bool
+    flashmhf_ms: float
+    swiglu_ms: float
+    swiglu_compiled_ms: float | None
+    rel_err: float  # output (and, with backward, dx) against the float64 layer
+    flashmhf_params: int
+    swiglu_params: int
+    flashmhf_peak_mib: float | None = None
+    swiglu_peak_mib: float | None = None
+    swiglu_compiled_peak_mib: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def training_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gradients of ``x`` and of every parameter of ``module`` for output gradient ``dy``."""
+    return torch.autograd.grad(module(x), (x, *module.parameters()), dy)
+
+
+def reference_layer(module: nn.Module) -> nn.Module:
+    """A float64 copy of a ``FlashMHF`` layer whose core is the reference implementation."""
+    from flashmhf_runtime import reference
+
+    ref = copy.deepcopy(module).double()
+    ref.core_fn = reference.flash_mhf
+    return ref
+
+
+def layer_error(module: nn.Module, x: torch.Tensor, dy: torch.Tensor | None) -> float:
+    """Relative error of the output (and of dx when ``dy`` is given) on the first CHECK_TOKENS
+    tokens against ``reference_layer(module)``."""
+    ref = reference_layer(module)
+    xs = x.detach().reshape(-1, x.shape[-1])[:CHECK_TOKENS]
+    x64 = xs.double().requires_grad_(dy is not None)
+    if dy is None:
+        with torch.no_grad():
+            return rel_error(module(xs), ref(x64))
+    xs.requires_grad_()
+    y, y64 = module(xs), ref(x64)
+    dys = dy.reshape(-1, dy.shape[-1])[:CHECK_TOKENS]
+    (dx,) = torch.autograd.grad(y, xs, dys)
+    (dx64,) = torch.autograd.grad(y64, x64, dys.double())
+    return max(rel_error(y.detach(), y64.detach()), rel_error(dx, dx64))
+
+
+def peak_mib(fn) -> float:
+    """CUDA allocator peak above what was allocated before, during one call of ``fn``."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_layer(module: nn.Module, tokens: int, *, backward: bool, compile_swiglu: bool, seed: int = 0) -> LayerRow:
+    """One row on the GPU: ``module`` (a FlashMHF layer on CUDA) at ``tokens`` next to a SwiGLU FFN of
+    width ``module.d_ff`` in the same dtype; forward, or a training step (gradients of the input and
+    of every weight) with its peak memory."""
+    p = next(module.parameters())
+    gen = torch.Generator(device=p.device).manual_seed(seed)
+    x = torch.randn(tokens, module.d_model, device=p.device, dtype=p.dtype, generator=gen)
+    dy = torch.randn(tokens, module.d_model, device=p.device, dtype=p.dtype, generator=gen)
+    w = [t.requires_grad_(backward) for t in swiglu_weights(module.d_model, module.d_ff, p.device, p.dtype)]
+    err = layer_error(module, x, dy if backward else None)
+    if backward:
+        x.requires_grad_()
+        ours = lambda: training_step(module, x, dy)  # noqa: E731
+        theirs = lambda fn=swiglu: torch.autograd.grad(fn(x, *w), (x, *w), dy)  # noqa: E731
+    else:
+        ours = torch.no_grad()(lambda: module(x))  # inference: nothing saved for backward
+        theirs = lambda fn=swiglu: fn(x, *w)  # noqa: E731
+    compiled = torch.compile(swiglu) if compile_swiglu else None
+    row = LayerRow(
+        tokens, backward, median_ms(ours), median_ms(theirs),
+        median_ms(lambda: theirs(compiled)) if compiled else None, err,
+        sum(t.numel() for t in module.parameters()), sum(t.numel() for t in w),
+    )
+    if backward:
+        row.flashmhf_peak_mib = peak_mib(ours)
+        row.swiglu_peak_mib = peak_mib(theirs)
+        row.swiglu_compiled_peak_mib = peak_mib(lambda: theirs(compiled)) if compiled else None
+    return row
