@@ -1,6 +1,8 @@
 """`flashmhf bench`: the console table and the Markdown report share one column list; without a GPU
 the command fails with one clear line."""
 
+import dataclasses
+
 from click.testing import CliRunner
 
 from flashmhf.bench.core import CoreRow
@@ -44,15 +46,20 @@ def _layer_row(backward: bool) -> LayerRow:
     return LayerRow(tokens=4096, backward=backward, flashmhf_ms=3.1, swiglu_ms=1.4, swiglu_compiled_ms=1.3,
                     rel_err=3e-3, flashmhf_params=43_000_000, swiglu_params=34_600_000,
                     flashmhf_peak_mib=300.0 if backward else None, swiglu_peak_mib=900.0 if backward else None,
-                    swiglu_compiled_peak_mib=700.0 if backward else None)
+                    swiglu_compiled_peak_mib=700.0 if backward else None, flashmhf_compiled_ms=2.9,
+                    flashmhf_compiled_peak_mib=250.0 if backward else None)
 
 
 def test_layer_columns_show_peak_memory_of_a_training_step_only():
     cells = {name: cell(_layer_row(True)) for name, cell in _layer_columns(backward=True, compile_swiglu=True)}
     assert cells["peak MiB FlashMHF"] == "300" and cells["peak MiB compiled SwiGLU"] == "700"
+    assert cells["compiled FlashMHF layer ms"] == "2.9000" and cells["peak MiB compiled FlashMHF"] == "250"
+    failed = dataclasses.replace(_layer_row(True), flashmhf_compiled_ms=None, flashmhf_compiled_peak_mib=None)
+    cells = {name: cell(failed) for name, cell in _layer_columns(backward=True, compile_swiglu=True)}
+    assert cells["compiled FlashMHF layer ms"] == "—" and cells["peak MiB compiled FlashMHF"] == "—"
     assert cells["params (M) FlashMHF / SwiGLU"] == "43.0 / 34.6"
     forward = [name for name, _ in _layer_columns(backward=False, compile_swiglu=False)]
-    assert not any(name.startswith("peak") for name in forward) and "compiled SwiGLU ms" not in forward
+    assert not any(name.startswith("peak") or name.startswith("compiled") for name in forward)
     assert all(cell(_layer_row(False)) for _, cell in _layer_columns(backward=False, compile_swiglu=False))
 
 

@@ -58,3 +58,15 @@ def test_only_the_first_tokens_are_checked():
     y = x.clone()
     y[-1] = float("nan")
     assert layer_error(layer, x, None) == layer_error(layer, y, None)
+
+
+def test_a_layer_torch_cannot_compile_is_reported_not_fatal():
+    import pytest
+
+    from flashmhf.bench.layer import _compiled
+
+    def step(module):
+        raise RuntimeError("no backend here")
+
+    with pytest.warns(UserWarning, match="torch.compile of the FlashMHF layer failed: RuntimeError: no backend"):
+        assert _compiled(torch.nn.Linear(2, 2), step) is None

@@ -8,6 +8,7 @@ the projections, the router and their saved activations, and SwiGLU's own T x d_
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -33,6 +34,8 @@ class LayerRow:
     flashmhf_peak_mib: float | None = None
     swiglu_peak_mib: float | None = None
     swiglu_compiled_peak_mib: float | None = None
+    flashmhf_compiled_ms: float | None = None  # the layer under torch.compile (with compile_models)
+    flashmhf_compiled_peak_mib: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,10 +82,11 @@ def peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def bench_layer(module: nn.Module, tokens: int, *, backward: bool, compile_swiglu: bool, seed: int = 0) -> LayerRow:
+def bench_layer(module: nn.Module, tokens: int, *, backward: bool, compile_models: bool, seed: int = 0) -> LayerRow:
     """One row on the GPU: ``module`` (a FlashMHF layer on CUDA) at ``tokens`` next to a SwiGLU FFN of
     width ``module.d_ff`` in the same dtype; forward, or a training step (gradients of the input and
-    of every weight) with its peak memory."""
+    of every weight) with its peak memory. ``compile_models`` also times both under torch.compile
+    (Inductor fuses the layer's head norm and router around the core op)."""
     p = next(module.parameters())
     gen = torch.Generator(device=p.device).manual_seed(seed)
     x = torch.randn(tokens, module.d_model, device=p.device, dtype=p.dtype, generator=gen)
@@ -91,19 +95,37 @@ def bench_layer(module: nn.Module, tokens: int, *, backward: bool, compile_swigl
     err = layer_error(module, x, dy if backward else None)
     if backward:
         x.requires_grad_()
-        ours = lambda: training_step(module, x, dy)  # noqa: E731
+        ours = lambda m=module: training_step(m, x, dy)  # noqa: E731
         theirs = lambda fn=swiglu: torch.autograd.grad(fn(x, *w), (x, *w), dy)  # noqa: E731
     else:
-        ours = torch.no_grad()(lambda: module(x))  # inference: nothing saved for backward
+        ours = torch.no_grad()(lambda m=module: m(x))  # inference: nothing saved for backward
         theirs = lambda fn=swiglu: fn(x, *w)  # noqa: E731
-    compiled = torch.compile(swiglu) if compile_swiglu else None
+    compiled = torch.compile(swiglu) if compile_models else None
     row = LayerRow(
         tokens, backward, median_ms(ours), median_ms(theirs),
         median_ms(lambda: theirs(compiled)) if compiled else None, err,
         sum(t.numel() for t in module.parameters()), sum(t.numel() for t in w),
     )
+    compiled_layer = _compiled(module, ours) if compile_models else None
+    if compiled_layer is not None:
+        row.flashmhf_compiled_ms = median_ms(lambda: ours(compiled_layer))
     if backward:
         row.flashmhf_peak_mib = peak_mib(ours)
         row.swiglu_peak_mib = peak_mib(theirs)
-        row.swiglu_compiled_peak_mib = peak_mib(lambda: theirs(compiled)) if compiled else None
+        if compiled:
+            row.swiglu_compiled_peak_mib = peak_mib(lambda: theirs(compiled))
+        if compiled_layer is not None:
+            row.flashmhf_compiled_peak_mib = peak_mib(lambda: ours(compiled_layer))
     return row
+
+
+def _compiled(module: nn.Module, step) -> nn.Module | None:
+    """``torch.compile(module, fullgraph=True)`` after one warm-up ``step``; None, with a warning
+    naming the error, where this torch cannot compile it (the eager rows still stand)."""
+    compiled = torch.compile(module, fullgraph=True)
+    try:
+        step(compiled)
+    except Exception as exc:  # noqa: BLE001 - reported, and the eager measurements are kept
+        warnings.warn(f"torch.compile of the FlashMHF layer failed: {type(exc).__name__}: {exc}", stacklevel=2)
+        return None
+    return compiled

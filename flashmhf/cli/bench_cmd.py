@@ -21,7 +21,8 @@ from flashmhf.codegen import Spec
 @dtype_option()
 @click.option("--tokens", default="1,64,1024,16384", show_default=True, help="comma list of token counts")
 @click.option("--backward", is_flag=True, help="time forward+backward (training) instead of forward")
-@click.option("--compile", "compile_swiglu", is_flag=True, help="also time torch.compile'd SwiGLU")
+@click.option("--compile", "compile_swiglu", is_flag=True,
+              help="also time torch.compile'd SwiGLU (with --layer, also the compiled FlashMHF layer)")
 @click.option("--layer", is_flag=True,
               help="time the whole layer (W_in, head RMSNorm as in the preset, router, core, W_out) instead of "
                    "the core; with --backward, one training step and its peak memory")
@@ -49,7 +50,7 @@ def bench(shape: dict, dtype: str, tokens: str, backward: bool, compile_swiglu: 
     token_counts = _int_list(tokens, "--tokens")
     if layer:
         module = _layer(shape, h, h_kv, d_h, e, d_e, dtype)
-        rows = [bench_layer(module, t, backward=backward, compile_swiglu=compile_swiglu) for t in token_counts]
+        rows = [bench_layer(module, t, backward=backward, compile_models=compile_swiglu) for t in token_counts]
         columns = _layer_columns(backward, compile_swiglu)
     else:
         spec = Spec("fwd", h, h_kv, d_h, e, d_e, dtype)
@@ -111,9 +112,12 @@ def _layer_columns(backward: bool, compile_swiglu: bool) -> list[tuple[str, Call
         ("SwiGLU FFN ms", lambda r: f"{r.swiglu_ms:.4f}"),
     ]
     if compile_swiglu:
+        columns.insert(2, ("compiled FlashMHF layer ms", lambda r: _maybe(r.flashmhf_compiled_ms, ".4f")))
         columns.append(("compiled SwiGLU ms", lambda r: f"{r.swiglu_compiled_ms:.4f}"))
     if backward:
         columns.append(("peak MiB FlashMHF", lambda r: f"{r.flashmhf_peak_mib:.0f}"))
+        if compile_swiglu:
+            columns.append(("peak MiB compiled FlashMHF", lambda r: _maybe(r.flashmhf_compiled_peak_mib, ".0f")))
         columns.append(("peak MiB SwiGLU", lambda r: f"{r.swiglu_peak_mib:.0f}"))
         if compile_swiglu:
             columns.append(("peak MiB compiled SwiGLU", lambda r: f"{r.swiglu_compiled_peak_mib:.0f}"))
@@ -121,3 +125,8 @@ def _layer_columns(backward: bool, compile_swiglu: bool) -> list[tuple[str, Call
                     lambda r: f"{r.flashmhf_params / 1e6:.1f} / {r.swiglu_params / 1e6:.1f}"))
     columns.append(("rel err", lambda r: f"{r.rel_err:.1e}"))
     return columns
+
+
+def _maybe(value: float | None, fmt: str) -> str:
+    """A measured value, or a dash where it could not be measured (e.g. torch.compile failed)."""
+    return "—" if value is None else format(value, fmt)
