@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from flashmhf_runtime import reference
+from flashmhf_runtime import lean_autograd
 from flashmhf_runtime.op import flash_mhf
 from flashmhf_runtime.presets import get_preset
 
@@ -44,7 +44,7 @@ class HeadRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_heads, head_dim, device=device, dtype=dtype))
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return reference.head_rms_norm(q, self.weight, self.eps)
+        return lean_autograd.head_rms_norm(q, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -130,8 +130,8 @@ class FlashMHF(nn.Module):
         """Router weights r (..., H, E) in fp32, also under autocast."""
         if torch.is_autocast_enabled(q.device.type):
             with torch.autocast(q.device.type, enabled=False):
-                return reference.router(q, self.router)
-        return reference.router(q, self.router)
+                return lean_autograd.router(q, self.router)
+        return lean_autograd.router(q, self.router)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.d_model,):

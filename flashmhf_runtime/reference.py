@@ -53,18 +53,23 @@ def flash_mhf_backward(
     return dq, per_kv_head(dm, q), per_kv_head(dn, q), per_kv_head(silu * n * r_, ds), dr
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32 (the layer's norm and router compute in fp32), or as is if it is float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def router(q: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
     """Sigmoid gate normalised to sum 1 over the sub-networks, in fp32. q: (..., H, d_h)."""
-    logits = torch.einsum("...hd,hde->...he", q.float(), w_router.float())
+    logits = torch.einsum("...hd,hde->...he", at_least_fp32(q), at_least_fp32(w_router))
     g = torch.sigmoid(logits)
     return g / g.sum(-1, keepdim=True)
 
 
 def head_rms_norm(q: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Per-head RMSNorm over d_h, computed in fp32 and returned in q's dtype."""
-    qf = q.float()
+    qf = at_least_fp32(q)
     qf = qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + eps)
-    return (qf * weight.float()).to(q.dtype)
+    return (qf * at_least_fp32(weight)).to(q.dtype)
 
 
 def layer(

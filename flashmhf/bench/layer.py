@@ -72,6 +72,24 @@ def layer_error(module: nn.Module, x: torch.Tensor, dy: torch.Tensor | None) -> 
     return max(rel_error(y.detach(), y64.detach()), rel_error(dx, dx64))
 
 
+def saved_bytes_by_dtype(fn) -> dict[torch.dtype, int]:
+    """Bytes that ``fn()`` saves for backward, per dtype, each storage counted once (any device but
+    meta). What a model keeps alive per layer until its backward, so what multiplies with depth."""
+    seen: set[tuple[int, torch.dtype]] = set()
+    total: dict[torch.dtype, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total[t.dtype] = total.get(t.dtype, 0) + t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
 def peak_mib(fn) -> float:
     """CUDA allocator peak above what was allocated before, during one call of ``fn``."""
     torch.cuda.synchronize()

@@ -1,0 +1,68 @@
+"""The layer's head RMSNorm and router with hand-written backwards that save only 16-bit q.
+
+Both compute in fp32 (DESIGN.md §1). Written as plain torch ops, autograd keeps their fp32
+intermediates for backward: for a (T, d_model) q that is four fp32 copies of q for the norm (q, its
+square, the normalised q, the weighted one) and one for the router's einsum. At T = 16384 and
+d_model 2048 each copy is 128 MiB, so a training step of the repo-1.3b layer peaked at 911 MiB
+against 509 for paper-1.3b, which has no norm (docs/benchmarks/2026-11-29-layer-training-step.md).
+These functions save q as given (16-bit, and the same tensor the core saves), the weights, and
+per-row statistics; backward recomputes the fp32 values it needs. Same maths as
+``reference.head_rms_norm`` and ``reference.router``; the tests check values and gradients against
+them and count the bytes saved for backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashmhf_runtime.reference import at_least_fp32 as _wide
+
+
+class _HeadRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        qf = _wide(q)
+        rstd = torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(q, weight, rstd)
+        return (qf * rstd * _wide(weight)).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        q, weight, rstd = ctx.saved_tensors
+        q_hat = _wide(q) * rstd  # new tensors: the in-place steps below never touch q or dy
+        g = _wide(dy) * _wide(weight)
+        dweight = (_wide(dy) * q_hat).reshape(-1, *weight.shape).sum(0)
+        # d/dq of q * rstd(q): rstd * (g - q_hat * mean(g * q_hat)) over the head dimension, in
+        # place so that at most three fp32 tensors of q's size are alive at once.
+        dot = (g * q_hat).mean(-1, keepdim=True)
+        dq = g.sub_(q_hat.mul_(dot)).mul_(rstd)
+        return dq.to(q.dtype), dweight.to(weight.dtype), None
+
+
+class _Router(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(torch.einsum("...hd,hde->...he", _wide(q), _wide(w_router)))
+        total = g.sum(-1, keepdim=True)
+        ctx.save_for_backward(q, w_router, g, total)
+        return g / total
+
+    @staticmethod
+    def backward(ctx, dr: torch.Tensor):
+        q, w_router, g, total = ctx.saved_tensors
+        r = g / total
+        dg = (dr - (dr * r).sum(-1, keepdim=True)) / total  # through r = g / sum(g)
+        dlogits = dg * g * (1.0 - g)
+        dq = torch.einsum("...he,hde->...hd", dlogits, _wide(w_router))
+        dw = torch.einsum("...hd,...he->hde", _wide(q), dlogits)
+        return dq.to(q.dtype), dw.to(w_router.dtype)
+
+
+def head_rms_norm(q: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-head RMSNorm of q (..., H, d_h) over d_h with weight (H, d_h), in fp32, returned in q's dtype."""
+    return _HeadRMSNorm.apply(q, weight, eps)
+
+
+def router(q: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
+    """Router weights (..., H, E) in fp32: sigmoid(q W_r) normalised to sum 1 over E."""
+    return _Router.apply(q, w_router)
