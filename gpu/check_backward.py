@@ -35,7 +35,7 @@ warnings.filterwarnings("ignore", message="flashmhf: no tuned")  # untuned on pu
 import torch  # noqa: E402
 
 from flashmhf.bench.baselines import swiglu  # noqa: E402
-from flashmhf.bench.timing import median_ms  # noqa: E402
+from flashmhf.bench.timing import median_ms, peak_mib  # noqa: E402
 from flashmhf.checks import reference_grads_f64, rel_error  # noqa: E402
 
 DEV = "cuda"
@@ -235,18 +235,6 @@ def cuda_graph_check() -> dict:
 
 
 # ------------------------------------------------------------------------------------------- speed
-
-
-def peak_mib(fn) -> float:
-    """Allocator peak above what is allocated before the call, during one call (results kept)."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    result = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del result
-    return peak / 2**20
 
 
 def speed_case(name: str, tokens: int, compiled_swiglu) -> dict:

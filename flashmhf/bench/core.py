@@ -7,7 +7,7 @@ from dataclasses import asdict, astuple, dataclass, replace
 import torch
 
 from flashmhf.bench.baselines import swiglu, swiglu_weights
-from flashmhf.bench.timing import median_ms, tflops
+from flashmhf.bench.timing import median_ms, peak_mib, tflops
 from flashmhf.checks import TORCH_DTYPES, core_inputs, reference_f64, reference_grads_f64, rel_error
 from flashmhf.codegen import Spec, format_config
 
@@ -40,15 +40,6 @@ class CoreRow:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "flashmhf_tflops": self.flashmhf_tflops, "swiglu_tflops": self.swiglu_tflops}
-
-
-def _peak_mib(fn) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def bench_core(spec: Spec, d_ff: int, tokens: int, *, backward: bool, compile_swiglu: bool) -> CoreRow:
@@ -92,7 +83,7 @@ def bench_core(spec: Spec, d_ff: int, tokens: int, *, backward: bool, compile_sw
     if not backward:
         return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, config, source)
     bwd = {slot: _backward_choice(spec, slot, tokens) for slot in BACKWARD_KINDS}
-    return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, config, source, _peak_mib(op), _peak_mib(sw), bwd)
+    return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, config, source, peak_mib(op), peak_mib(sw), bwd)
 
 
 def _kind_that_ran(spec: Spec, slot: str, tokens: int) -> str:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from flashmhf.bench.baselines import swiglu, swiglu_weights
-from flashmhf.bench.timing import median_ms
+from flashmhf.bench.timing import median_ms, peak_mib
 from flashmhf.checks import rel_error
 
 CHECK_TOKENS = 1024  # the layer is position-wise: its first tokens are checked against float64
@@ -88,16 +88,6 @@ def saved_bytes_by_dtype(fn) -> dict[torch.dtype, int]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return total
-
-
-def peak_mib(fn) -> float:
-    """CUDA allocator peak above what was allocated before, during one call of ``fn``."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def bench_layer(module: nn.Module, tokens: int, *, backward: bool, compile_models: bool, seed: int = 0) -> LayerRow:

@@ -1,4 +1,5 @@
-"""Timing helpers: medians of triton.testing.do_bench (L2 flushed), or CUDA-graph replay."""
+"""Timing helpers: medians of triton.testing.do_bench (L2 flushed), or CUDA-graph replay; and the
+CUDA allocator peak of one call."""
 
 from __future__ import annotations
 
@@ -16,3 +17,15 @@ def median_ms(fn: Callable[[], object], *, graph: bool = False, warmup: int = 25
 
 def tflops(flop: float, ms: float) -> float:
     return flop / (ms * 1e-3) / 1e12
+
+
+def peak_mib(fn: Callable[[], object]) -> float:
+    """CUDA allocator peak above what was allocated before, during one call of ``fn`` (MiB)."""
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
