@@ -154,7 +154,7 @@ def reference_core(q, k, u, v, r, precision: torch.dtype = torch.float32) -> tor
 
 
 def use_reference_core(model: nn.Module, precision: torch.dtype = torch.float32) -> None:
-    core = reference_core if precision == torch.float32 else functools.partial(reference_core, precision=precision)
+    core = functools.partial(reference_core, precision=precision)
     for m in model.modules():
         if isinstance(m, fm.FlashMHF):
             m.core_fn = core

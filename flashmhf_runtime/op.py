@@ -25,7 +25,7 @@ import functools
 import torch
 
 from flashmhf.cache.device import device_info, interpreting
-from flashmhf.codegen import Config, Spec, SpecError, get_kind, load
+from flashmhf.codegen import Config, Spec, get_kind, load
 from flashmhf.codegen.kinds import hopper
 from flashmhf_runtime import dispatch, reference
 from flashmhf_runtime.direct_launch import DirectLauncher
@@ -98,13 +98,8 @@ WARP_SPECIALIZED_DQ = True
 def _warp_specialized_runs(kind: str, shape_key: tuple, device_index: int | None) -> bool:
     """Whether the warp-specialized ``kind`` can run shape (H, H_kv, d_h, E, d_e, dtype) on that GPU."""
     ws = get_kind(kind)
-    if ws.unavailable(device_info(device_index).cuda_capability) is not None:
-        return False
-    try:
-        ws.default(Spec(kind, *shape_key), 1 << 14)  # raises for a shape the kind cannot take
-    except SpecError:
-        return False
-    return True
+    return ws.unavailable(device_info(device_index).cuda_capability) is None and \
+        ws.shape_reason(Spec(kind, *shape_key)) is None
 
 
 def _kind(plain: str, warp_specialized: str, enabled: bool, spec_key: tuple, device: torch.device,
@@ -135,6 +130,13 @@ def forward_kind(spec_key: tuple, n_tokens: int, device: torch.device) -> str:
     ``fwd_ws`` on a Hopper GPU from ``hopper.MIN_TOKENS`` tokens when the shape allows it and
     ``WARP_SPECIALIZED_FORWARD`` is on, else ``fwd`` (which also serves decode sizes)."""
     return _kind("fwd", "fwd_ws", WARP_SPECIALIZED_FORWARD, spec_key, device, n_tokens)
+
+
+def kernel_kinds(spec_key: tuple, n_tokens: int, device: torch.device) -> dict[str, str]:
+    """The kinds the op runs for ``spec_key`` = (H, H_kv, d_h, E, d_e, dtype) at ``n_tokens`` on
+    ``device``, by slot: {"fwd": …, "bwd_dq": …, "bwd_dkuv": …}."""
+    return {"fwd": forward_kind(spec_key, n_tokens, device), "bwd_dq": dq_kind(spec_key, n_tokens, device),
+            "bwd_dkuv": dkuv_kind(spec_key, device)}
 
 
 @functools.cache

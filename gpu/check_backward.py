@@ -154,8 +154,8 @@ def op_kinds(shape, tokens: int) -> tuple[str, str, str]:
     the shape and token count allow)."""
     from flashmhf_runtime import op
 
-    key, dev = (*shape, "bf16"), torch.device(DEV)
-    return op.forward_kind(key, tokens, dev), op.dq_kind(key, tokens, dev), op.dkuv_kind(key, dev)
+    kinds = op.kernel_kinds((*shape, "bf16"), tokens, torch.device(DEV))
+    return kinds["fwd"], kinds["bwd_dq"], kinds["bwd_dkuv"]
 
 
 # ------------------------------------------------------------------------------------------- checks

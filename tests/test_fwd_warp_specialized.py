@@ -96,6 +96,8 @@ def test_op_runs_it_from_1024_tokens_on_hopper_only(monkeypatch):
         assert op.forward_kind((4, 4, 96, 3, 128, "bf16"), 4096, cuda) == "fwd"  # shape it cannot take
         assert op.forward_kind((*REPO_13B, "fp32"), 4096, cuda) == "fwd"
         assert op.forward_kind(key, 4096, torch.device("cpu")) == "fwd"
+        assert op.kernel_kinds(key, 4096, cuda) == {"fwd": "fwd_ws", "bwd_dq": "bwd_dq_ws", "bwd_dkuv": "bwd_dkuv_ws"}
+        assert op.kernel_kinds(key, 64, cuda) == {"fwd": "fwd", "bwd_dq": "bwd_dq", "bwd_dkuv": "bwd_dkuv_ws"}
         monkeypatch.setattr(op, "WARP_SPECIALIZED_FORWARD", False)
         assert op.forward_kind(key, 4096, cuda) == "fwd"
         monkeypatch.setattr(op, "WARP_SPECIALIZED_FORWARD", True)
@@ -103,6 +105,15 @@ def test_op_runs_it_from_1024_tokens_on_hopper_only(monkeypatch):
         assert op.forward_kind(key, 4096, cuda) == "fwd"  # an A100
     finally:
         op._warp_specialized_runs.cache_clear()
+
+
+def test_kinds_say_which_shapes_they_cannot_take():
+    from flashmhf.codegen import get_kind
+
+    assert get_kind("fwd_ws").shape_reason(Spec("fwd_ws", *REPO_13B, "bf16")) is None
+    assert "16-bit" in get_kind("fwd_ws").shape_reason(Spec("fwd_ws", *REPO_13B, "fp32"))
+    assert "head_dim=96" in get_kind("bwd_dq_ws").shape_reason(Spec("bwd_dq_ws", 4, 4, 96, 3, 128, "bf16"))
+    assert get_kind("fwd").shape_reason(Spec("fwd", 4, 4, 96, 3, 128, "fp32")) is None  # fwd takes every shape
 
 
 def test_tune_leaves_small_token_counts_to_fwd():

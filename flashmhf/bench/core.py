@@ -90,12 +90,7 @@ def _kind_that_ran(spec: Spec, slot: str, tokens: int) -> str:
     """The kind the op runs for one slot (fwd, bwd_dq, bwd_dkuv): on Hopper GPUs a warp-specialized one."""
     from flashmhf_runtime import op
 
-    shape, device = astuple(spec)[1:], torch.device("cuda", torch.cuda.current_device())
-    if slot == "fwd":
-        return op.forward_kind(shape, tokens, device)
-    if slot == "bwd_dq":
-        return op.dq_kind(shape, tokens, device)
-    return op.dkuv_kind(shape, device)
+    return op.kernel_kinds(astuple(spec)[1:], tokens, torch.device("cuda", torch.cuda.current_device()))[slot]
 
 
 def _backward_choice(spec: Spec, slot: str, tokens: int) -> str:

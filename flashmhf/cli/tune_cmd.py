@@ -65,14 +65,13 @@ def _fitting(specs: list[Spec], named: bool, console: Console) -> list[Spec]:
 
     kept = []
     for s in specs:
-        try:
-            get_kind(s.kind).default(s, 1)
-        except SpecError as exc:
-            if named:
-                raise
-            console.print(f"[dim]Skipping {s.kind} for {s.dtype}: {exc}.[/]")
-            continue
-        kept.append(s)
+        why = get_kind(s.kind).shape_reason(s)
+        if why and named:
+            raise SpecError(why)
+        if why:
+            console.print(f"[dim]Skipping {s.kind} for {s.dtype}: {why}.[/]")
+        else:
+            kept.append(s)
     return kept
 
 

@@ -71,6 +71,17 @@ class KernelKind:
             h.update(extra.encode())
         return h.hexdigest()[:16]
 
+    def shape_reason(self, spec: Spec) -> str | None:
+        """Why the kind cannot take ``spec``'s layer shape and dtype with any config (None: it can).
+        A kind's ``default`` raises ``SpecError`` for exactly those shapes."""
+        from flashmhf.codegen.spec import SpecError
+
+        try:
+            self.default(spec, 1)
+        except SpecError as exc:
+            return str(exc)
+        return None
+
     def complete(self, config: Config) -> Config:
         """``config`` with every param added since it was written set to its ``absent`` value (what the
         template did before the param existed), so older cache rows and pinned configs stay usable."""

@@ -15,8 +15,6 @@ from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param
 from flashmhf.codegen.spec import Spec
 
 ROWS = 64  # rows per warp group; a program covers two groups
-# Below this many tokens the plain forward (split d_ff, launched without Triton's JIT dispatch) wins.
-MIN_TOKENS = 1024
 
 
 def estimate_smem(spec: Spec, c: Config) -> int:
