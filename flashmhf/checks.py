@@ -60,3 +60,20 @@ def reference_grads_f64(q, k, u, v, r, ds, chunk: int = 2048) -> tuple[torch.Ten
         for acc, g in zip(dws, grads[1:4]):
             acc += g
     return (torch.cat(dqs).view(q.shape), *dws, torch.cat(drs).view(r.shape))
+
+
+def reference_norm_router_f64(q, norm_w, w_r) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (qn, r) of the layer's head RMSNorm (skipped when ``norm_w`` is None) and router."""
+    qn = q.double() if norm_w is None else reference.head_rms_norm(q.double(), norm_w.double())
+    return qn, reference.router(qn, w_r.double())
+
+
+def reference_norm_router_grads_f64(q, norm_w, w_r, dqn, dr) -> tuple[torch.Tensor, ...]:
+    """float64 (dq, dW_r, dw_norm) of q -> (qn, r) for the gradients dqn (of qn, as the core would give
+    it) and dr; dw_norm is None without a norm."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, w_r)]
+    nw = None if norm_w is None else norm_w.detach().double().requires_grad_()
+    qn, r = reference_norm_router_f64(leaves[0], nw, leaves[1])
+    inputs = (*leaves, nw) if nw is not None else tuple(leaves)
+    grads = torch.autograd.grad((qn, r), inputs, (dqn.double(), dr.double()))
+    return grads[0], grads[1], grads[2] if nw is not None else None

@@ -15,11 +15,11 @@ from torch import nn
 from flashmhf_runtime import lean_autograd
 from flashmhf_runtime.op import flash_mhf
 from flashmhf_runtime.presets import get_preset
+from flashmhf_runtime.reference import HEAD_NORM_EPS
 
 # Initialisation of the authors' public configs (initializer_range 0.02, w_self gains 0.707).
 INIT_STD = 0.02
 PROJ_GAIN = 0.707
-HEAD_NORM_EPS = 1e-5
 
 Core = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

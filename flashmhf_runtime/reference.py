@@ -8,6 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The head RMSNorm's epsilon (the authors' configs).
+HEAD_NORM_EPS = 1e-5
+
 
 def flash_mhf(q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """The FlashMHF core: ``s[t,h] = sum_e r[t,h,e] * (silu(q K_e^T) * (q U_e^T)) V_e``.
@@ -65,7 +68,7 @@ def router(q: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
     return g / g.sum(-1, keepdim=True)
 
 
-def head_rms_norm(q: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def head_rms_norm(q: torch.Tensor, weight: torch.Tensor, eps: float = HEAD_NORM_EPS) -> torch.Tensor:
     """Per-head RMSNorm over d_h, computed in fp32 and returned in q's dtype."""
     qf = at_least_fp32(q)
     qf = qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + eps)

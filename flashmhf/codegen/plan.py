@@ -35,6 +35,7 @@ class Plan:
             "E": s.n_experts,
             "D_E": s.expert_dim,
             "D_FF": self.d_ff,
+            "E_PAD": max(16, next_pow2(s.n_experts)),  # router logits as one tensor-core tile
             "DTYPE": self.tl_dtype,
             "DOT_PRECISION": self.dot_precision,
         }

@@ -8,8 +8,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flashmhf.checks import TORCH_DTYPES, core_inputs, reference_f64, reference_grads_f64, rel_error
+from flashmhf.checks import (
+    TORCH_DTYPES,
+    core_inputs,
+    reference_f64,
+    reference_grads_f64,
+    reference_norm_router_f64,
+    reference_norm_router_grads_f64,
+    rel_error,
+)
 from flashmhf.codegen import Config, Spec, load
+from flashmhf_runtime.reference import HEAD_NORM_EPS
 
 TOLERANCE = {"bf16": 1e-2, "fp16": 3e-3, "fp32": 1e-4}
 # Gradients go through one more rounding (ds and the recomputed activations): DESIGN's training limits.
@@ -100,3 +109,48 @@ def _bwd_fused(spec: Spec, tokens: int, device: str, seed: int, with_reference: 
     dk, du, dv = (torch.full_like(k, float("nan")) for _ in range(3))
     outputs = [dq, dk, du, dv, dr]
     return Problem(spec, tokens, (q, k, u, v, r, ds, *outputs), outputs, list(ref) if ref else [])
+
+
+def _norm_router_inputs(spec: Spec, tokens: int, device: str, seed: int):
+    """q ~ N(0, 1) in the spec's dtype, norm weight ~ 1 + N(0, 0.1), router weights ~ N(0, 0.3 / sqrt(d_h))
+    (logits of order 0.3, so the sigmoid is not flat)."""
+    dtype = TORCH_DTYPES[spec.dtype]
+    kw = dict(device=device, generator=torch.Generator(device=device).manual_seed(seed))
+    q = torch.randn(tokens, spec.n_heads, spec.head_dim, **kw).to(dtype)
+    norm_w = (1 + 0.1 * torch.randn(spec.n_heads, spec.head_dim, **kw)).to(dtype)
+    w_r = (0.3 * spec.head_dim**-0.5 * torch.randn(spec.n_heads, spec.head_dim, spec.n_experts, **kw)).to(dtype)
+    return q, norm_w, w_r
+
+
+@builder("router")
+@builder("norm_router")
+def _norm_router(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
+    q, norm_w, w_r = _norm_router_inputs(spec, tokens, device, seed)
+    norm = spec.kind == "norm_router"
+    qn = torch.full_like(q, float("nan"))
+    r = torch.full((tokens, spec.n_heads, spec.n_experts), float("nan"), device=device)
+    ref = []
+    if with_reference:
+        qn64, r64 = reference_norm_router_f64(q, norm_w if norm else None, w_r)
+        ref = [qn64, r64] if norm else [r64]
+    outputs = [qn, r] if norm else [r]
+    return Problem(spec, tokens, (q, norm_w, w_r, qn if norm else q, r, HEAD_NORM_EPS), outputs, ref)
+
+
+@builder("router_bwd")
+@builder("norm_router_bwd")
+def _norm_router_bwd(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
+    q, norm_w, w_r = _norm_router_inputs(spec, tokens, device, seed)
+    norm = spec.kind == "norm_router_bwd"
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    dqn = torch.randn(q.shape, device=device, generator=g).to(q.dtype)
+    dr = torch.randn(tokens, spec.n_heads, spec.n_experts, device=device, generator=g)
+    dq = torch.full_like(q, float("nan"))
+    dw_r = torch.full_like(w_r, float("nan"))
+    dw_norm = torch.full_like(norm_w, float("nan")) if norm else dw_r
+    ref = []
+    if with_reference:
+        dq64, dw_r64, dw_norm64 = reference_norm_router_grads_f64(q, norm_w if norm else None, w_r, dqn, dr)
+        ref = [dq64, dw_r64] + ([dw_norm64] if norm else [])
+    outputs = [dq, dw_r] + ([dw_norm] if norm else [])
+    return Problem(spec, tokens, (q, norm_w, w_r, dqn, dr, dq, dw_r, dw_norm, HEAD_NORM_EPS), outputs, ref)

@@ -10,8 +10,12 @@ from flashmhf.codegen.kinds.bwd_dq_ws import BWD_DQ_WS
 from flashmhf.codegen.kinds.bwd_fused import BWD_FUSED
 from flashmhf.codegen.kinds.fwd import FWD
 from flashmhf.codegen.kinds.fwd_ws import FWD_WS
+from flashmhf.codegen.kinds.norm_router import NORM_ROUTER, NORM_ROUTER_BWD, ROUTER, ROUTER_BWD
 
-KINDS: dict[str, KernelKind] = {k.name: k for k in (FWD, FWD_WS, BWD_DQ, BWD_DQ_WS, BWD_DKUV, BWD_DKUV_WS, BWD_FUSED)}
+KINDS: dict[str, KernelKind] = {
+    k.name: k for k in (FWD, FWD_WS, BWD_DQ, BWD_DQ_WS, BWD_DKUV, BWD_DKUV_WS, BWD_FUSED, NORM_ROUTER, ROUTER,
+                        NORM_ROUTER_BWD, ROUTER_BWD)
+}
 
 
 def get_kind(name: str) -> KernelKind:

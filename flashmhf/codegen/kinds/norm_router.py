@@ -1,0 +1,124 @@
+"""The layer's head RMSNorm and router as generated kernels, around the core (issue: the fused layer).
+
+Forward (``norm_router``; ``router`` for a layer without head norm): per (token block, head) one
+program normalises q (fp32), stores qn in q's dtype, multiplies qn by the router weights W_r[h]
+(one (BLOCK_T x d_h) x (d_h x E) tensor-core product) and stores r = normalise(sigmoid(.)) in fp32.
+Backward (``norm_router_bwd`` / ``router_bwd``): recomputes qn and the router, adds the router's
+part to the core's dqn, goes back through the norm, writes dq, and sums dW_r (and dw_norm) over
+tokens in registers: per head, ``split`` programs each take every ``split``-th token block and write
+one fp32 partial; a second small kernel sums the partials (deterministic: no atomics).
+
+All four read d_h padded to a power of two and E padded to a power of two >= 16; they use neither
+H_kv nor d_e, which are in the spec only because every kind shares the layer's key.
+"""
+
+from __future__ import annotations
+
+from flashmhf.codegen.kinds.base import DTYPE_BYTES, MAX_REGS_PER_THREAD, Config, KernelKind, Param, first_accepted, \
+    next_pow2
+from flashmhf.codegen.spec import Spec
+
+# Programs that fill a large GPU twice (an H200 has 132 SMs): the backward's default split aims here.
+TARGET_PROGRAMS = 264
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def e_pad(spec: Spec) -> int:
+    return max(16, next_pow2(spec.n_experts))
+
+
+def estimate_regs(spec: Spec, c: Config, backward: bool) -> int:
+    """fp32 values per thread: the q tile (a few live copies in the backward) and the logits tile,
+    plus the backward's dW_r accumulator; plus fixed overhead."""
+    d_pad, ep = next_pow2(spec.head_dim), e_pad(spec)
+    tiles = c["block_t"] * d_pad * (4 if backward else 2) + c["block_t"] * ep * (3 if backward else 2)
+    if backward:
+        tiles += d_pad * ep
+    return tiles // (c["num_warps"] * 32) + 32
+
+
+def _reject(spec: Spec, c: Config, tokens: int | None, backward: bool) -> str | None:
+    if (regs := estimate_regs(spec, c, backward)) > MAX_REGS_PER_THREAD:
+        return f"needs ~{regs} registers per thread (> {MAX_REGS_PER_THREAD}): would spill"
+    if tokens is not None:
+        if c["block_t"] > max(16, next_pow2(tokens)):
+            return f"block_t={c['block_t']} is larger than the {tokens} tokens it would cover"
+        if backward and c["split"] > _cdiv(tokens, c["block_t"]):
+            return f"split={c['split']} exceeds the {_cdiv(tokens, c['block_t'])} token blocks"
+    return None
+
+
+def reject_forward(spec: Spec, c: Config, tokens: int | None) -> str | None:
+    return _reject(spec, c, tokens, backward=False)
+
+
+def reject_backward(spec: Spec, c: Config, tokens: int | None) -> str | None:
+    return _reject(spec, c, tokens, backward=True)
+
+
+def default_forward(spec: Spec, tokens: int) -> Config:
+    """64-token blocks (fewer at decode sizes), 4 warps."""
+    block_t = min(64, max(16, next_pow2(tokens)))
+    candidates = [{"block_t": bt, "num_warps": w} for bt in (block_t, 32, 16) for w in (4, 8)]
+    return first_accepted(reject_forward, spec, candidates)
+
+
+def default_backward(spec: Spec, tokens: int) -> Config:
+    """64-token blocks and enough programs per head to fill the GPU twice over."""
+    block_t = min(64, max(16, next_pow2(tokens)))
+    blocks = _cdiv(max(tokens, 1), block_t)
+    split = 1
+    while split * 2 <= blocks and split * 2 * spec.n_heads <= TARGET_PROGRAMS:
+        split *= 2
+    candidates = [{"block_t": bt, "split": split, "num_warps": w} for bt in (block_t, 32, 16) for w in (4, 8)]
+    return first_accepted(reject_backward, spec, candidates)
+
+
+def flops_forward(spec: Spec, tokens: int) -> float:
+    """The router product (2 T d_model E); the norm's few operations per element are not counted."""
+    return 2.0 * tokens * spec.d_model * spec.n_experts
+
+
+def flops_backward(spec: Spec, tokens: int) -> float:
+    """Router recomputed, dqn and dW_r: three products of the forward's size."""
+    return 3 * flops_forward(spec, tokens)
+
+
+def bytes_forward(spec: Spec, tokens: int, norm: bool) -> int:
+    """Device-memory traffic: q read (qn written, with norm) and r written in fp32."""
+    b = DTYPE_BYTES[spec.dtype]
+    return tokens * spec.d_model * b * (2 if norm else 1) + tokens * spec.n_heads * spec.n_experts * 4
+
+
+_FORWARD_PARAMS = (
+    Param("block_t", (16, 32, 64, 128), help="tokens per program (one head)"),
+    Param("num_warps", (1, 2, 4, 8), help="warps per program"),
+)
+_BACKWARD_PARAMS = (
+    Param("block_t", (16, 32, 64, 128), help="tokens per loop step"),
+    Param("split", (1, 2, 4, 8, 16, 32, 64), help="programs per head, each summing its own dW_r partial"),
+    Param("num_warps", (1, 2, 4, 8), help="warps per program"),
+)
+
+
+def _forward_kind(name: str, what: str) -> KernelKind:
+    return KernelKind(
+        name=name, template="norm_router.py.jinja", description=what, params=_FORWARD_PARAMS,
+        reject=reject_forward, default=default_forward, flops=flops_forward,
+    )
+
+
+def _backward_kind(name: str, what: str) -> KernelKind:
+    return KernelKind(
+        name=name, template="norm_router_bwd.py.jinja", description=what, params=_BACKWARD_PARAMS,
+        reject=reject_backward, default=default_backward, flops=flops_backward,
+    )
+
+
+NORM_ROUTER = _forward_kind("norm_router", "layer: head RMSNorm of q, then r = normalise(sigmoid(qn W_r)) (fp32)")
+ROUTER = _forward_kind("router", "layer without head norm: r = normalise(sigmoid(q W_r)) (fp32)")
+NORM_ROUTER_BWD = _backward_kind("norm_router_bwd", "layer backward: router and head RMSNorm, dq, dW_r, dw_norm")
+ROUTER_BWD = _backward_kind("router_bwd", "layer backward without head norm: router, dq, dW_r")
