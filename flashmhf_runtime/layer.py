@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from flashmhf_runtime import lean_autograd
-from flashmhf_runtime.op import flash_mhf
+from flashmhf_runtime.layer_op import layer_core
 from flashmhf_runtime.presets import get_preset
 from flashmhf_runtime.reference import HEAD_NORM_EPS
 
@@ -57,8 +57,11 @@ class FlashMHF(nn.Module):
     across groups of heads (head h uses kv head ``h // (n_heads // n_kv_heads)``). ``head_norm``
     adds the per-head RMSNorm of q used by the authors' 370M/1.3B configs.
 
-    ``core_fn`` (an attribute, default ``None`` = ``fm.flash_mhf``) swaps the core for another
-    function of (q, k, u, v, r), e.g. the reference for a side-by-side run.
+    Between its two projections the layer is one op (``flashmhf_runtime.layer_op.layer_core``):
+    generated kernels for the head norm and router around the core's kernels, forward and backward.
+    ``core_fn`` (an attribute, default ``None``) swaps the core for another function of
+    (q, k, u, v, r), e.g. the reference for a side-by-side run; the norm and router then run as
+    PyTorch ops (``route``, ``head_norm``).
     """
 
     def __init__(
@@ -136,15 +139,27 @@ class FlashMHF(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.d_model,):
             raise ValueError(f"x: expected shape (..., {self.d_model}), got {tuple(x.shape)}")
-        q = self.w_in(x).unflatten(-1, (self.n_heads, self.head_dim))
+        q = self.w_in(x)
+        if self.core_fn is not None:
+            s = self._unfused(q)
+        else:
+            # One op between the projections: generated norm/router kernels around the core.
+            # Under autocast q is 16-bit while the weights stay fp32: the kernels take one dtype.
+            norm_w = None if self.head_norm is None else self.head_norm.weight
+            weights = (norm_w, self.router, self.k, self.u, self.v)
+            norm_w, w_r, k, u, v = (w if w is None or w.dtype == q.dtype else w.to(q.dtype) for w in weights)
+            eps = HEAD_NORM_EPS if self.head_norm is None else self.head_norm.eps
+            s = layer_core(q, norm_w, w_r, k, u, v, eps)
+        return self.w_out(s)
+
+    def _unfused(self, q: torch.Tensor) -> torch.Tensor:
+        """Norm and router as PyTorch ops around ``core_fn`` (a reference swap of the core)."""
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))
         if self.head_norm is not None:
             q = self.head_norm(q)
         r = self.route(q)
-        # Under autocast q is 16-bit while the weights stay fp32: the core takes one dtype.
         k, u, v = (w.to(q.dtype) for w in (self.k, self.u, self.v))
-        core = self.core_fn or flash_mhf
-        s = core(q, k, u, v, r)
-        return self.w_out(s.flatten(-2))
+        return self.core_fn(q, k, u, v, r).flatten(-2)
 
     def extra_repr(self) -> str:
         kv = f", n_kv_heads={self.n_kv_heads}" if self.n_kv_heads != self.n_heads else ""

@@ -1,0 +1,303 @@
+"""The layer between its two projections as one op: q (the W_in output) -> s (the W_out input).
+
+``layer_core(q, norm_w, w_r, k, u, v, eps)`` computes the head RMSNorm (when ``norm_w`` is given)
+and the router in one generated kernel (kind ``norm_router``, or ``router`` without a norm) and the
+core in the core op's kernels. Its backward recomputes qn and r with that kernel, runs the core's
+backward kernels, then one generated kernel (``norm_router_bwd`` / ``router_bwd``) for the router's
+and the norm's backward together with their weight gradients. Only q and the weights are saved for
+backward: nothing of the norm or router is kept between the passes.
+
+The same functions back the torch custom ops ``flashmhf::layer_core`` and ``flashmhf::layer_core_bwd``
+(what torch.compile sees) and, in eager mode, a ``torch.autograd.Function``: the Python dispatch of a
+custom op with autograd costs about three times the host time of a Function call, and at decode and
+small training sizes host time is what the layer's speed is made of. Both run the same kernels.
+
+Host path: a call's checks are memoised per signature (shapes, dtypes, devices), and the generated
+kernels are launched through ``DirectLauncher`` (precomputed arguments) after their first launch for
+a token count. Off CUDA (without ``TRITON_INTERPRET=1``) the same maths runs in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from flashmhf.codegen import Spec, load
+from flashmhf_runtime import dispatch, op
+from flashmhf_runtime.direct_launch import DirectLauncher
+from flashmhf_runtime.lean_autograd import head_rms_norm_backward, head_rms_norm_rstd, router_backward, router_gate
+from flashmhf_runtime.reference import HEAD_NORM_EPS, at_least_fp32
+from flashmhf_runtime.validation import DTYPE_NAMES, SUPPORTED_DTYPES
+
+# Direct launchers of the norm/router kinds by (spec key, token count, device index, eps). Bounded:
+# variable sequence lengths make one entry per token count.
+_direct: dict[tuple, DirectLauncher | None] = {}
+_MAX_DIRECT = 4096
+# Signatures whose checks passed: (shape, dtype, device) of q, norm_w, w_r, k, u, v -> dims.
+_checked: dict[tuple, tuple[int, int, int, int, int]] = {}
+dispatch.on_reset(_direct.clear)
+dispatch.on_reset(_checked.clear)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_layer_inputs(q, norm_w, w_r, k, u, v) -> tuple[int, int, int, int, int]:
+    """Validate ``layer_core``'s arguments; return (H, H_kv, d_h, E, d_e). ValueError names the argument."""
+    named = (("q", q), ("norm_w", norm_w), ("w_r", w_r), ("k", k), ("u", u), ("v", v))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) and not (name == "norm_w" and t is None):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if w_r.dim() != 3:
+        raise ValueError(f"w_r: expected shape (H, d_h, E), got {_shape(w_r)}")
+    n_heads, head_dim, n_exp = w_r.shape
+    if q.dim() < 1 or q.shape[-1] != n_heads * head_dim:
+        raise ValueError(f"q: expected shape (..., {n_heads * head_dim}) (H * d_h from w_r), got {_shape(q)}")
+    if norm_w is not None and tuple(norm_w.shape) != (n_heads, head_dim):
+        raise ValueError(f"norm_w: expected shape ({n_heads}, {head_dim}) (H, d_h from w_r), got {_shape(norm_w)}")
+    if k.dim() != 4 or k.shape[1] != n_exp or k.shape[3] != head_dim:
+        raise ValueError(f"k: expected shape (H_kv, {n_exp}, d_e, {head_dim}) (E, d_h from w_r), got {_shape(k)}")
+    for name, t in (("u", u), ("v", v)):
+        if t.shape != k.shape:
+            raise ValueError(f"{name}: expected shape {_shape(k)} (same as k), got {_shape(t)}")
+    n_kv = k.shape[0]
+    if n_kv == 0 or n_heads % n_kv:
+        raise ValueError(f"k: expected H_kv dividing H={n_heads}, got H_kv={n_kv}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q: expected dtype bfloat16, float16 or float32, got {q.dtype}")
+    for name, t in named[1:]:
+        if t is None:
+            continue
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected dtype {q.dtype} (same as q), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (same as q), got {t.device}")
+    return n_heads, n_kv, head_dim, n_exp, k.shape[2]
+
+
+def _signature(*tensors) -> tuple:
+    return tuple(None if t is None else (t.shape, t.dtype, t.device) for t in tensors)
+
+
+def _dims(q, norm_w, w_r, k, u, v) -> tuple[int, int, int, int, int]:
+    """check_layer_inputs, memoised per signature."""
+    sig = _signature(q, norm_w, w_r, k, u, v)
+    dims = _checked.get(sig)
+    if dims is None:
+        dims = check_layer_inputs(q, norm_w, w_r, k, u, v)
+        _checked[sig] = dims
+    return dims
+
+
+@functools.cache
+def _single_gpu() -> bool:
+    # Direct launches go to the current stream of the tensors' device, the JIT's to the current
+    # device: on one GPU they agree (the op's fast path keeps the same rule).
+    return torch.cuda.device_count() <= 1
+
+
+def _launch(spec_key: tuple, n_tokens: int, device_index: int | None, eps: float, *tensors) -> None:
+    """Launch a norm/router kind on contiguous ``tensors`` (its module's SLOTS): the first call for a
+    token count through dispatch (config choice, compile, warnings), later ones directly."""
+    key = (spec_key, n_tokens, device_index, eps)
+    launcher = _direct.get(key)
+    if launcher is not None:
+        launcher(*tensors)
+        return
+    dispatch.launch(spec_key, n_tokens, device_index, *tensors, eps)
+    config = dispatch.memoised_config(spec_key, n_tokens, device_index)
+    if config is not None and _single_gpu():
+        if len(_direct) >= _MAX_DIRECT:
+            _direct.clear()
+        module = load(Spec(*spec_key))
+        _direct[key] = DirectLauncher(module, module.contiguous_plan(n_tokens, eps, **config), device_index)
+
+
+def _shape_key(dims: tuple, dtype: torch.dtype) -> tuple:
+    return (*dims, DTYPE_NAMES[dtype])
+
+
+def _rows(x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """x (..., H * d_h) as contiguous (T, H, d_h)."""
+    x3 = x.reshape(-1, n_heads, head_dim)
+    return x3 if x3.is_contiguous() else x3.contiguous()
+
+
+def _norm_router_kernel(q3, norm_w, w_r, eps, shape_key) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qn, r) for contiguous q3 (T, H, d_h) through the generated kernel; qn is q3 without a norm."""
+    n_tokens, n_heads = q3.shape[0], q3.shape[1]
+    r = torch.empty((n_tokens, n_heads, w_r.shape[2]), dtype=torch.float32, device=q3.device)
+    qn = q3 if norm_w is None else torch.empty_like(q3)
+    if n_tokens:
+        kind = "router" if norm_w is None else "norm_router"
+        _launch((kind, *shape_key), n_tokens, q3.device.index, eps, q3, w_r if norm_w is None else norm_w, w_r,
+                qn, r)
+    return qn, r
+
+
+def _norm_router_reference(q4, norm_w, w_r, eps):
+    """(qn, r, g, sum g, rstd) in plain PyTorch (fp32 maths); q4 is (..., H, d_h)."""
+    rstd = None if norm_w is None else head_rms_norm_rstd(q4, eps)
+    qn = q4 if norm_w is None else (at_least_fp32(q4) * rstd * at_least_fp32(norm_w)).to(q4.dtype)
+    g, total = router_gate(qn, w_r)
+    return qn, g / total, g, total, rstd
+
+
+def layer_core_forward(q, norm_w, w_r, k, u, v, eps: float = HEAD_NORM_EPS) -> torch.Tensor:
+    """s (shaped like q) for q (..., H * d_h): norm, router and core, without autograd."""
+    dims = _dims(q, norm_w, w_r, k, u, v)
+    n_heads, head_dim = dims[0], dims[2]
+    if not op.uses_kernels(q.device):
+        qn, r, *_ = _norm_router_reference(q.unflatten(-1, (n_heads, head_dim)), norm_w, w_r, eps)
+        return op.core_forward(qn, k, u, v, r, None).reshape(q.shape)
+    q3 = _rows(q, n_heads, head_dim)
+    qn, r = _norm_router_kernel(q3, norm_w, w_r, eps, _shape_key(dims, q.dtype))
+    with torch.no_grad():  # the core's inference fast path
+        s = op.flash_mhf(qn, k, u, v, r)
+    return s.view(q.shape)
+
+
+def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS, need_q_side: bool = True,
+                        need_dkuv: bool = True) -> tuple[torch.Tensor, ...]:
+    """Gradients (dq, dnorm_w, dw_r, dk, du, dv) for the output gradient ``ds`` (shaped like q).
+
+    ``need_q_side`` covers dq, dnorm_w and dw_r, ``need_dkuv`` dk, du and dv; a gradient not asked
+    for, and dnorm_w without a norm, comes back as an empty tensor."""
+    dims = _dims(q, norm_w, w_r, k, u, v)
+    n_heads, head_dim = dims[0], dims[2]
+    if ds.shape != q.shape or ds.dtype != q.dtype or ds.device != q.device:
+        raise ValueError(f"ds: expected shape {_shape(q)}, dtype {q.dtype}, device {q.device} (q's), got "
+                         f"{_shape(ds)}, {ds.dtype}, {ds.device}")
+    empty = functools.partial(torch.empty, 0, device=q.device)
+    if not op.uses_kernels(q.device):
+        return _reference_backward(q, norm_w, w_r, k, u, v, ds, eps, need_q_side, need_dkuv, dims)
+    q3, ds3 = _rows(q, n_heads, head_dim), _rows(ds, n_heads, head_dim)
+    shape_key = _shape_key(dims, q.dtype)
+    qn, r = _norm_router_kernel(q3, norm_w, w_r, eps, shape_key)
+    dqn, dk, du, dv, dr = op.core_backward(qn, k, u, v, r, ds3, need_q_side, need_dkuv)
+    dq, dnorm_w, dw_r = empty(dtype=q.dtype), empty(dtype=q.dtype), empty(dtype=w_r.dtype)
+    if need_q_side:
+        dq, dw_r = torch.empty_like(q3), torch.empty_like(w_r)
+        if norm_w is not None:
+            dnorm_w = torch.empty_like(norm_w)
+        kind = "router_bwd" if norm_w is None else "norm_router_bwd"
+        _launch((kind, *shape_key), q3.shape[0], q.device.index, eps, q3, w_r if norm_w is None else norm_w, w_r,
+                dqn, dr, dq, dw_r, dw_r if norm_w is None else dnorm_w)
+        dq = dq.view(q.shape)
+    return dq, dnorm_w, dw_r, dk, du, dv
+
+
+def _reference_backward(q, norm_w, w_r, k, u, v, ds, eps, need_q_side, need_dkuv, dims):
+    """layer_core_backward in plain PyTorch (the norm and router in fp32, the core's reference)."""
+    n_heads, head_dim = dims[0], dims[2]
+    q4, ds4 = q.unflatten(-1, (n_heads, head_dim)), ds.unflatten(-1, (n_heads, head_dim))
+    qn, r, g, total, rstd = _norm_router_reference(q4, norm_w, w_r, eps)
+    dqn, dk, du, dv, dr = op.core_backward(qn, k, u, v, r, ds4, need_q_side, need_dkuv)
+    empty = functools.partial(torch.empty, 0, device=q.device)
+    dq, dnorm_w, dw_r = empty(dtype=q.dtype), empty(dtype=q.dtype), empty(dtype=w_r.dtype)
+    if need_q_side:
+        dqn_router, dw_r = router_backward(at_least_fp32(qn), w_r, g, total, dr)  # fp32 dq part
+        dqn_total = dqn_router + dqn
+        if norm_w is None:
+            dq = dqn_total.to(q.dtype).reshape(q.shape)
+        else:
+            dq4, dnorm_w = head_rms_norm_backward(q4, norm_w, rstd, dqn_total)
+            dq = dq4.reshape(q.shape).contiguous()
+    return dq, dnorm_w, dw_r, dk, du, dv
+
+
+@torch.library.custom_op("flashmhf::layer_core", mutates_args=())
+def layer_core_op(q: torch.Tensor, norm_w: torch.Tensor | None, w_r: torch.Tensor, k: torch.Tensor,
+                  u: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    return layer_core_forward(q, norm_w, w_r, k, u, v, eps)
+
+
+@layer_core_op.register_fake
+def _layer_core_fake(q, norm_w, w_r, k, u, v, eps):
+    check_layer_inputs(q, norm_w, w_r, k, u, v)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op("flashmhf::layer_core_bwd", mutates_args=())
+def layer_core_bwd_op(
+    q: torch.Tensor, norm_w: torch.Tensor | None, w_r: torch.Tensor, k: torch.Tensor, u: torch.Tensor,
+    v: torch.Tensor, ds: torch.Tensor, eps: float, need_q_side: bool, need_dkuv: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps, need_q_side, need_dkuv)
+
+
+@layer_core_bwd_op.register_fake
+def _layer_core_bwd_fake(q, norm_w, w_r, k, u, v, ds, eps, need_q_side, need_dkuv):
+    check_layer_inputs(q, norm_w, w_r, k, u, v)
+
+    def grad(like: torch.Tensor | None, wanted: bool) -> torch.Tensor:
+        if like is None or not wanted:
+            return torch.empty(0, dtype=q.dtype if like is None else like.dtype, device=q.device)
+        return torch.empty(like.shape, dtype=like.dtype, device=q.device)
+
+    return (grad(q, need_q_side), grad(norm_w, need_q_side), grad(w_r, need_q_side), grad(k, need_dkuv),
+            grad(u, need_dkuv), grad(v, need_dkuv))
+
+
+def _needs(needs_input_grad) -> tuple[bool, bool]:
+    need_q, need_norm, need_w_r, need_k, need_u, need_v = needs_input_grad[:6]
+    return need_q or need_norm or need_w_r, need_k or need_u or need_v
+
+
+def _grads(needs_input_grad, grads) -> tuple:
+    """The gradients autograd asked for (None for the rest and for eps)."""
+    return (*(g if need else None for g, need in zip(grads, needs_input_grad[:6])), None)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, norm_w, w_r, k, u, v, eps = inputs
+    ctx.save_for_backward(q, norm_w, w_r, k, u, v)  # no activation of the norm, router or core
+    ctx.eps = eps
+
+
+def _backward(ctx, ds):
+    need_q_side, need_dkuv = _needs(ctx.needs_input_grad)
+    grads = layer_core_bwd_op(*ctx.saved_tensors, ds, ctx.eps, need_q_side, need_dkuv)
+    return _grads(ctx.needs_input_grad, grads)
+
+
+layer_core_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LayerCore(torch.autograd.Function):
+    """The eager twin of ``flashmhf::layer_core`` with the same forward and backward functions."""
+
+    @staticmethod
+    def forward(ctx, q, norm_w, w_r, k, u, v, eps):
+        ctx.save_for_backward(q, norm_w, w_r, k, u, v)
+        ctx.eps = eps
+        return layer_core_forward(q, norm_w, w_r, k, u, v, eps)
+
+    @staticmethod
+    def backward(ctx, ds):
+        need_q_side, need_dkuv = _needs(ctx.needs_input_grad)
+        grads = layer_core_backward(*ctx.saved_tensors, ds.contiguous(), ctx.eps, need_q_side, need_dkuv)
+        return _grads(ctx.needs_input_grad, grads)
+
+
+def layer_core(q: torch.Tensor, norm_w: torch.Tensor | None, w_r: torch.Tensor, k: torch.Tensor, u: torch.Tensor,
+               v: torch.Tensor, eps: float = HEAD_NORM_EPS) -> torch.Tensor:
+    """The FlashMHF layer between its projections: s = core(qn, K, U, V, router(qn)), qn = norm(q).
+
+    q: (..., H * d_h), the W_in output; norm_w: (H, d_h) or None (no head norm); w_r: (H, d_h, E);
+    k, u, v: (H_kv, E, d_e, d_h); all of q's dtype and device. Returns s shaped like q (the W_out
+    input). Differentiable in every tensor argument."""
+    if torch.compiler.is_compiling():
+        return layer_core_op(q, norm_w, w_r, k, u, v, eps)
+    try:
+        wants_grad = torch.is_grad_enabled() and (
+            q.requires_grad or w_r.requires_grad or k.requires_grad or u.requires_grad or v.requires_grad
+            or (norm_w is not None and norm_w.requires_grad))
+    except AttributeError:  # an argument is not a tensor: the checks name it
+        check_layer_inputs(q, norm_w, w_r, k, u, v)
+        raise
+    if wants_grad:
+        return _LayerCore.apply(q, norm_w, w_r, k, u, v, eps)
+    return layer_core_forward(q, norm_w, w_r, k, u, v, eps)

@@ -1,0 +1,233 @@
+"""The fused layer: generated head-norm/router kernels around the core (flashmhf_runtime.layer_op).
+
+Kernels run under Triton's interpreter (conftest); "cpu-reference" is what CPU users without
+TRITON_INTERPRET get (the same op in plain PyTorch). Everything is compared with float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashmhf_runtime as fm
+from flashmhf.bench.layer import saved_bytes_by_dtype
+from flashmhf.codegen import Spec, get_kind, render
+from flashmhf.tuner.harness import make_problem
+from flashmhf_runtime import layer_op, op, reference
+from tests.helpers import rel_error
+
+PATHS = ["interpreter", "cpu-reference"]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 3e-3}
+GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+def use_path(path: str, monkeypatch) -> None:
+    if path == "cpu-reference":
+        monkeypatch.setattr(op, "_INTERPRET", False)
+
+
+# ------------------------------------------------------------------------------ the kernels alone
+
+
+@pytest.mark.parametrize("kind", ["norm_router", "router", "norm_router_bwd", "router_bwd"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "h,d_h,e,tokens", [(3, 48, 5, 37), (2, 64, 22, 1), (4, 32, 40, 130)], ids=["dh48-E5-T37", "E22-T1", "E40-T130"]
+)
+def test_kernels_match_float64(kind, dtype, h, d_h, e, tokens):
+    spec = Spec(kind, h, h, d_h, e, 16, dtype)
+    problem = make_problem(spec, tokens, "cpu", seed=tokens)
+    config = get_kind(kind).default(spec, tokens)
+    assert problem.check(config) <= problem.tolerance  # outputs were poisoned with NaN first
+
+
+@pytest.mark.parametrize("config", [{"block_t": 16, "split": 4, "num_warps": 2}, {"block_t": 32, "split": 1,
+                                                                                  "num_warps": 4}])
+def test_backward_split_is_deterministic_and_right(config):
+    spec = Spec("norm_router_bwd", 2, 2, 32, 6, 16, "fp32")
+    problem = make_problem(spec, 100, "cpu", seed=3)
+    assert problem.check(config) <= problem.tolerance
+    first = [t.clone() for t in problem.outputs]
+    problem.check(config)
+    assert all(torch.equal(a, b) for a, b in zip(first, problem.outputs))
+
+
+def test_kinds_render_and_describe_their_variant():
+    norm = render(Spec("norm_router", 4, 2, 96, 22, 256, "bf16"))
+    plain = render(Spec("router", 4, 2, 96, 22, 256, "bf16"))
+    assert "Head RMSNorm: yes" in norm and "rsqrt" in norm
+    assert "Head RMSNorm: no" in plain and "rsqrt" not in plain
+    assert "E_PAD = tl.constexpr(32)" in norm
+    bwd = render(Spec("norm_router_bwd", 4, 2, 96, 22, 256, "bf16"))
+    assert "flashmhf_norm_router_bwd_reduce" in bwd
+
+
+def test_backward_default_fills_the_gpu_but_not_past_the_blocks():
+    kind = get_kind("norm_router_bwd")
+    spec = Spec("norm_router_bwd", 16, 16, 128, 22, 256, "bf16")
+    assert kind.default(spec, 1)["split"] == 1
+    big = kind.default(spec, 16384)
+    assert big["split"] * spec.n_heads >= 132 and kind.reject(spec, big, 16384) is None
+    assert kind.reject(spec, {"block_t": 64, "split": 8, "num_warps": 4}, 100) is not None  # 2 blocks only
+
+
+# ------------------------------------------------------------------------------ the layer
+
+
+def make_layer(dtype, *, head_norm: bool, n_kv_heads=None, seed=0) -> fm.FlashMHF:
+    torch.manual_seed(seed)
+    # d_model 48 = 3 heads of 16; d_ff 80 = 5 sub-networks of 16: nothing is a power of two.
+    layer = fm.FlashMHF(48, 3, 80, 5, n_kv_heads=n_kv_heads, head_norm=head_norm, dtype=dtype)
+    with torch.no_grad():
+        if layer.head_norm is not None:
+            layer.head_norm.weight.uniform_(0.5, 1.5)
+        layer.router.normal_(0, 0.3)  # a router that does not sit at 1/E
+    return layer
+
+
+def float64_layer_and_grads(layer: fm.FlashMHF, x: torch.Tensor, dy: torch.Tensor):
+    params = {n: t.detach().double().requires_grad_() for n, t in layer.named_parameters()}
+    x64 = x.detach().double().requires_grad_()
+    y = reference.layer(x64, params["w_in.weight"], params["w_out.weight"], params["k"], params["u"], params["v"],
+                        params["router"], params.get("head_norm.weight"))
+    grads = torch.autograd.grad(y, (x64, *params.values()), dy.double())
+    return y, dict(zip(["x", *params], grads))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("head_norm,n_kv_heads,tokens", [(True, None, 1), (True, 1, 37), (False, None, 37),
+                                                         (False, 1, 1)], ids=["norm-T1", "norm-kv1-T37",
+                                                                              "nonorm-T37", "nonorm-kv1-T1"])
+def test_layer_and_every_gradient_match_float64(path, dtype, head_norm, n_kv_heads, tokens, monkeypatch):
+    use_path(path, monkeypatch)
+    layer = make_layer(dtype, head_norm=head_norm, n_kv_heads=n_kv_heads)
+    x = torch.randn(tokens, 48).to(dtype).requires_grad_()
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    want, want_grads = float64_layer_and_grads(layer, x, dy)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert rel_error(y, want) <= TOL[dtype]
+    got = {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    assert set(got) == set(want_grads)
+    for name, g in got.items():
+        assert g is not None and g.dtype == dtype, name
+        assert rel_error(g, want_grads[name]) <= GRAD_TOL[dtype], name
+
+
+def test_batched_input_and_no_tokens():
+    layer = make_layer(torch.float32, head_norm=True)
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    y = layer(x)
+    want = reference.layer(x.double(), *[p.double() for p in (layer.w_in.weight, layer.w_out.weight, layer.k,
+                                                               layer.u, layer.v, layer.router,
+                                                               layer.head_norm.weight)])
+    assert y.shape == (2, 5, 48) and rel_error(y, want) <= 1e-4
+    empty = torch.randn(0, 48, requires_grad=True)
+    out = layer(empty)
+    out.sum().backward()
+    assert out.shape == (0, 48)
+    assert torch.count_nonzero(layer.router.grad) == 0 and torch.count_nonzero(layer.head_norm.weight.grad) == 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_eager_function_and_custom_op_agree(path, monkeypatch):
+    use_path(path, monkeypatch)
+    layer = make_layer(torch.float32, head_norm=True, n_kv_heads=1)
+    q = torch.randn(9, 48, requires_grad=True)
+    weights = [layer.head_norm.weight, layer.router, layer.k, layer.u, layer.v]
+    results = []
+    for fn in (layer_op.layer_core, lambda *a: layer_op.layer_core_op(*a, 1e-5)):
+        s = fn(q, *weights)
+        grads = torch.autograd.grad(s, (q, *weights), torch.ones_like(s))
+        results.append((s, grads))
+    (s1, g1), (s2, g2) = results
+    assert torch.equal(s1, s2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_only_some_gradients_asked_for():
+    layer = make_layer(torch.float32, head_norm=True)
+    q = torch.randn(7, 48)
+    weights = [layer.head_norm.weight, layer.router, layer.k, layer.u, layer.v]
+    s = layer_op.layer_core(q, *weights)
+    (dk,) = torch.autograd.grad(s, (layer.k,), torch.ones_like(s))
+    (dw_r,) = torch.autograd.grad(layer_op.layer_core(q, *weights), (layer.router,), torch.ones_like(s))
+    full = torch.autograd.grad(layer_op.layer_core(q, *weights), (layer.router, layer.k), torch.ones_like(s))
+    assert torch.allclose(dk, full[1]) and torch.allclose(dw_r, full[0])
+
+
+@pytest.mark.parametrize("head_norm", [True, False], ids=["norm", "nonorm"])
+def test_opcheck(head_norm):
+    layer = make_layer(torch.float32, head_norm=head_norm, n_kv_heads=1)
+    q = torch.randn(5, 48, requires_grad=True)
+    norm_w = layer.head_norm.weight if head_norm else None
+    args = [q, norm_w, layer.router, layer.k, layer.u, layer.v, 1e-5]
+    torch.library.opcheck(layer_op.layer_core_op, args)
+    detached = [None if t is None else t.detach() for t in args[:6]]
+    ds = torch.randn(5, 48)
+    torch.library.opcheck(layer_op.layer_core_bwd_op, (*detached, ds, 1e-5, True, True))
+    torch.library.opcheck(layer_op.layer_core_bwd_op, (*detached, ds, 1e-5, False, True))
+
+
+def test_autocast_takes_the_hidden_states_dtype():
+    layer = make_layer(torch.float32, head_norm=True)
+    x = torch.randn(6, 48, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+    assert rel_error(y, reference_output(layer, x)) <= 3e-2
+
+
+def reference_output(layer, x):
+    p = {n: t.detach().double() for n, t in layer.named_parameters()}
+    return reference.layer(x.detach().double(), p["w_in.weight"], p["w_out.weight"], p["k"], p["u"], p["v"],
+                           p["router"], p.get("head_norm.weight"))
+
+
+def test_saves_only_x_q_and_s():
+    """Per layer, backward keeps x (W_in's input), q and s (W_out's input), nothing of the norm,
+    router or core (they are recomputed), besides the weights."""
+    layer = make_layer(torch.bfloat16, head_norm=True)
+    x = torch.randn(64, 48, dtype=torch.bfloat16, requires_grad=True)
+    weights = sum(p.numel() * p.element_size() for p in layer.parameters())
+    saved = saved_bytes_by_dtype(lambda: layer(x))
+    activation = 64 * 48 * 2
+    assert saved.get(torch.float32, 0) == 0
+    assert saved[torch.bfloat16] <= 3 * activation + weights
+
+
+def test_bad_inputs_name_the_argument():
+    layer = make_layer(torch.float32, head_norm=True)
+    w = [layer.head_norm.weight, layer.router, layer.k, layer.u, layer.v]
+    with pytest.raises(ValueError, match="q: expected shape"):
+        layer_op.layer_core(torch.randn(3, 40), *w)
+    with pytest.raises(ValueError, match="norm_w: expected shape"):
+        layer_op.layer_core(torch.randn(3, 48), torch.ones(3, 8), *w[1:])
+    with pytest.raises(ValueError, match="k: expected dtype"):
+        layer_op.layer_core(torch.randn(3, 48), w[0], w[1], w[2].double(), w[3], w[4])
+    with pytest.raises(ValueError, match="w_r: expected a torch.Tensor"):
+        layer_op.layer_core(torch.randn(3, 48), w[0], None, *w[2:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 16, 64])
+def test_decode_launches_at_most_five_kernels(tokens):
+    """A layer call at decode sizes: W_in, the norm/router kernel, the core (one kernel, or two with
+    a split d_ff), W_out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = fm.FlashMHF.from_preset("repo-1.3b", device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, layer.d_model, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            layer(x)
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    assert 4 <= len(kernels) <= 5, [e.name for e in kernels]
