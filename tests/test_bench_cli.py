@@ -47,7 +47,9 @@ def _layer_row(backward: bool) -> LayerRow:
                     rel_err=3e-3, flashmhf_params=43_000_000, swiglu_params=34_600_000,
                     flashmhf_peak_mib=300.0 if backward else None, swiglu_peak_mib=900.0 if backward else None,
                     swiglu_compiled_peak_mib=700.0 if backward else None, flashmhf_compiled_ms=2.9,
-                    flashmhf_compiled_peak_mib=250.0 if backward else None)
+                    flashmhf_compiled_peak_mib=250.0 if backward else None,
+                    flashmhf_graph_ms=None if backward else 2.0, swiglu_graph_ms=None if backward else 1.0,
+                    flashmhf_host_ms=0.2, swiglu_host_ms=0.1)
 
 
 def test_layer_columns_show_peak_memory_of_a_training_step_only():
@@ -58,8 +60,12 @@ def test_layer_columns_show_peak_memory_of_a_training_step_only():
     cells = {name: cell(failed) for name, cell in _layer_columns(backward=True, compile_swiglu=True)}
     assert cells["compiled FlashMHF layer ms"] == "—" and cells["peak MiB compiled FlashMHF"] == "—"
     assert cells["params (M) FlashMHF / SwiGLU"] == "43.0 / 34.6"
+    assert "CUDA graph" not in cells and "ratio graph" not in cells  # a training step is not captured
     forward = [name for name, _ in _layer_columns(backward=False, compile_swiglu=False)]
     assert not any(name.startswith("peak") or name.startswith("compiled") for name in forward)
+    assert {"CUDA graph", "SwiGLU CUDA graph", "host ms", "SwiGLU host ms", "ratio graph"} <= set(forward)
+    no_graph = dataclasses.replace(_layer_row(False), flashmhf_graph_ms=None)
+    assert dict((n, c(no_graph)) for n, c in _layer_columns(backward=False, compile_swiglu=False))["ratio graph"] == "—"
     assert all(cell(_layer_row(False)) for _, cell in _layer_columns(backward=False, compile_swiglu=False))
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from flashmhf.bench.baselines import swiglu, swiglu_weights
-from flashmhf.bench.timing import median_ms, peak_mib
+from flashmhf.bench.timing import host_ms, median_ms, peak_mib
 from flashmhf.checks import rel_error
 
 CHECK_TOKENS = 1024  # the layer is position-wise: its first tokens are checked against float64
@@ -36,6 +36,10 @@ class LayerRow:
     swiglu_compiled_peak_mib: float | None = None
     flashmhf_compiled_ms: float | None = None  # the layer under torch.compile (with compile_models)
     flashmhf_compiled_peak_mib: float | None = None
+    flashmhf_graph_ms: float | None = None  # forward rows: CUDA-graph replay (launch gaps removed)
+    swiglu_graph_ms: float | None = None
+    flashmhf_host_ms: float | None = None  # host time of one call (forward or training step)
+    swiglu_host_ms: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,8 +97,9 @@ def saved_bytes_by_dtype(fn) -> dict[torch.dtype, int]:
 def bench_layer(module: nn.Module, tokens: int, *, backward: bool, compile_models: bool, seed: int = 0) -> LayerRow:
     """One row on the GPU: ``module`` (a FlashMHF layer on CUDA) at ``tokens`` next to a SwiGLU FFN of
     width ``module.d_ff`` in the same dtype; forward, or a training step (gradients of the input and
-    of every weight) with its peak memory. ``compile_models`` also times both under torch.compile
-    (Inductor fuses the layer's head norm and router around the core op)."""
+    of every weight) with its peak memory. Forward rows are also timed as CUDA-graph replays, and
+    every row reports the host time of one call. ``compile_models`` also times both under
+    torch.compile."""
     p = next(module.parameters())
     gen = torch.Generator(device=p.device).manual_seed(seed)
     x = torch.randn(tokens, module.d_model, device=p.device, dtype=p.dtype, generator=gen)
@@ -114,6 +119,10 @@ def bench_layer(module: nn.Module, tokens: int, *, backward: bool, compile_model
         median_ms(lambda: theirs(compiled)) if compiled else None, err,
         sum(t.numel() for t in module.parameters()), sum(t.numel() for t in w),
     )
+    row.flashmhf_host_ms, row.swiglu_host_ms = host_ms(ours), host_ms(theirs)
+    if not backward:
+        row.flashmhf_graph_ms = median_ms(ours, graph=True)
+        row.swiglu_graph_ms = median_ms(theirs, graph=True)
     compiled_layer = _compiled(module, ours) if compile_models else None
     if compiled_layer is not None:
         row.flashmhf_compiled_ms = median_ms(lambda: ours(compiled_layer))

@@ -15,6 +15,24 @@ def median_ms(fn: Callable[[], object], *, graph: bool = False, warmup: int = 25
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def host_ms(fn: Callable[[], object], calls: int = 30) -> float:
+    """Median host time of one call of ``fn`` in ms: the GPU is idle before each call and the call is
+    not waited for, so this is what the Python side costs (launches are queued, not run)."""
+    import statistics
+    import time
+
+    import torch
+
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e3
+
+
 def tflops(flop: float, ms: float) -> float:
     return flop / (ms * 1e-3) / 1e12
 

@@ -25,7 +25,8 @@ from flashmhf.codegen import Spec
               help="also time torch.compile'd SwiGLU (with --layer, also the compiled FlashMHF layer)")
 @click.option("--layer", is_flag=True,
               help="time the whole layer (W_in, head RMSNorm as in the preset, router, core, W_out) instead of "
-                   "the core; with --backward, one training step and its peak memory")
+                   "the core, eager, as a CUDA graph (forward) and with the host time of a call; with "
+                   "--backward, one training step and its peak memory")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               help="write the table (Markdown) and a .json next to it")
 @with_shape
@@ -109,11 +110,21 @@ def _layer_columns(backward: bool, compile_swiglu: bool) -> list[tuple[str, Call
     columns: list[tuple[str, Callable[[LayerRow], str]]] = [
         ("T", lambda r: str(r.tokens)),
         ("FlashMHF layer ms", lambda r: f"{r.flashmhf_ms:.4f}"),
-        ("SwiGLU FFN ms", lambda r: f"{r.swiglu_ms:.4f}"),
     ]
+    if not backward:
+        columns.append(("CUDA graph", lambda r: _maybe(r.flashmhf_graph_ms, ".4f")))
     if compile_swiglu:
-        columns.insert(2, ("compiled FlashMHF layer ms", lambda r: _maybe(r.flashmhf_compiled_ms, ".4f")))
-        columns.append(("compiled SwiGLU ms", lambda r: f"{r.swiglu_compiled_ms:.4f}"))
+        columns.append(("compiled FlashMHF layer ms", lambda r: _maybe(r.flashmhf_compiled_ms, ".4f")))
+    columns.append(("host ms", lambda r: _maybe(r.flashmhf_host_ms, ".4f")))
+    columns.append(("SwiGLU FFN ms", lambda r: f"{r.swiglu_ms:.4f}"))
+    if not backward:
+        columns.append(("SwiGLU CUDA graph", lambda r: _maybe(r.swiglu_graph_ms, ".4f")))
+    if compile_swiglu:
+        columns.append(("SwiGLU compiled", lambda r: f"{r.swiglu_compiled_ms:.4f}"))
+    columns.append(("SwiGLU host ms", lambda r: _maybe(r.swiglu_host_ms, ".4f")))
+    columns.append(("ratio eager", lambda r: f"{r.flashmhf_ms / r.swiglu_ms:.2f}"))
+    if not backward:
+        columns.append(("ratio graph", lambda r: _ratio(r.flashmhf_graph_ms, r.swiglu_graph_ms)))
     if backward:
         columns.append(("peak MiB FlashMHF", lambda r: f"{r.flashmhf_peak_mib:.0f}"))
         if compile_swiglu:
@@ -125,6 +136,10 @@ def _layer_columns(backward: bool, compile_swiglu: bool) -> list[tuple[str, Call
                     lambda r: f"{r.flashmhf_params / 1e6:.1f} / {r.swiglu_params / 1e6:.1f}"))
     columns.append(("rel err", lambda r: f"{r.rel_err:.1e}"))
     return columns
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None else f"{a / b:.2f}"
 
 
 def _maybe(value: float | None, fmt: str) -> str:
