@@ -14,8 +14,15 @@ H_kv nor d_e, which are in the spec only because every kind shares the layer's k
 
 from __future__ import annotations
 
-from flashmhf.codegen.kinds.base import DTYPE_BYTES, MAX_REGS_PER_THREAD, Config, KernelKind, Param, first_accepted, \
-    next_pow2
+from flashmhf.codegen.kinds.base import (
+    DTYPE_BYTES,
+    MAX_REGS_PER_THREAD,
+    Config,
+    KernelKind,
+    Param,
+    first_accepted,
+    next_pow2,
+)
 from flashmhf.codegen.spec import Spec
 
 # Programs that fill a large GPU twice (an H200 has 132 SMs): the backward's default split aims here.
