@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 from flashmhf.cache import lookup
 from flashmhf.cache.device import DeviceInfo, device_info
-from flashmhf.codegen import Config, Spec, SpecError, format_config, get_kind, load
+from flashmhf.codegen import Config, Spec, SpecError, format_config, get_kind
+from flashmhf_runtime.jit_memo import runtime_load
 
 log = logging.getLogger("flashmhf.dispatch")
 
@@ -59,7 +60,7 @@ def choose_config(spec: Spec, tokens: int, device: DeviceInfo) -> tuple[Config, 
 
 
 def _bind(spec: Spec, config: Config) -> Launcher:
-    return functools.partial(load(spec).launch, **config)
+    return functools.partial(runtime_load(spec).launch, **config)
 
 
 def _first_launch(key: tuple, spec: Spec, tokens: int, device: DeviceInfo, args: tuple) -> object:

@@ -23,9 +23,10 @@ import functools
 
 import torch
 
-from flashmhf.codegen import Spec, load
+from flashmhf.codegen import Spec
 from flashmhf_runtime import dispatch, op
 from flashmhf_runtime.direct_launch import DirectLauncher
+from flashmhf_runtime.jit_memo import runtime_load
 from flashmhf_runtime.lean_autograd import head_rms_norm_backward, head_rms_norm_rstd, router_backward, router_gate
 from flashmhf_runtime.reference import HEAD_NORM_EPS, at_least_fp32
 from flashmhf_runtime.validation import DTYPE_NAMES, SUPPORTED_DTYPES
@@ -111,7 +112,7 @@ def _launch(spec_key: tuple, n_tokens: int, device_index: int | None, eps: float
     if config is not None and _single_gpu():
         if len(_direct) >= _MAX_DIRECT:
             _direct.clear()
-        module = load(Spec(*spec_key))
+        module = runtime_load(Spec(*spec_key))
         _direct[key] = DirectLauncher(module, module.contiguous_plan(n_tokens, eps, **config), device_index)
 
 

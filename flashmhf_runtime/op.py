@@ -25,10 +25,11 @@ import functools
 import torch
 
 from flashmhf.cache.device import device_info, interpreting
-from flashmhf.codegen import Config, Spec, get_kind, load
+from flashmhf.codegen import Config, Spec, get_kind
 from flashmhf.codegen.kinds import hopper
 from flashmhf_runtime import dispatch, reference
 from flashmhf_runtime.direct_launch import DirectLauncher
+from flashmhf_runtime.jit_memo import runtime_load
 from flashmhf_runtime.validation import DTYPE_NAMES, check_core_inputs, check_grad_output
 
 _INTERPRET = interpreting()
@@ -313,7 +314,7 @@ def _fast_launcher(spec_key: tuple, n_tokens: int, device_index: int | None) -> 
     config = dispatch.memoised_config(spec_key, n_tokens, device_index)
     if not config:
         return None
-    module = load(Spec(*spec_key))
+    module = runtime_load(Spec(*spec_key))
     return DirectLauncher(module, module.contiguous_plan(n_tokens, **config), device_index)
 
 

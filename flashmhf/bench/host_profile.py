@@ -64,6 +64,16 @@ def main(argv: list[str] | None = None) -> None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
         print(f"--- {name}: {args.calls} calls\n{out.getvalue()}")
+    # torch.profiler sees every thread (autograd's included): CPU time per op and autograd node.
+    from torch.profiler import ProfilerActivity, profile
+
+    first = next(iter(calls.values()))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.calls):
+            first()
+        torch.cuda.synchronize()
+    print(f"--- torch.profiler, {next(iter(calls))}: {args.calls} calls")
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.top))
 
 if __name__ == "__main__":
     main()
