@@ -145,11 +145,11 @@ class FlashMHF(nn.Module):
         else:
             # One op between the projections: generated norm/router kernels around the core.
             # Under autocast q is 16-bit while the weights stay fp32: the kernels take one dtype.
-            norm_w = None if self.head_norm is None else self.head_norm.weight
-            weights = (norm_w, self.router, self.k, self.u, self.v)
-            norm_w, w_r, k, u, v = (w if w is None or w.dtype == q.dtype else w.to(q.dtype) for w in weights)
-            eps = HEAD_NORM_EPS if self.head_norm is None else self.head_norm.eps
-            s = layer_core(q, norm_w, w_r, k, u, v, eps)
+            norm = self.head_norm
+            norm_w, w_r, k, u, v = None if norm is None else norm.weight, self.router, self.k, self.u, self.v
+            if k.dtype != q.dtype:
+                norm_w, w_r, k, u, v = (w if w is None else w.to(q.dtype) for w in (norm_w, w_r, k, u, v))
+            s = layer_core(q, norm_w, w_r, k, u, v, HEAD_NORM_EPS if norm is None else norm.eps)
         return self.w_out(s)
 
     def _unfused(self, q: torch.Tensor) -> torch.Tensor:

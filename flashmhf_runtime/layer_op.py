@@ -37,7 +37,10 @@ _direct: dict[tuple, DirectLauncher | None] = {}
 _MAX_DIRECT = 4096
 # Signatures whose checks passed: (shape, dtype, device) of q, norm_w, w_r, k, u, v -> dims.
 _checked: dict[tuple, tuple[int, int, int, int, int]] = {}
+# (signature, eps) -> {token count: (norm/router launcher, core launcher)} for the forward's fast path.
+_fast_forward: dict[tuple, dict[int, tuple]] = {}
 dispatch.on_reset(_direct.clear)
+dispatch.on_reset(_fast_forward.clear)
 dispatch.on_reset(_checked.clear)
 
 
@@ -148,16 +151,52 @@ def _norm_router_reference(q4, norm_w, w_r, eps):
 
 def layer_core_forward(q, norm_w, w_r, k, u, v, eps: float = HEAD_NORM_EPS) -> torch.Tensor:
     """s (shaped like q) for q (..., H * d_h): norm, router and core, without autograd."""
+    sig = _signature(q, norm_w, w_r, k, u, v)
+    launchers = _fast_forward.get((sig, eps))
+    if launchers is not None and q.is_contiguous() and k.is_contiguous() and u.is_contiguous() and \
+            v.is_contiguous() and w_r.is_contiguous() and (norm_w is None or norm_w.is_contiguous()):
+        # Fast path (decode and every repeated call): two direct launches, no checks (the
+        # signature passed them), no dispatch.
+        dims = _checked[sig]
+        n_heads, head_dim, n_exp = dims[0], dims[2], dims[3]
+        n_tokens = q.numel() // (n_heads * head_dim)
+        pair = launchers.get(n_tokens)
+        if pair is not None:
+            q3 = q.view(n_tokens, n_heads, head_dim)
+            r = torch.empty((n_tokens, n_heads, n_exp), dtype=torch.float32, device=q.device)
+            qn = q3 if norm_w is None else torch.empty_like(q3)
+            s = torch.empty_like(q3)
+            pair[0](q3, w_r if norm_w is None else norm_w, w_r, qn, r)
+            pair[1](qn, k, u, v, r, s)
+            return s.view(q.shape)
     dims = _dims(q, norm_w, w_r, k, u, v)
     n_heads, head_dim = dims[0], dims[2]
     if not op.uses_kernels(q.device):
         qn, r, *_ = _norm_router_reference(q.unflatten(-1, (n_heads, head_dim)), norm_w, w_r, eps)
         return op.core_forward(qn, k, u, v, r, None).reshape(q.shape)
     q3 = _rows(q, n_heads, head_dim)
-    qn, r = _norm_router_kernel(q3, norm_w, w_r, eps, _shape_key(dims, q.dtype))
+    shape_key = _shape_key(dims, q.dtype)
+    qn, r = _norm_router_kernel(q3, norm_w, w_r, eps, shape_key)
     with torch.no_grad():  # the core's inference fast path
         s = op.flash_mhf(qn, k, u, v, r)
+    _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key)
     return s.view(q.shape)
+
+
+def _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key) -> None:
+    """After a call through the checked path: keep its two launchers for the fast path, where both
+    can launch directly (contiguous weights, one GPU, configs chosen)."""
+    if not (op.uses_kernels(q3.device) and _single_gpu()):
+        return
+    n_tokens = q3.shape[0]
+    kind = "router" if norm_w is None else "norm_router"
+    prologue = _direct.get(((kind, *shape_key), n_tokens, q3.device.index, eps))
+    core_key = (op.forward_kind(shape_key, n_tokens, q3.device), *shape_key)
+    core = op.fast_launcher(core_key, n_tokens, q3.device.index)
+    if prologue is not None and core is not None:
+        if len(_fast_forward) >= _MAX_DIRECT:
+            _fast_forward.clear()
+        _fast_forward.setdefault((sig, eps), {})[n_tokens] = (prologue, core)
 
 
 def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS, need_q_side: bool = True,

@@ -15,6 +15,8 @@ Triton kernels ``fwd``, ``bwd_dq``, ``bwd_dkuv`` run everything else (see ``forw
 
 Autograd: ``flashmhf::core`` saves only its inputs q, k, u, v, r (never anything of size T x d_ff);
 its backward is the custom op ``flashmhf::core_bwd``, which launches the dq/dr and dK/dU/dV kernels.
+In eager mode a ``torch.autograd.Function`` with the same forward and backward functions stands in
+for the custom op (less host time per call); torch.compile sees the custom ops.
 It allocates nothing but the gradients, with sizes known from the input shapes alone (no host
 sync), so it can be captured in a CUDA graph."""
 
@@ -281,6 +283,23 @@ def _backward(ctx, ds):
 core_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Core(torch.autograd.Function):
+    """The eager twin of ``flashmhf::core`` (same forward and backward functions): a custom op's
+    Python dispatch with autograd costs about three times the host time of a Function call."""
+
+    @staticmethod
+    def forward(ctx, q, k, u, v, r, config):
+        ctx.save_for_backward(q, k, u, v, r)
+        return flash_mhf(q, k, u, v, r, config=config)  # grad is off here: the inference fast path
+
+    @staticmethod
+    def backward(ctx, ds):
+        need_q, need_k, need_u, need_v, need_r = ctx.needs_input_grad[:5]
+        need_dq_dr, need_dkuv = need_q or need_r, need_k or need_u or need_v
+        grads = core_backward(*ctx.saved_tensors, ds, need_dq_dr, need_dkuv)
+        return (*(g if need else None for g, need in zip(grads, (need_q, need_k, need_u, need_v, need_r))), None)
+
+
 # Inference fast path. Everything core_forward checks is a function of this signature, so after
 # the first validated call with a signature, a call is: signature, one dict hit, empty_like, launch;
 # the launch skips Triton's JIT dispatch (see direct_launch). A plan is
@@ -305,7 +324,7 @@ def _remember_plan(q, k, u, v, r) -> None:
     _fast_plans[signature] = (n_heads * head_dim, spec_key, q.device.index, {})
 
 
-def _fast_launcher(spec_key: tuple, n_tokens: int, device_index: int | None) -> DirectLauncher | None:
+def fast_launcher(spec_key: tuple, n_tokens: int, device_index: int | None) -> DirectLauncher | None:
     """The launcher, for contiguous inputs, of the config dispatch chose for this token count:
     ``launcher(q, k, u, v, r, out)``. Direct launches are for fwd (decode sizes, where host time
     matters); fwd_ws runs at large token counts and keeps dispatch's launcher."""
@@ -335,9 +354,11 @@ def flash_mhf(
     The backward always takes the tuned or default config of each of its kinds.
     """
     # Inlined checks: this is the per-call path of inference (see _fast_plans).
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-            q.requires_grad or k.requires_grad or u.requires_grad or v.requires_grad or r.requires_grad)):
+    if torch.compiler.is_compiling():
         return core_op(q, k, u, v, r, config_to_str(config))
+    if torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or u.requires_grad or v.requires_grad or r.requires_grad):
+        return _Core.apply(q, k, u, v, r, config)
     if config is None:
         plan = _fast_plans.get((q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, u.shape, u.dtype,
                                 u.device, v.shape, v.dtype, v.device, r.shape, r.dtype, r.device))
@@ -352,7 +373,7 @@ def flash_mhf(
             elif n_tokens:
                 spec_key = (forward_kind(spec_key[1:], n_tokens, q.device), *spec_key[1:])
                 dispatch.launch(spec_key, n_tokens, device_index, q, k, u, v, r, out)
-                launchers[n_tokens] = _fast_launcher(spec_key, n_tokens, device_index)
+                launchers[n_tokens] = fast_launcher(spec_key, n_tokens, device_index)
             return out
         s = core_forward(q, k, u, v, r, None)
         _remember_plan(q, k, u, v, r)

@@ -231,3 +231,18 @@ def test_decode_launches_at_most_five_kernels(tokens):
             torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     assert 4 <= len(kernels) <= 5, [e.name for e in kernels]
+
+
+def test_repeated_forward_takes_the_fast_path_and_follows_the_weights():
+    layer = make_layer(torch.float32, head_norm=True)
+    x = torch.randn(11, 48)
+    with torch.no_grad():
+        first = layer(x)
+        assert any(11 in per_t for per_t in layer_op._fast_forward.values())  # launchers kept
+        again = layer(x)
+        layer.head_norm.weight.mul_(1.5)  # same signature, new values: the fast path must see them
+        layer.router.add_(0.1)
+        changed = layer(x)
+    assert torch.equal(first, again)
+    assert rel_error(changed, reference_output(layer, x)) <= 1e-4
+    assert rel_error(first, reference_output(layer, x)) > 1e-3
