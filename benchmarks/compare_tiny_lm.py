@@ -8,32 +8,34 @@ reference at two shapes.
 Prints a table of the loss at each logged step and the max relative difference (the check: <= 1%
 at every logged step), the validation losses and the noise floor; exits non-zero on a failed check.
 Writes compare_tiny_lm.json (or $TINY_LM_JSON) under $OUT when OUT is set. About a minute on an H200.
+Arguments it does not know go to the example (e.g. --batch 32).
 
-    PYTHONUNBUFFERED=1 python3 gpu/compare_tiny_lm.py [--steps 300] [--lr 1e-3] [--tol 0.01]
+    PYTHONUNBUFFERED=1 python -m benchmarks.compare_tiny_lm [--steps 300] [--lr 1e-3] [--tol 0.01]
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
 import os
 import sys
 import time
+from pathlib import Path
+from types import ModuleType
 
-os.environ.setdefault("FLASHMHF_KERNEL_DIR", "/tmp/flashmhf-kernels")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
+import flashmhf_runtime as fm
+from benchmarks.common import argument_parser
+from flashmhf_runtime import reference
 
-import flashmhf_runtime as fm  # noqa: E402
-from flashmhf_runtime import reference  # noqa: E402
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_lm.py"
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("train_tiny_lm", os.path.join(ROOT, "examples", "train_tiny_lm.py"))
+def load_example() -> ModuleType:
+    """examples/train_tiny_lm.py as a module (examples/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("train_tiny_lm", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -75,8 +77,8 @@ def layer_check(device: str, tokens: int, tol: float, **shape) -> dict:
     return {"shape": shape, "tokens": tokens, "rel_err": errs, "ok": ok}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    ap = argument_parser(__spec__.name, __doc__)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
     ap.add_argument("--tol", type=float, default=0.01, help="max relative loss difference, Triton vs reference")
@@ -89,7 +91,7 @@ def main() -> int:
     ap.add_argument("--no-noise-floor", action="store_true",
                     help="skip the third run: the reference with its core in float64, which shows how far two "
                          "runs of the same maths, rounded differently, drift apart (the chaos of training itself)")
-    opts, extra = ap.parse_known_args()
+    opts, extra = ap.parse_known_args(argv)
     lm = load_example()
     dev = opts.device
     name = torch.cuda.get_device_name() if dev == "cuda" else dev
@@ -149,7 +151,7 @@ def main() -> int:
         os.makedirs(out, exist_ok=True)
         result = {"layer_checks": checks, "rows": rows, "max_rel_diff": max_diff, "val_rel_diff": val_diff,
                   "noise_floor": floor, "runs": runs, "verdicts": verdicts, "device": name,
-                  "args": sys.argv[1:]}  # fmt: skip
+                  "args": sys.argv[1:] if argv is None else argv}  # fmt: skip
         with open(os.path.join(out, os.environ.get("TINY_LM_JSON", "compare_tiny_lm.json")), "w") as f:
             json.dump(result, f, indent=1)
     return 0 if all(verdicts.values()) else 1

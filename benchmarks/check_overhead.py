@@ -1,19 +1,20 @@
-"""Issue 4 on the GPU: after `flashmhf tune`, a model call uses the tuned config (debug log), and the
-per-call host overhead of fm.flash_mhf at T = 1 against a bare Triton launch of the same kernels.
+"""Host overhead per call on the GPU: after `flashmhf tune`, a model call uses the tuned config (debug
+log), and the per-call host time of fm.flash_mhf at T = 1 against a bare Triton launch of the same
+kernels.
 
 Host time per call of (a) the bare Triton launches `kernel[grid](...)` with every argument and the
 split workspace precomputed, (b) fm.flash_mhf, (c) the floor: the compiled kernels' launcher
 `compiled.run` with every argument and buffer precomputed, (d) torch.empty_like(q) and (e) the fp32
 split workspace allocation that (b) makes per call. The GPU host is noisy: each round measures
 them all, in alternating order, and the table shows medians over rounds. Also checks that
-fm.flash_mhf takes the direct launch path and gives the bare launch's output bit for bit.
+fm.flash_mhf takes the direct launch path and gives the bare launch's output bit for bit (exit
+status 1 if not). Writes overhead.json under $OUT.
 
-    FLASHMHF_CACHE=tuned.sqlite PYTHONUNBUFFERED=1 python3 gpu/check_overhead.py [--preset repo-1.3b]
+    FLASHMHF_CACHE=tuned.sqlite PYTHONUNBUFFERED=1 python -m benchmarks.check_overhead [--preset repo-1.3b]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -21,16 +22,14 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("FLASHMHF_KERNEL_DIR", "/tmp/flashmhf-kernels")
+import torch
+import triton
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-
-import flashmhf_runtime as fm  # noqa: E402
-from flashmhf.checks import core_inputs  # noqa: E402
-from flashmhf.codegen import Spec, load  # noqa: E402
-from flashmhf_runtime import dispatch, op  # noqa: E402
+import flashmhf_runtime as fm
+from benchmarks.common import argument_parser, out_dir, preset_spec
+from flashmhf.checks import core_inputs
+from flashmhf.codegen import Spec, load
+from flashmhf_runtime import dispatch, op
 
 
 def host_us(fn, calls: int = 200, repeats: int = 15) -> float:
@@ -101,16 +100,15 @@ def floor_launcher(launches: list[tuple]):
     return launch
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="repo-1.3b")
-    ap.add_argument("--rounds", type=int, default=7)
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    ap = argument_parser(__spec__.name, __doc__)
+    ap.add_argument("--preset", default="repo-1.3b", choices=list(fm.PRESETS))
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds of every measurement")
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("flashmhf.dispatch").setLevel(logging.DEBUG)
     logging.getLogger("flashmhf.direct_launch").setLevel(logging.DEBUG)
-    p = fm.PRESETS[args.preset]
-    spec = Spec("fwd", p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16")
+    spec = preset_spec("fwd", args.preset)
     report = {"cache": os.environ.get("FLASHMHF_CACHE"), "triton": triton.__version__, "torch": torch.__version__}
     q, k, u, v, r = core_inputs(spec, 1, torch.bfloat16, "cuda", seed=0)
     ours_out = fm.flash_mhf(q, k, u, v, r)  # first call: lookup (logged), compile
@@ -164,9 +162,7 @@ def main() -> None:
         print(f"  {label:<44} {med[name]:8.2f} us   (rounds {spread})")
     print(f"  fm.flash_mhf - bare: {report['overhead_us']:+.2f} us (target <= +3); "
           f"fm.flash_mhf - floor: {report['over_floor_us']:+.2f} us")
-    out_dir = os.environ.get("OUT", ".")
-    with open(os.path.join(out_dir, "overhead.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
+    (out_dir() / "overhead.json").write_text(json.dumps(report, indent=1, default=str))
     if not (report["direct_path"] and report["same_output"]):
         sys.exit(1)
 

@@ -1,47 +1,37 @@
 """Produce the tuned cache shipped for the H200 (package data): repo-1.3b and paper-1.3b, bf16,
-forward at every default token bucket, fwd_ws and the backward kinds at training sizes, under a time budget;
-optionally merged with exhaustive results. Writes a single-file cache and prints the bests.
+forward at every default token bucket, fwd_ws and the backward kinds at training sizes, under a time
+budget; optionally merged with exhaustive results. Writes a single-file cache and prints the bests.
 
-    PYTHONUNBUFFERED=1 python3 gpu/ship_h200.py --out h200.sqlite [--merge exhaustive-64.sqlite ...]
+    PYTHONUNBUFFERED=1 python -m benchmarks.ship_h200 --out h200.sqlite [--merge exhaustive-64.sqlite ...]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("FLASHMHF_KERNEL_DIR", "/tmp/flashmhf-kernels")
-
-from flashmhf.cache.store import TuningCache  # noqa: E402
-from flashmhf.codegen import KINDS, Spec, format_config, template_hash  # noqa: E402
-from flashmhf.tuner import session  # noqa: E402
-from flashmhf_runtime import PRESETS  # noqa: E402
+from benchmarks.common import argument_parser, preset_spec
+from flashmhf.cache.store import TuningCache
+from flashmhf.codegen import KINDS, Spec, format_config, template_hash
+from flashmhf.tuner import session
 
 
 def specs(kind: str) -> list[Spec]:
-    out = []
-    for name in ("repo-1.3b", "paper-1.3b"):
-        p = PRESETS[name]
-        out.append(Spec(kind, p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16"))
-    return out
+    return [preset_spec(kind, name) for name in ("repo-1.3b", "paper-1.3b")]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--merge", type=Path, nargs="*", default=[])
+def main(argv: list[str] | None = None) -> None:
+    ap = argument_parser(__spec__.name, __doc__)
+    ap.add_argument("--out", type=Path, required=True, help="the single-file cache to write")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[], help="cache files whose trials are merged in")
     ap.add_argument("--seed-from", type=Path, help="an earlier cache whose bests (any template) seed the search")
-    ap.add_argument("--fwd-budget", type=float, default=110)
-    ap.add_argument("--bwd-budget", type=float, default=50)
+    ap.add_argument("--fwd-budget", type=float, default=110, help="seconds for the forward keys")
+    ap.add_argument("--bwd-budget", type=float, default=50, help="seconds for fwd_ws and the backward keys")
     ap.add_argument("--trials", type=int, default=16, help="forward trials per key")
     ap.add_argument("--bwd-trials", type=int, help="backward trials per key (default: --trials)")
-    args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp()) / "h200.sqlite"
+    args = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="flashmhf-ship-")) / "h200.sqlite"
     if args.seed_from:
         with TuningCache(tmp) as cache:
             print(f"seeds: {cache.merge_from(args.seed_from)} earlier trials from {args.seed_from.name}")

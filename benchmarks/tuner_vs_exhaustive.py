@@ -1,48 +1,40 @@
-"""Issue 4 verification on the GPU: for repo-1.3b forward at T in {64, 16384}, the exhaustive best over
-the pruned space against Optuna with a 25% budget, run live through the real tuner pipeline
-(fresh cache files, isolated measuring worker, parallel compile), N times with seeds 1..N. Also
-replays Optuna offline on the exhaustive table (no GPU time) to show the spread over many seeds.
-Prints one table; JSON under $OUT.
+"""The tuner against exhaustive search on the GPU: for repo-1.3b forward at T in {64, 16384}, the
+exhaustive best over the pruned space against Optuna with a 25% budget, run live through the real
+tuner pipeline (fresh cache files, isolated measuring worker, parallel compile), N times with seeds
+1..N. Also replays Optuna offline on the exhaustive table (no GPU time) to show the spread over many
+seeds. Prints one table; writes tuner_vs_exhaustive.json and the exhaustive caches under $OUT.
 
-    PYTHONUNBUFFERED=1 python3 gpu/tuner_vs_exhaustive.py [--tokens 64,16384] [--live-runs 1,5] [--replays 20]
+    PYTHONUNBUFFERED=1 python -m benchmarks.tuner_vs_exhaustive [--tokens 64,16384] [--live-runs 1,5] [--replays 20]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("FLASHMHF_KERNEL_DIR", "/tmp/flashmhf-kernels")
-
-from flashmhf.cache.store import TuningCache, canonical_config  # noqa: E402
-from flashmhf.codegen import Spec, format_config, get_kind  # noqa: E402
-from flashmhf.tuner import session  # noqa: E402
-from flashmhf.tuner.replay import replay_optuna  # noqa: E402
-from flashmhf_runtime import PRESETS  # noqa: E402
+from benchmarks.common import argument_parser, out_dir, preset_spec
+from flashmhf.cache.store import TuningCache, canonical_config
+from flashmhf.codegen import format_config, get_kind
+from flashmhf.tuner import session
+from flashmhf.tuner.replay import replay_optuna
+from flashmhf_runtime import PRESETS
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="repo-1.3b")
+def main(argv: list[str] | None = None) -> None:
+    ap = argument_parser(__spec__.name, __doc__)
+    ap.add_argument("--preset", default="repo-1.3b", choices=list(PRESETS))
     ap.add_argument("--tokens", default="64,16384")
     ap.add_argument("--fraction", type=float, default=0.25)
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--resume-dir", type=Path, help="earlier exhaustive-T.sqlite files to continue from")
     ap.add_argument("--live-runs", default="1", help="live Optuna runs (seeds 1..N) per --tokens entry, e.g. 1,5")
-    args = ap.parse_args()
-    p = PRESETS[args.preset]
-    spec = Spec("fwd", p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16")
+    args = ap.parse_args(argv)
+    spec = preset_spec("fwd", args.preset)
     kind = get_kind("fwd")
-    out_dir = Path(os.environ.get("OUT", "."))
-    tmp = Path(tempfile.mkdtemp(prefix="tune-exp-"))
-    keep = out_dir if os.environ.get("OUT") else tmp / "kept"  # the exhaustive caches come back (to ship them)
-    keep.mkdir(parents=True, exist_ok=True)
+    out = out_dir()  # the exhaustive caches are kept there too (to ship or resume them)
+    tmp = Path(tempfile.mkdtemp(prefix="flashmhf-tuner-vs-exhaustive-"))
     rows = []
     token_list = [int(t) for t in args.tokens.split(",")]
     live_runs = [int(n) for n in args.live_runs.split(",")]
@@ -60,7 +52,7 @@ def main() -> None:
         t_ex = time.monotonic() - t0
         with TuningCache(tmp / f"exhaustive-{tokens}.sqlite") as cache:
             measured = cache.measured_configs(ex.key)
-            cache.copy_to(keep / f"exhaustive-{tokens}.sqlite")  # single file, no WAL: shippable
+            cache.copy_to(out / f"exhaustive-{tokens}.sqlite")  # single file, no WAL: shippable
         table = {c: t.median_ms for c, t in measured.items() if t.ok}
         statuses = {}
         for t in measured.values():
@@ -89,7 +81,7 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "table"}, default=str), flush=True)
-    (out_dir / "tuner_vs_exhaustive.json").write_text(json.dumps(rows, indent=1, default=str))
+    (out / "tuner_vs_exhaustive.json").write_text(json.dumps(rows, indent=1, default=str))
     print("\n| T | pruned space (within 3% of best) | exhaustive best ms (config) | default ms | Optuna budget "
           "| live runs: trials to ≤3% of the exhaustive best (best found, in the exhaustive table) "
           "| replays: median trials to ≤3% (max), runs within budget |")
@@ -105,6 +97,7 @@ def main() -> None:
               f"{rp['within_3pct_at_budget']}/{rp['runs']} |")
     print(f"wall: exhaustive {[round(r['exhaustive_wall_s']) for r in rows]} s, "
           f"live Optuna {[[round(x['wall_s']) for x in r['live']] for r in rows]} s")
+
 
 if __name__ == "__main__":
     main()

@@ -1,37 +1,32 @@
-"""GPU check of the forward path (issue 2): bf16 accuracy of every preset, and forward time of the
-default and of a swept grid next to cuBLAS SwiGLU, in one run. Prints tables; JSON under $OUT.
+"""GPU check of the forward path: bf16 accuracy of every preset, and forward time of the default
+and of a swept grid next to cuBLAS SwiGLU, in one run. Prints tables; writes forward.json under $OUT.
 
-    PYTHONUNBUFFERED=1 python3 gpu/check_forward.py [--quick]
+    PYTHONUNBUFFERED=1 python -m benchmarks.check_forward [--quick] [--skip-accuracy]
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import itertools
 import json
-import os
-import sys
 import time
 
-os.environ.setdefault("FLASHMHF_KERNEL_DIR", "/tmp/flashmhf-kernels")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from flashmhf.bench.baselines import swiglu, swiglu_weights  # noqa: E402
-from flashmhf.bench.timing import median_ms, tflops  # noqa: E402
-from flashmhf.checks import core_inputs, reference_f64, rel_error  # noqa: E402
-from flashmhf.codegen import Spec, format_config, get_kind, load  # noqa: E402
-from flashmhf.tuner.precompile import precompile  # noqa: E402
-from flashmhf_runtime import PRESETS  # noqa: E402
+from benchmarks.common import argument_parser, out_dir, preset_spec
+from flashmhf.bench.baselines import swiglu, swiglu_weights
+from flashmhf.bench.timing import median_ms, tflops
+from flashmhf.checks import core_inputs, reference_f64, rel_error
+from flashmhf.codegen import Spec, format_config, get_kind, load
+from flashmhf.tuner.precompile import precompile
+from flashmhf_runtime import PRESETS
 
 DEV = "cuda"
 KIND = get_kind("fwd")
 
 
 def spec_of(name: str) -> Spec:
-    p = PRESETS[name]
-    return Spec("fwd", p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16")
+    return preset_spec("fwd", name)
 
 
 def ceilings() -> dict:
@@ -101,8 +96,9 @@ def sweep(names, tokens_list, quick: bool) -> list[dict]:
             x = torch.randn(tokens, p.d_model, device=DEV, dtype=torch.bfloat16)
             wg, wu, wd = swiglu_weights(p.d_model, p.d_ff, DEV, torch.bfloat16)
             small = tokens <= 64
-            sw = median_ms(lambda: swiglu(x, wg, wu, wd))
-            sw_g = median_ms(lambda: swiglu(x, wg, wu, wd), graph=True) if small else None
+            baseline = functools.partial(swiglu, x, wg, wu, wd)
+            sw = median_ms(baseline)
+            sw_g = median_ms(baseline, graph=True) if small else None
             flop = KIND.flops(spec, tokens)
             default = KIND.default(spec, tokens)
             out = torch.empty_like(q)
@@ -115,7 +111,7 @@ def sweep(names, tokens_list, quick: bool) -> list[dict]:
                     rows.append({"config": cfg, "status": "compile-error", "error": failed[key]})
                     continue
                 out.fill_(float("nan"))
-                fn = lambda cfg=cfg: load(spec).launch(q, k, u, v, r, out, **cfg)  # noqa: E731
+                fn = functools.partial(load(spec).launch, q, k, u, v, r, out, **cfg)
                 try:
                     fn()
                     err = rel_error(out, ref)
@@ -147,12 +143,11 @@ def sweep(names, tokens_list, quick: bool) -> list[dict]:
     return results
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip-accuracy", action="store_true")
-    args = ap.parse_args()
-    out_dir = os.environ.get("OUT", ".")
+def main(argv: list[str] | None = None) -> None:
+    ap = argument_parser(__spec__.name, __doc__)
+    ap.add_argument("--quick", action="store_true", help="a few configs per token count instead of the grid")
+    ap.add_argument("--skip-accuracy", action="store_true", help="skip the accuracy table of every preset")
+    args = ap.parse_args(argv)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     import triton
 
@@ -162,8 +157,7 @@ def main() -> None:
     if not args.skip_accuracy:
         report["accuracy"] = accuracy((1, 77, 4096, 16384))
     report["sweep"] = sweep(["repo-1.3b", "paper-1.3b"], (1, 64, 1024, 16384), args.quick)
-    with open(os.path.join(out_dir, "forward.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
+    (out_dir() / "forward.json").write_text(json.dumps(report, indent=1, default=str))
     print("\n| preset | T | SwiGLU ms (TF/s) | default ms (TF/s) | best ms (TF/s) | best config |")
     print("|---|---|---|---|---|---|")
     for x in report["sweep"]:

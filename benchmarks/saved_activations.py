@@ -4,7 +4,7 @@ Counts the bytes of every tensor autograd saves (each storage once) at two token
 difference is per token, so the weights cancel. The core is stood in for by a function that saves
 what the op saves (q and r), since the interpreter would take minutes at these sizes.
 
-    .venv/bin/python scripts/saved_activations.py
+    python -m benchmarks.saved_activations
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 import flashmhf_runtime as fm
+from benchmarks.common import argument_parser
 from flashmhf.bench.baselines import swiglu, swiglu_weights
 from flashmhf.bench.layer import saved_bytes_by_dtype
 from flashmhf_runtime import lean_autograd, reference
@@ -37,7 +38,8 @@ def _layer_step(layer: fm.FlashMHF, plain: bool):
     return step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argument_parser(__spec__.name, __doc__).parse_args(argv)
     for name in ("repo-1.3b", "paper-1.3b"):
         torch.manual_seed(0)
         layer = fm.FlashMHF.from_preset(name, dtype=torch.bfloat16)

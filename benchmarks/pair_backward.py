@@ -6,19 +6,20 @@ bwd_dq on the current one (what the op does); the same without priority; and the
 Part 2 (pairs): every (bwd_dq config, bwd_dkuv config) of the lists below in the op's schedule,
 against the same pair run serially. Every timed run's gradients must equal the serial run's exactly.
 
-    PYTHONUNBUFFERED=1 python3 gpu/pair_backward.py [--tokens 4096,16384]   # writes pair_backward.json to $OUT
+Configs as in benchmarks.check_backward: FLASHMHF_CACHE and the shipped caches, else the defaults.
+
+    PYTHONUNBUFFERED=1 python -m benchmarks.pair_backward [--tokens 4096,16384]   # writes pair_backward.json to $OUT
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import check_backward as cb  # noqa: E402  (sets the kernel/cache directories before flashmhf loads)
-import torch  # noqa: E402
+import torch
+
+from benchmarks import check_backward as cb
+from benchmarks.common import argument_parser, out_dir
 
 PRESET = "repo-1.3b"
 DQ = [
@@ -70,7 +71,7 @@ def pair_case(tokens: int, dq_cfg: dict, dkuv_cfg: dict, schedules: list[str], s
         run(name, got_dq, got_dkuv)
         torch.cuda.synchronize()
         same = all(torch.equal(a, b) for a, b in zip((*got_dq, *got_dkuv), (*want_dq, *want_dkuv)))
-        ms = cb.median_ms(lambda n=name: run(n, got_dq, got_dkuv))
+        ms = cb.median_ms(functools.partial(run, name, got_dq, got_dkuv))
         rows.append({"tokens": tokens, "schedule": name, "bwd_dq": dq_cfg, "bwd_dkuv": dkuv_cfg,
                      "identical": same, "ms": ms, "tflops_executed": flop / (ms * 1e-3) / 1e12})
         cb.log(f"T={tokens} {name:34s} dq {cb.row_config(dq_cfg)} | dkuv {cb.row_config(dkuv_cfg)}: "
@@ -78,10 +79,11 @@ def pair_case(tokens: int, dq_cfg: dict, dkuv_cfg: dict, schedules: list[str], s
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = argument_parser(__spec__.name, __doc__)
     ap.add_argument("--tokens", default="4096,16384", help="comma-separated token counts")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    cb.isolate_configs()
     token_list = [int(t) for t in args.tokens.split(",")]
     shape = cb.shape_of(PRESET)
     streams = {"high": torch.cuda.Stream(priority=-1), "low": torch.cuda.Stream()}
@@ -104,8 +106,7 @@ def main() -> None:
                     report["pairs"] += pair_case(t, dq_cfg, dkuv_cfg, ["serial", "dkuv on side stream"], streams)
         torch.cuda.empty_cache()
 
-    with open(os.path.join(os.environ.get("OUT", "."), "pair_backward.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    (out_dir() / "pair_backward.json").write_text(json.dumps(report, indent=1))
     print(f"\n| T | schedule (configs dispatch picks, {PRESET}) | ms | identical |\n|---|---|---|---|")
     for x in report["schedules"]:
         print(f"| {x['tokens']} | {x['schedule']} | {x['ms']:.3f} | {x['identical']} |")

@@ -11,32 +11,25 @@ the op's autograd, in one run (~3-4 min):
 4. a small sweep of configs per backward kind at T = 16384 for repo-1.3b, including the one-pass
    bwd_fused (fp32 atomics for dq; not used by the op) checked against the pair.
 
-Prints tables; writes backward.json under $OUT (or the current directory).
+Configs come from FLASHMHF_CACHE and the shipped caches only (the user's own cache is set aside), else
+each kind's default. Prints tables; writes backward.json under $OUT (or the current directory).
 
-    PYTHONUNBUFFERED=1 python3 gpu/check_backward.py [--no-compile] [--no-sweep]
+    PYTHONUNBUFFERED=1 python -m benchmarks.check_backward [--no-compile] [--no-sweep]
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
-import os
-import sys
-import tempfile
 import time
 import warnings
 
-os.environ.setdefault("FLASHMHF_KERNEL_DIR", os.path.join(tempfile.gettempdir(), "flashmhf-kernels"))
-# An empty user cache: every kind runs the shipped results for this GPU, else its default.
-os.environ.setdefault("FLASHMHF_CACHE_DIR", os.path.join(tempfile.gettempdir(), "flashmhf-check-backward-cache"))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-warnings.filterwarnings("ignore", message="flashmhf: no tuned")  # untuned on purpose: defaults everywhere
+import torch
 
-import torch  # noqa: E402
-
-from flashmhf.bench.baselines import swiglu  # noqa: E402
-from flashmhf.bench.timing import median_ms, peak_mib  # noqa: E402
-from flashmhf.checks import reference_grads_f64, rel_error  # noqa: E402
+from benchmarks.common import argument_parser, out_dir, use_empty_user_cache
+from flashmhf.bench.baselines import swiglu
+from flashmhf.bench.timing import median_ms, peak_mib
+from flashmhf.checks import reference_grads_f64, rel_error
 
 DEV = "cuda"
 TOL = 2e-2
@@ -355,7 +348,7 @@ def sweep(compile_errors: dict) -> list[dict]:
                 try:
                     launch(kind, shape, cfg, q, k, u, v, r, ds, outs)
                     diff = max(rel_error(o, b) for o, b in zip(outs, base))
-                    ms = median_ms(lambda cfg=cfg, outs=outs: launch(kind, shape, cfg, q, k, u, v, r, ds, outs))
+                    ms = median_ms(functools.partial(launch, kind, shape, cfg, q, k, u, v, r, ds, outs))
                     row.update(status="ok" if diff <= 1e-2 else "wrong-result", ms=ms, tflops=flop / ms / 1e9,
                                rel_diff_vs_default=diff)
                 except Exception as exc:  # noqa: BLE001
@@ -373,11 +366,19 @@ def row_config(cfg: dict) -> str:
 # ------------------------------------------------------------------------------------------- main
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def isolate_configs() -> None:
+    """Shipped results (or FLASHMHF_CACHE's) else defaults: set the user's cache aside, and do not warn
+    about untuned shapes (defaults are expected here)."""
+    use_empty_user_cache()
+    warnings.filterwarnings("ignore", message="flashmhf: no tuned")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argument_parser(__spec__.name, __doc__)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile'd SwiGLU")
     ap.add_argument("--no-sweep", action="store_true", help="skip the config sweep")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    isolate_configs()
     import triton
 
     from flashmhf.codegen import Spec, get_kind
@@ -415,9 +416,7 @@ def main() -> None:
     if not args.no_sweep:
         report["sweep"] = sweep(compile_errors)
 
-    out_dir = os.environ.get("OUT", ".")
-    with open(os.path.join(out_dir, "backward.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
+    (out_dir() / "backward.json").write_text(json.dumps(report, indent=1, default=str))
 
     n_ok = sum(r["ok"] for r in report["accuracy"])
     print(f"\naccuracy: {n_ok}/{len(report['accuracy'])} cases within {TOL} "
