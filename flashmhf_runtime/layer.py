@@ -1,4 +1,4 @@
-"""The FlashMHF layer (DESIGN.md §1): a drop-in replacement for a Transformer's SwiGLU FFN.
+"""The FlashMHF layer (docs/design.md §1): a drop-in replacement for a Transformer's SwiGLU FFN.
 
 ``y = W_out · core(q, K, U, V, router(q))`` with ``q = norm(W_in x)`` viewed per head; the core is
 ``fm.flash_mhf`` (generated kernels on CUDA). Parameter layout and initialisation follow the

@@ -1,6 +1,6 @@
 """The layer's head RMSNorm and router with hand-written backwards that save only 16-bit q.
 
-Both compute in fp32 (DESIGN.md §1). Written as plain torch ops, autograd keeps their fp32
+Both compute in fp32 (docs/design.md §1). Written as plain torch ops, autograd keeps their fp32
 intermediates for backward: for a (T, d_model) q that is four fp32 copies of q for the norm (q, its
 square, the normalised q, the weighted one) and one for the router's einsum. At T = 16384 and
 d_model 2048 each copy is 128 MiB, so a training step of the repo-1.3b layer peaked at 911 MiB

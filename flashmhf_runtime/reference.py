@@ -32,7 +32,7 @@ def flash_mhf_backward(
     q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, ds: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, du, dv, dr) of :func:`flash_mhf` for the output gradient ``ds``, written out
-    (DESIGN.md §1) rather than by autograd, so it also runs where autograd is off (inside a custom op).
+    (docs/design.md §1) rather than by autograd, so it also runs where autograd is off (inside a custom op).
     Computed in the dtype of q; ``dr`` in that dtype too."""
     h, h_kv = q.shape[-2], k.shape[0]
     group = h // h_kv
@@ -85,7 +85,7 @@ def layer(
     w_router: torch.Tensor,
     head_norm_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The full FlashMHF layer of DESIGN.md §1 for x of shape (..., d_model)."""
+    """The full FlashMHF layer of docs/design.md §1 for x of shape (..., d_model)."""
     n_heads, head_dim = w_router.shape[0], w_router.shape[1]
     q = F.linear(x, w_in).unflatten(-1, (n_heads, head_dim))
     if head_norm_weight is not None:

@@ -1,4 +1,4 @@
-"""Runtime lookup of tuned configs in the cache files in effect (DESIGN §4).
+"""Runtime lookup of tuned configs in the cache files in effect (docs/design.md §4).
 
 Order: the files of ``FLASHMHF_CACHE`` → the user's cache file → the shipped files. The first file
 that has a usable result for (kind, spec, device name, capability) answers, with the exact token

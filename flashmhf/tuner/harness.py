@@ -21,7 +21,7 @@ from flashmhf.codegen import Config, Spec, load
 from flashmhf_runtime.reference import HEAD_NORM_EPS
 
 TOLERANCE = {"bf16": 1e-2, "fp16": 3e-3, "fp32": 1e-4}
-# Gradients go through one more rounding (ds and the recomputed activations): DESIGN's training limits.
+# Gradients go through one more rounding (ds and the recomputed activations): the gradient limits of docs/design.md §3.
 GRAD_TOLERANCE = {"bf16": 2e-2, "fp16": 1e-2, "fp32": 1e-3}
 
 
