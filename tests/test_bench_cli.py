@@ -60,7 +60,7 @@ def test_layer_columns_show_peak_memory_of_a_training_step_only():
     cells = {name: cell(failed) for name, cell in _layer_columns(backward=True, compile_swiglu=True)}
     assert cells["compiled FlashMHF layer ms"] == "—" and cells["peak MiB compiled FlashMHF"] == "—"
     assert cells["params (M) FlashMHF / SwiGLU"] == "43.0 / 34.6"
-    assert "CUDA graph" not in cells and "ratio graph" not in cells  # a training step is not captured
+    assert cells["CUDA graph"] == "—" and cells["ratio graph"] == "—"  # a step that could not be captured
     forward = [name for name, _ in _layer_columns(backward=False, compile_swiglu=False)]
     assert not any(name.startswith("peak") or name.startswith("compiled") for name in forward)
     assert {"CUDA graph", "SwiGLU CUDA graph", "host ms", "SwiGLU host ms", "ratio graph"} <= set(forward)

@@ -111,20 +111,17 @@ def _layer_columns(backward: bool, compile_swiglu: bool) -> list[tuple[str, Call
         ("T", lambda r: str(r.tokens)),
         ("FlashMHF layer ms", lambda r: f"{r.flashmhf_ms:.4f}"),
     ]
-    if not backward:
-        columns.append(("CUDA graph", lambda r: _maybe(r.flashmhf_graph_ms, ".4f")))
+    columns.append(("CUDA graph", lambda r: _maybe(r.flashmhf_graph_ms, ".4f")))
     if compile_swiglu:
         columns.append(("compiled FlashMHF layer ms", lambda r: _maybe(r.flashmhf_compiled_ms, ".4f")))
     columns.append(("host ms", lambda r: _maybe(r.flashmhf_host_ms, ".4f")))
     columns.append(("SwiGLU FFN ms", lambda r: f"{r.swiglu_ms:.4f}"))
-    if not backward:
-        columns.append(("SwiGLU CUDA graph", lambda r: _maybe(r.swiglu_graph_ms, ".4f")))
+    columns.append(("SwiGLU CUDA graph", lambda r: _maybe(r.swiglu_graph_ms, ".4f")))
     if compile_swiglu:
         columns.append(("SwiGLU compiled", lambda r: f"{r.swiglu_compiled_ms:.4f}"))
     columns.append(("SwiGLU host ms", lambda r: _maybe(r.swiglu_host_ms, ".4f")))
     columns.append(("ratio eager", lambda r: f"{r.flashmhf_ms / r.swiglu_ms:.2f}"))
-    if not backward:
-        columns.append(("ratio graph", lambda r: _ratio(r.flashmhf_graph_ms, r.swiglu_graph_ms)))
+    columns.append(("ratio graph", lambda r: _ratio(r.flashmhf_graph_ms, r.swiglu_graph_ms)))
     if backward:
         columns.append(("peak MiB FlashMHF", lambda r: f"{r.flashmhf_peak_mib:.0f}"))
         if compile_swiglu:
