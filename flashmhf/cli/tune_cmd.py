@@ -14,8 +14,8 @@ from flashmhf.cli.spec_options import dtype_option, shape_from_options, shape_op
 from flashmhf.codegen import DTYPES, KINDS, Spec, SpecError, format_config
 
 GPU_TRIALS = 48
-DEFAULT_KINDS = ("fwd", "fwd_ws", "bwd_dq", "bwd_dq_ws", "bwd_dkuv", "bwd_dkuv_ws", "norm_router", "norm_router_bwd", "router",
-                 "router_bwd")
+DEFAULT_KINDS = ("fwd", "fwd_ws", "bwd_dq", "bwd_dq_ws", "bwd_dkuv", "bwd_dkuv_ws", "norm_router", "norm_router_bwd",
+                 "router", "router_bwd")
 INTERPRETER_TRIALS = 8  # the interpreter is slow: enough to exercise the pipeline end to end
 
 
