@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,9 @@ from flashmhf.bench.core import BACKWARD_KINDS, CoreRow
 from flashmhf.bench.layer import LayerRow
 from flashmhf.cli.spec_options import dtype_option, shape_from_options, shape_options, with_shape
 from flashmhf.codegen import Spec
+
+# Legend prefix of the series of a whole-layer run, next to the core's in one chart.
+LAYER_PREFIX = "layer: "
 
 
 @click.command()
@@ -29,9 +33,16 @@ from flashmhf.codegen import Spec
                    "--backward, one training step and its peak memory")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               help="write the table (Markdown) and a .json next to it")
+@click.option("--plot", is_flag=True,
+              help="with --out, also a PNG next to it: time and TFLOP/s against tokens, one line per timed "
+                   "column (needs matplotlib: pip install 'flashmhf[plot]')")
+@click.option("--plot-with", "plot_with", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="with --plot, also draw the rows of an earlier bench report (its .json; e.g. a --layer run "
+                   "of the same preset); repeatable")
 @with_shape
 def bench(shape: dict, dtype: str, tokens: str, backward: bool, compile_swiglu: bool, layer: bool,
-          out_path: Path | None) -> None:
+          out_path: Path | None, plot: bool, plot_with: tuple[Path, ...]) -> None:
     """Time the FlashMHF core (tuned config if cached, else the default) next to SwiGLU of the same d_ff;
     with --layer, the whole FlashMHF layer next to a SwiGLU FFN.
 
@@ -40,6 +51,8 @@ def bench(shape: dict, dtype: str, tokens: str, backward: bool, compile_swiglu: 
     """
     import torch
 
+    # Bad plot options fail before minutes of measuring, not after.
+    earlier = _plot_inputs(plot, plot_with, out_path, backward)
     if not torch.cuda.is_available():
         raise click.ClickException("bench times kernels on a CUDA GPU and none is visible "
                                    "(on CPU, `flashmhf tune` runs the pipeline under the interpreter)")
@@ -68,7 +81,57 @@ def bench(shape: dict, dtype: str, tokens: str, backward: bool, compile_swiglu: 
                  "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
         out_path.write_text("\n".join(lines) + "\n")
-        out_path.with_suffix(".json").write_text(json.dumps([r.to_dict() for r in rows], indent=1))
+        what_rows = "layer" if layer else "core"
+        out_path.with_suffix(".json").write_text(json.dumps([{**r.to_dict(), "bench": what_rows} for r in rows],
+                                                            indent=1))
+    if plot:
+        from flashmhf.bench.plot import plot_records, records_from_rows
+
+        records = records_from_rows([r.to_dict() for r in rows], prefix=LAYER_PREFIX if layer else "") + earlier
+        chart = out_path.with_suffix(".png")
+        plot_records(records, chart, title)
+        click.echo(f"chart: {chart}")
+
+
+def _plot_inputs(plot: bool, plot_with: tuple[Path, ...], out_path: Path | None, backward: bool) -> list:
+    """Check the plot options and read the --plot-with reports: their records."""
+    if not plot:
+        if plot_with:
+            raise click.UsageError("--plot-with adds rows to the chart of --plot: give --plot too")
+        return []
+    if out_path is None:
+        raise click.UsageError("--plot writes the chart next to the report: give --out REPORT.md")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise click.ClickException("--plot needs matplotlib: pip install 'flashmhf[plot]'")
+    from flashmhf.bench.plot import records_from_rows
+
+    records = []
+    for path in plot_with:
+        rows = _report_rows(path)
+        if any(bool(r.get("backward")) != backward for r in rows):
+            direction = "forward+backward" if backward else "forward"
+            raise click.UsageError(f"--plot-with {path}: its rows are not all {direction} like this run's")
+        for row in rows:
+            # Reports written before rows were tagged: a layer row is the one that counts parameters.
+            is_layer = row.get("bench", "layer" if "flashmhf_params" in row else "core") == "layer"
+            # Core rows of another report are named by its file, apart from this run's core rows.
+            try:
+                records += records_from_rows([row], prefix=LAYER_PREFIX if is_layer else f"{path.stem}: ")
+            except ValueError as exc:
+                raise click.UsageError(f"--plot-with {path}: {exc}") from None
+    return records
+
+
+def _report_rows(path: Path) -> list[dict]:
+    """The rows of a bench report's .json (a list of objects), or a usage error naming the file."""
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise click.UsageError(f"--plot-with {path}: not a readable bench report ({exc})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "tokens" in r for r in rows):
+        raise click.UsageError(f"--plot-with {path}: expected the .json of `flashmhf bench --out` "
+                               "(a list of rows with 'tokens')")
+    return rows
 
 
 def _columns(backward: bool, compile_swiglu: bool) -> list[tuple[str, Callable[[CoreRow], str]]]:

@@ -68,6 +68,7 @@ class Request:
     shared: bool = False  # several workers on the same studies (tune --gpus / --worker)
     isolate: bool = True  # measure in a child process (crash containment)
     compile_workers: int | None = None  # parallel compile processes (GPU only); 0 disables
+    seed_caches: list[Path] | None = None  # files whose results seed the studies (None: the files in effect)
 
 
 def tunable_jobs(specs: list[Spec], buckets: tuple[int, ...]) -> list[tuple[Spec, int]]:
@@ -112,7 +113,7 @@ def run(request: Request, progress: ProgressFn | None = None) -> list[SearchResu
                 search = Search(
                     spec, bucket, device, cache, storage, worker, trials=request.trials,
                     deadline=now + share, seed=None if request.seed is None else request.seed + i,
-                    shared=request.shared, on_measure=report, compile_pool=pool,
+                    shared=request.shared, on_measure=report, compile_pool=pool, seed_caches=request.seed_caches,
                 )
                 report(None, search._measured_in_space(), search._goal(), None)
                 results.append(search.run())
