@@ -196,7 +196,10 @@ def _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key) -> None:
     if prologue is not None and core is not None:
         if len(_fast_forward) >= _MAX_DIRECT:
             _fast_forward.clear()
-        _fast_forward.setdefault((sig, eps), {})[n_tokens] = (prologue, core)
+        per_tokens = _fast_forward.setdefault((sig, eps), {})
+        if len(per_tokens) >= _MAX_DIRECT:  # variable sequence lengths: keep the memo bounded
+            per_tokens.clear()
+        per_tokens[n_tokens] = (prologue, core)
 
 
 def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS, need_q_side: bool = True,
