@@ -25,7 +25,7 @@ from torch import nn
 import flashmhf_runtime as fm
 
 WORLD = 2
-D_MODEL, HEADS, D_FF, EXPERTS = 32, 4, 64, 2
+D_MODEL, HEADS, D_FF, EXPERTS = 64, 4, 64, 2
 pytestmark = pytest.mark.slow
 
 
