@@ -78,9 +78,8 @@ def single_process(model: nn.Module, x: torch.Tensor, w: torch.Tensor, scale: fl
 
 
 def check_tensor_parallel(rank: int, mesh) -> dict:
-    from torch.distributed.tensor.parallel import parallelize_module
-
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import parallelize_module
 
     from flashmhf_runtime.parallel import HeadParallel, head_parallel_plan
 

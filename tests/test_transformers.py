@@ -7,6 +7,8 @@ of these models goes through the generated kernels: token counts are kept small.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -191,3 +193,14 @@ def test_authors_config_settings_flashmhf_does_not_compute_are_refused():
         llama_config_from_authors({**base, "mhffnmoe_apply_rmsnorm": True, "rms_norm_eps": 1e-6})
     with pytest.raises(ValueError, match="config: expected the authors' MHFFNMoE config"):
         llama_config_from_authors(LLAMA)
+
+
+def test_the_runtime_imports_without_transformers():
+    """transformers is an optional extra: the runtime must neither import nor need it."""
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"  # an import of it raises ImportError
+        "import flashmhf_runtime, flashmhf_runtime.parallel\n"
+        "try:\n    import flashmhf_runtime.transformers\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'flashmhf[hf]'" in out
