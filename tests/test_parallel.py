@@ -65,8 +65,14 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def settled(t: torch.Tensor) -> torch.Tensor:
+    """A plain copy of ``t``: the copy waits for the collective that may still be writing it (an
+    AsyncCollectiveTensor, as tensor-parallel outputs and input gradients are)."""
+    return full(t).detach().clone()
+
+
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n.replace("module.", ""): full(p.grad).detach().clone() for n, p in model.named_parameters()}
+    return {n.replace("module.", ""): settled(p.grad) for n, p in model.named_parameters()}
 
 
 def single_process(model: nn.Module, x: torch.Tensor, w: torch.Tensor, scale: float = 1.0):
@@ -109,8 +115,28 @@ def check_tensor_parallel(rank: int, mesh) -> dict:
     xt = x.clone().requires_grad_()
     y = model(xt)
     (y * w).sum().backward()
-    return {"dist": (y.detach(), xt.grad, grads(model)), "ref": single_process(ref, x, w), "placements": placements,
-            "refused": refused}
+    return {"dist": (settled(y), settled(xt.grad), grads(model)), "ref": single_process(ref, x, w),
+            "placements": placements, "refused": refused}
+
+
+def check_sequence_parallel(rank: int, mesh) -> dict:
+    """HeadParallel with the sequence sharded outside the layer: all-gather in, reduce-scatter out."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from flashmhf_runtime.parallel import HeadParallel
+
+    torch.manual_seed(0)
+    layer, ref = make_model()[0].ffn, make_model()[0].ffn
+    ref.load_state_dict(layer.state_dict())
+    x, w = (t[:, :4] for t in inputs())
+    parallelize_module(layer, mesh, HeadParallel(input_layouts=Shard(1), output_layouts=Shard(1)))
+    mine = slice(2 * rank, 2 * rank + 2)  # this rank's positions
+    xt = x[:, mine].clone().requires_grad_()
+    y = layer(xt)
+    (y * w[:, mine]).sum().backward()
+    ref_y, ref_dx, ref_grads = single_process(ref, x, w)
+    return {"dist": (settled(y), settled(xt.grad), grads(layer)), "ref": (ref_y[:, mine], ref_dx[:, mine], ref_grads)}
 
 
 def check_ddp(rank: int, mesh) -> dict:
@@ -126,7 +152,7 @@ def check_ddp(rank: int, mesh) -> dict:
     y = ddp(xt)
     (y * w[mine]).sum().backward()  # DDP averages over ranks: the reference divides by WORLD
     ref_y, ref_dx, ref_grads = single_process(ref, x, w, 1 / WORLD)
-    return {"dist": (y.detach(), xt.grad, grads(ddp)), "ref": (ref_y[mine], ref_dx[mine] * WORLD, ref_grads)}
+    return {"dist": (settled(y), settled(xt.grad), grads(ddp)), "ref": (ref_y[mine], ref_dx[mine] * WORLD, ref_grads)}
 
 
 def fsdp_step(model: nn.Module, rank: int, x: torch.Tensor, w: torch.Tensor):
@@ -134,7 +160,7 @@ def fsdp_step(model: nn.Module, rank: int, x: torch.Tensor, w: torch.Tensor):
     xt = x[mine].clone().requires_grad_()
     y = model(xt)
     (y * w[mine]).sum().backward()
-    return y.detach(), xt.grad, grads(model)
+    return settled(y), settled(xt.grad), grads(model)
 
 
 def check_fsdp2(rank: int, mesh) -> dict:
@@ -179,6 +205,7 @@ def check_fsdp2_meta_init(rank: int, mesh) -> dict:
 
 CHECKS: dict[str, Callable] = {
     "tensor_parallel": check_tensor_parallel,
+    "sequence_parallel": check_sequence_parallel,
     "ddp": check_ddp,
     "fsdp2": check_fsdp2,
     "fsdp2_meta_init": check_fsdp2_meta_init,
