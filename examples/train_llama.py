@@ -1,7 +1,7 @@
 """Train a small transformers Llama with FlashMHF MLPs next to the same Llama with SwiGLU MLPs.
 
 Both models are a byte-level ``LlamaForCausalLM`` (vocabulary 256) trained on the Python standard
-library's own source (nothing is downloaded; the data and the cosine schedule come from
+library's own source (nothing is downloaded; data, optimizer step and cosine schedule come from
 train_tiny_lm.py). The FlashMHF model is built with ``flashmhf_runtime.transformers.replace_mlp``; the
 SwiGLU model's intermediate size is chosen so that both have the same parameter count. Same seed,
 same batches, same optimizer. Prints tokens/s and peak memory of each, writes a JSON of the results
@@ -31,7 +31,7 @@ import flashmhf_runtime as fm
 from flashmhf_runtime.transformers import replace_mlp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny_lm import DTYPES, Batches, load_corpus, lr_at  # noqa: E402  (same data and schedule)
+from train_tiny_lm import DTYPES, Batches, adamw, load_corpus, lr_at, train_step  # noqa: E402  (same recipe)
 
 VOCAB = 256
 MODELS = ("flashmhf", "swiglu")
@@ -116,13 +116,6 @@ def param_count(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------- training
 
 
-def optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -136,7 +129,7 @@ def train_one(kind: str, args: argparse.Namespace, data: torch.Tensor, device: t
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model = build(kind, args, device).train()
-    opt = optimizer(model, args.lr)
+    opt = adamw(model, args.lr)
     batches = Batches(data[:split], args.batch, args.seq, args.seed, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
 
@@ -153,14 +146,7 @@ def train_one(kind: str, args: argparse.Namespace, data: torch.Tensor, device: t
         if step == timed_from:
             sync(device)
             t_start = time.perf_counter()
-        x, y = batches.next()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        loss = loss_of(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = train_step(model, opt, loss_of, *batches.next(), lr_at(step, args))
         window.append(loss.detach())
         if (step + 1) % args.log_every == 0 or step == args.steps - 1:
             value = torch.stack(window).float().mean().item()
