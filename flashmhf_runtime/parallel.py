@@ -32,27 +32,30 @@ def _is_head_shard(p: Placement, ndim: int) -> bool:
     return isinstance(p, Shard) and p.dim % ndim == ndim - 2
 
 
+def _fits(name: str, t: DTensor, mesh_dim: int, sharded: bool) -> bool:
+    """Whether input ``name`` is placed on ``mesh_dim`` as the core needs when q is ``sharded`` there."""
+    p = t.placements[mesh_dim]
+    if not sharded:
+        return isinstance(p, Replicate)
+    return _is_head_shard(p, t.ndim) if name == "r" else p == Shard(0)
+
+
 def _check_placements(q: DTensor, k: DTensor, u: DTensor, v: DTensor, r: DTensor) -> None:
     """Per mesh dim: q and r sharded on their head dim and k/u/v on dim 0 (H_kv), or all replicated."""
-    for name, t in (("k", k), ("u", u), ("v", v), ("r", r)):
+    others = {"k": k, "u": u, "v": v, "r": r}
+    for name, t in others.items():
         if not isinstance(t, DTensor) or t.device_mesh != q.device_mesh:
             got = f"DTensor on {t.device_mesh}" if isinstance(t, DTensor) else type(t).__name__
             raise ValueError(f"{name}: expected a DTensor on q's mesh {q.device_mesh}, got {got}")
     for i, p in enumerate(q.placements):
-        if _is_head_shard(p, q.ndim):
-            want = {"r": _is_head_shard(r.placements[i], r.ndim)}
-            want.update({n: t.placements[i] == Shard(0) for n, t in (("k", k), ("u", u), ("v", v))})
-            expected = "Shard on the head dim (r) and Shard(0) (k, u, v)"
-        elif isinstance(p, Replicate):
-            want = {n: isinstance(t.placements[i], Replicate) for n, t in (("k", k), ("u", u), ("v", v), ("r", r))}
-            expected = "Replicate"
-        else:
+        sharded = _is_head_shard(p, q.ndim)
+        if not (sharded or isinstance(p, Replicate)):
             raise ValueError(f"q: expected placements Shard on the head dim ({q.ndim - 2}) or Replicate, "
-                             f"got {q.placements[i]} on mesh dim {i}")
-        for name, ok in want.items():
-            if not ok:
-                t = {"k": k, "u": u, "v": v, "r": r}[name]
-                raise ValueError(f"{name}: expected {expected} on mesh dim {i} (as q: {p}), got {t.placements[i]}")
+                             f"got {p!r} on mesh dim {i}")
+        for name, t in others.items():
+            if not _fits(name, t, i, sharded):
+                want = "Replicate" if not sharded else "Shard on the head dim" if name == "r" else "Shard(0)"
+                raise ValueError(f"{name}: expected {want} on mesh dim {i} (q: {p!r}), got {t.placements[i]!r}")
 
 
 def flash_mhf_on_local_shards(q: DTensor, k: DTensor, u: DTensor, v: DTensor, r: DTensor, *,

@@ -295,7 +295,7 @@ def test_tensor_parallel_shards_every_head_parameter(results):
 def test_tensor_parallel_refuses_what_it_cannot_split(results):
     kv_heads, mixed = result(results, "tensor_parallel", 0)["refused"]
     assert kv_heads == "n_kv_heads: expected a multiple of the mesh size 2, got 1"
-    assert mixed is not None and mixed.startswith("u: expected Shard on the head dim (r) and Shard(0) (k, u, v)")
+    assert mixed is not None and mixed.startswith("u: expected Shard(0) on mesh dim 0 (q: Shard(dim=1)), got Repl")
 
 
 def test_meta_init_materialises_the_layer_init(results):
