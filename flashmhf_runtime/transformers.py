@@ -121,18 +121,25 @@ def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], ignore_mi
         raise ValueError(f"state_dict: expected the model's keys, got missing keys {missing}, unexpected {unexpected}")
 
 
+# The from_config keyword for the parameters' dtype (transformers 5 renamed torch_dtype).
+DTYPE_KW = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
 def _build(config: transformers.PretrainedConfig, dtype: torch.dtype | None,
            device: torch.device | str | None, **kw) -> nn.Module:
+    """The causal LM of ``config`` on ``device``, its parameters in ``dtype`` (None: the config's
+    dtype, else fp32); buffers computed in fp32, such as rotary frequencies, stay fp32."""
+    if dtype is not None:
+        kw[DTYPE_KW] = dtype
     with torch.device(device or "cpu"):
-        model = transformers.AutoModelForCausalLM.from_config(config, **kw)
-    return model.to(dtype) if dtype is not None else model
+        return transformers.AutoModelForCausalLM.from_config(config, **kw)
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, **kw) -> nn.Module:
     """Load a causal LM saved (``save_pretrained``) after ``replace_mlp``: the architecture is built
     from ``config.json``, its MLPs are replaced with the recorded FlashMHF settings, then the weights
-    are loaded. ``dtype``/``device`` place the model (default: fp32 on CPU); ``kw`` go to
+    are loaded. ``dtype``/``device`` place the model (default: the dtype it was saved in, on CPU); ``kw`` go to
     ``AutoModelForCausalLM.from_config`` (e.g. ``attn_implementation``)."""
     config = transformers.AutoConfig.from_pretrained(path)
     settings = getattr(config, CONFIG_KEY, None)
@@ -195,14 +202,13 @@ def load_authors_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | Non
     """A transformers ``LlamaForCausalLM`` with FlashMHF MLPs holding the authors' checkpoint in
     folder ``path`` (their ``config.json`` and weights). Their attention, norms and embeddings keep
     Llama's names; each ``model.layers.{i}.mlp.*`` goes through
-    ``flashmhf_runtime.checkpoint.load_authors_state_dict``."""
+    ``flashmhf_runtime.checkpoint.load_authors_state_dict``. ``dtype`` (default fp32) and ``device``
+    (default CPU) place the model."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ValueError(f"path: expected a folder with config.json, got {str(path)!r}")
     config, settings = llama_config_from_authors(json.loads(config_file.read_text()))
-    with torch.device(device or "cpu"):
-        model = transformers.LlamaForCausalLM(config)
-    model = replace_mlp(model.to(dtype) if dtype is not None else model, **settings)
+    model = replace_mlp(_build(config, dtype, device), **settings)
     state = read_state_dict(path)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, FlashMHF)}
     for name, layer in layers.items():

@@ -109,6 +109,18 @@ def test_save_pretrained_from_pretrained_gives_identical_logits(tmp_path, tied):
         assert torch.equal(loaded(x).logits, model(x).logits)
 
 
+def test_from_pretrained_in_bf16(tmp_path):
+    model = tiny_flash_llama().eval()
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32  # computed in fp32, as transformers does
+    x = tokens()
+    with torch.no_grad():
+        ref = model(x).logits
+        assert (loaded(x).logits.float() - ref).norm() < 3e-2 * ref.norm()
+
+
 def test_from_pretrained_refuses_a_model_without_flashmhf(tmp_path):
     tiny_llama().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="path: expected a model saved after replace_mlp"):
