@@ -197,6 +197,27 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """AdamW with weight decay 0.1 on matrices only, betas (0.9, 0.95)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, loss_of, x: torch.Tensor, y: torch.Tensor,
+               lr: float) -> torch.Tensor:
+    """One optimizer step at learning rate ``lr`` on ``loss_of(x, y)`` (gradients clipped to norm 1)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = loss_of(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
 def train(args: argparse.Namespace) -> dict:
     """Train and return {"losses": [[step, loss], ...], "val_loss", "time_s", ...}."""
     device = torch.device(args.device)
@@ -210,14 +231,7 @@ def train(args: argparse.Namespace) -> dict:
     model = TinyLM(args.layers, args.d_model, args.heads, args.d_ff, args.experts, args.head_norm).to(device)
     if args.reference:
         use_reference_core(model, torch.float64 if args.reference_precision == "fp64" else torch.float32)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-    )
+    opt = adamw(model, args.lr)
     batches = Batches(data[:split], args.batch, args.seq, args.seed, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
 
@@ -235,14 +249,7 @@ def train(args: argparse.Namespace) -> dict:
     losses, t0 = [], time.perf_counter()
     window_sum, window_n = torch.zeros((), device=device), 0
     for step in range(args.steps):
-        x, y = batches.next()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        loss = loss_of(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = train_step(model, opt, loss_of, *batches.next(), lr_at(step, args))
         window_sum += loss.detach().float()
         window_n += 1
         if step % args.log_every == 0 or step == args.steps - 1:

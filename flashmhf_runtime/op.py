@@ -23,6 +23,7 @@ sync), so it can be captured in a CUDA graph."""
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -337,6 +338,12 @@ def fast_launcher(spec_key: tuple, n_tokens: int, device_index: int | None) -> D
     return DirectLauncher(module, module.contiguous_plan(n_tokens, **config), device_index)
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (without importing torch.distributed where nothing has)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def flash_mhf(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -352,7 +359,14 @@ def flash_mhf(
     shaped like q. ``config`` pins a config of the forward kind ``fwd`` (see ``flashmhf show``); by
     default the kind and config tuned for this GPU and token count are used, else a safe default.
     The backward always takes the tuned or default config of each of its kinds.
+
+    DTensors sharded over heads (tensor parallelism, see ``flashmhf_runtime.parallel``) run on each
+    rank's local heads.
     """
+    if type(q) is not torch.Tensor and _is_dtensor(q):
+        from flashmhf_runtime.parallel import flash_mhf_on_local_shards
+
+        return flash_mhf_on_local_shards(q, k, u, v, r, config=config)
     # Inlined checks: this is the per-call path of inference (see _fast_plans).
     if torch.compiler.is_compiling():
         return core_op(q, k, u, v, r, config_to_str(config))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up of ./.venv with flashmhf and its tuning/plotting/test extras.
+# Idempotent set-up of ./.venv with flashmhf and its tuning/test/plotting/transformers/example extras.
 # A machine whose python already has torch (e.g. a CUDA build) reuses it; otherwise torch 2.13.0 is
 # installed first, so that pip does not pull a multi-GB CUDA build to satisfy `torch>=...`.
 set -euo pipefail
@@ -15,5 +15,6 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q torch==2.13.0
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[tune,plot,dev]' 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import flashmhf_runtime, matplotlib, optuna, pytest" >/dev/null
+.venv/bin/pip install -q --disable-pip-version-check -e '.[tune,dev,examples]' 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import flashmhf_runtime, optuna, pytest, safetensors, matplotlib, importlib.util as u
+assert u.find_spec('transformers'), 'transformers missing'" >/dev/null
