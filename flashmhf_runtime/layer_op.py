@@ -332,6 +332,10 @@ def layer_core(q: torch.Tensor, norm_w: torch.Tensor | None, w_r: torch.Tensor, 
     q: (..., H * d_h), the W_in output; norm_w: (H, d_h) or None (no head norm); w_r: (H, d_h, E);
     k, u, v: (H_kv, E, d_e, d_h); all of q's dtype and device. Returns s shaped like q (the W_out
     input). Differentiable in every tensor argument."""
+    if type(q) is not torch.Tensor and op._is_dtensor(q):  # tensor parallel over heads
+        from flashmhf_runtime.parallel import layer_core_on_local_shards
+
+        return layer_core_on_local_shards(q, norm_w, w_r, k, u, v, eps)
     if torch.compiler.is_compiling():
         return layer_core_op(q, norm_w, w_r, k, u, v, eps)
     try:

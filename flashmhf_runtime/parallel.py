@@ -77,6 +77,29 @@ def flash_mhf_on_local_shards(q: DTensor, k: DTensor, u: DTensor, v: DTensor, r:
     return DTensor.from_local(s, q.device_mesh, q.placements, run_check=False, shape=q.shape, stride=q.stride())
 
 
+def layer_core_on_local_shards(q: DTensor, norm_w: DTensor | None, w_r: DTensor, k: DTensor, u: DTensor,
+                               v: DTensor, eps: float) -> DTensor:
+    """The layer op (``layer_op.layer_core``) for the DTensors ``HeadParallel`` hands it: q (the
+    column-parallel W_in output) sharded on its last dim, the head norm, router and K/U/V weights on
+    their head dim. Each rank runs the generated kernels on its own heads; s comes back with q's
+    placements (what the row-parallel W_out takes)."""
+    from flashmhf_runtime.layer_op import layer_core
+
+    for name, t in (("norm_w", norm_w), ("w_r", w_r), ("k", k), ("u", u), ("v", v)):
+        if t is None:
+            continue
+        if not isinstance(t, DTensor) or t.device_mesh != q.device_mesh:
+            raise ValueError(f"{name}: expected a DTensor on q's mesh {q.device_mesh}, got {type(t).__name__}")
+        for i, (pq, pt) in enumerate(zip(q.placements, t.placements)):
+            sharded = isinstance(pq, Shard) and pq.dim % q.ndim == q.ndim - 1
+            if not (sharded and pt == Shard(0)) and not (isinstance(pq, Replicate) and isinstance(pt, Replicate)):
+                raise ValueError(f"{name}: expected Shard(0) where q is sharded on its last dim (Replicate where "
+                                 f"q is replicated), got q {pq!r} and {name} {pt!r} on mesh dim {i}")
+    local = [None if t is None else t.to_local() for t in (q, norm_w, w_r, k, u, v)]
+    s = layer_core(*local, eps)
+    return DTensor.from_local(s, q.device_mesh, q.placements, run_check=False, shape=q.shape, stride=q.stride())
+
+
 class HeadParallel(ParallelStyle):
     """The ParallelStyle that splits a ``FlashMHF`` layer's heads over a 1-D mesh (see module doc).
 

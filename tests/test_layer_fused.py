@@ -246,3 +246,31 @@ def test_repeated_forward_takes_the_fast_path_and_follows_the_weights():
     assert torch.equal(first, again)
     assert rel_error(changed, reference_output(layer, x)) <= 1e-4
     assert rel_error(first, reference_output(layer, x)) > 1e-3
+
+
+def test_head_parallel_dtensors_run_the_kernels_on_local_shards(tmp_path):
+    """HeadParallel hands the layer op DTensors; on one rank (gloo) they must reach the generated
+    kernels as local tensors and give the plain layer's output and gradients."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from flashmhf_runtime.parallel import HeadParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        layer = make_layer(torch.float32, head_norm=True)
+        sharded = copy.deepcopy(layer)
+        parallelize_module(sharded, init_device_mesh("cpu", (1,)), HeadParallel())
+        x = torch.randn(9, 48)
+        y, y_tp = layer(x), sharded(x)
+        y.sum().backward()
+        y_tp.sum().backward()
+        assert torch.allclose(y_tp, y, rtol=1e-5, atol=1e-6)
+        for (name, p), (_, p_tp) in zip(layer.named_parameters(), sharded.named_parameters()):
+            g = p_tp.grad.full_tensor() if hasattr(p_tp.grad, "full_tensor") else p_tp.grad
+            assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6), name
+    finally:
+        dist.destroy_process_group()
