@@ -286,6 +286,7 @@ core_op.register_autograd(_backward, setup_context=_setup_context)
 # (H * d_h, spec key, device index, {token count: DirectLauncher of the config dispatch chose}).
 _fast_plans: dict[tuple, tuple[int, tuple, int | None, dict]] = {}
 dispatch.on_reset(_fast_plans.clear)
+dispatch.on_reset(_warp_specialized_runs.cache_clear)
 
 
 def _remember_plan(q, k, u, v, r) -> None:

@@ -7,7 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from flashmhf.cache import lookup, paths
+import flashmhf_runtime
+from flashmhf.cache import paths
 from flashmhf.cache.store import TuningCache
 from flashmhf.cli.app import main
 from tests.test_cache_store import cfg, key, make_bad_files
@@ -20,7 +21,7 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHMHF_CACHE_DIR", str(tmp_path / "user"))
     monkeypatch.delenv("FLASHMHF_CACHE", raising=False)
     monkeypatch.setattr(paths, "shipped_cache_paths", lambda: [])
-    lookup.invalidate()
+    flashmhf_runtime.reset()
 
 
 def run(*args: str, input: str | None = None):

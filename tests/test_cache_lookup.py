@@ -6,7 +6,8 @@ import warnings
 
 import pytest
 
-from flashmhf.cache import lookup, paths
+import flashmhf_runtime
+from flashmhf.cache import paths
 from flashmhf.cache.device import device_info
 from flashmhf.cache.lookup import CacheWarning, demote, find_config
 from flashmhf.cache.store import TuningCache
@@ -20,11 +21,9 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHMHF_CACHE_DIR", str(tmp_path / "user"))
     monkeypatch.delenv("FLASHMHF_CACHE", raising=False)
     monkeypatch.setattr(paths, "shipped_cache_paths", lambda: [])
-    lookup.invalidate()
-    dispatch.reset()
+    flashmhf_runtime.reset()
     yield
-    lookup.invalidate()
-    dispatch.reset()
+    flashmhf_runtime.reset()
 
 
 def write(path, *rows) -> None:
@@ -52,13 +51,13 @@ def test_overlay_beats_user_beats_shipped(tmp_path, monkeypatch):
     assert config == cfg(block_f=32) and where == f"shipped:{shipped} bucket 64"
 
     write(paths.user_cache_path(), (key(), cfg(num_warps=8), 1.0))
-    lookup.invalidate()
+    flashmhf_runtime.reset()
     config, where = find_config(SPEC, 64, dev())
     assert config == cfg(num_warps=8) and where.startswith("user:")
 
     write(overlay, (key(), cfg(num_stages=2), 1.0))
     monkeypatch.setenv("FLASHMHF_CACHE", f"{tmp_path / 'missing.sqlite'}:{overlay}")
-    lookup.invalidate()
+    flashmhf_runtime.reset()
     with pytest.warns(CacheWarning, match="does not exist"):
         config, where = find_config(SPEC, 64, dev())
     assert config == cfg(num_stages=2) and where == f"FLASHMHF_CACHE:{overlay} bucket 64"
@@ -141,7 +140,7 @@ def test_rows_read_once_until_invalidate():
     assert find_config(SPEC, 128, dev())[0] == cfg()  # another bucket: no new file read
     paths.user_cache_path().unlink()
     assert find_config(SPEC, 32, dev())[0] == cfg()
-    lookup.invalidate()
+    flashmhf_runtime.reset()
     assert find_config(SPEC, 64, dev()) is None
 
 

@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from flashmhf.cache.buckets import tune_command
 from flashmhf.cache.device import DeviceInfo
 from flashmhf.cache.paths import ROLE_OVERLAY, cache_files_in_effect
 from flashmhf.codegen import Config, Spec
@@ -112,7 +113,6 @@ def _config_id(config: dict) -> tuple:
 
 def _stale_warning(spec: Spec, bucket: int, device: DeviceInfo, stale: list[tuple[str, Path, _Row]]) -> None:
     from flashmhf.codegen import template_hash
-    from flashmhf_runtime.dispatch import tune_command
 
     role, path, row = stale[0]
     _warn_once(
@@ -194,10 +194,8 @@ def demote(spec: Spec, bucket: int, device: DeviceInfo, config: Config, reason: 
 
 
 def invalidate() -> None:
-    """Forget everything read, chosen, demoted and warned (tests, or after the cache files changed).
-
-    The runtime's dispatch memoises its own choices too: call ``flashmhf_runtime.dispatch.reset()``.
-    """
+    """Forget everything read, chosen, demoted and warned. Callers outside the cache use
+    ``flashmhf_runtime.reset()``, which also forgets the runtime's own memoised choices."""
     with _lock:
         _views.clear()
         _memo.clear()

@@ -76,7 +76,7 @@ def _fitting(specs: list[Spec], named: bool, console: Console) -> list[Spec]:
 
 
 def _buckets(tokens: tuple[int, ...]) -> tuple[int, ...]:
-    from flashmhf_runtime.dispatch import token_bucket
+    from flashmhf.cache.buckets import token_bucket
 
     return tuple(sorted({token_bucket(t) for t in tokens}))
 

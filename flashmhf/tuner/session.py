@@ -128,8 +128,6 @@ def run(request: Request, progress: ProgressFn | None = None) -> list[SearchResu
 
 def _forget_runtime_choices() -> None:
     """New results are in the cache: a runtime in this process must look them up again."""
-    from flashmhf.cache import lookup
-    from flashmhf_runtime import dispatch
+    import flashmhf_runtime
 
-    lookup.invalidate()
-    dispatch.reset()
+    flashmhf_runtime.reset()

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from flashmhf.codegen.dtypes import DTYPE_BYTES  # noqa: F401 - kinds import it from here
 from flashmhf.codegen.spec import Spec
 
 # Hopper: 227 KiB of shared memory per block, 64K 32-bit registers per SM.
 SMEM_BYTES = 232_448
 MAX_REGS_PER_THREAD = 255
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 Config = dict[str, int]
 
@@ -135,6 +135,11 @@ def first_accepted(
 
 def format_config(config: Config) -> str:
     return ",".join(f"{k}={v}" for k, v in config.items())
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling of a / b for positive b."""
+    return -(-a // b)
 
 
 def is_pow2(n: int) -> bool:
