@@ -119,11 +119,18 @@ def test_verify_ok_and_warnings(filled):
     assert "warning: stale" in result.output and ": ok (" in result.output
 
 
+def failed_without_traceback(result) -> list[str]:
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("Error: "), result.output
+    return lines
+
+
 @pytest.mark.parametrize("which", ["garbage", "foreign", "newer"])
-def test_verify_bad_file_is_one_line(tmp_path, which):
+def test_verify_bad_file_is_reported_without_traceback(tmp_path, which):
     bad = make_bad_files(tmp_path)[which]
-    line = one_error_line(run("cache", "verify", "--cache", str(bad)))
-    assert str(bad) in line
+    lines = failed_without_traceback(run("cache", "verify", "--cache", str(bad)))
+    assert lines[0].startswith(f"{bad}: error: ") and str(bad) in lines[-1]
     one_error_line(run("cache", "ls", "--cache", str(bad)))
 
 
@@ -136,7 +143,7 @@ def test_verify_damaged_best_fails(filled):
 
 
 def test_missing_files_are_one_line():
-    one_error_line(run("cache", "verify"))
+    failed_without_traceback(run("cache", "verify"))
     one_error_line(run("cache", "show"))
     one_error_line(run("cache", "rm", "--kind", "fwd", "--yes"))
 

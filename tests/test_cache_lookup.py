@@ -12,7 +12,7 @@ from flashmhf.cache.device import device_info
 from flashmhf.cache.lookup import CacheWarning, demote, find_config
 from flashmhf.cache.store import TuningCache
 from flashmhf_runtime import dispatch
-from tests.test_cache_store import SPEC, cfg, key, make_bad_files
+from tests.test_cache_store import SPEC, cfg, key, make_bad_files, plant
 
 
 @pytest.fixture(autouse=True)
@@ -110,8 +110,14 @@ def test_usable_result_is_used_beside_a_stale_one():
 def test_config_failing_check_config_is_skipped():
     bad_block = cfg(block_f=64)  # does not divide expert_dim 32
     bad_keys = {**cfg(), "colour": 3}
-    write(paths.user_cache_path(), (key(64), bad_block, 0.1), (key(32), bad_keys, 0.1), (key(256), cfg(), 1.0))
-    config, where = find_config(SPEC, 64, dev())
+    write(paths.user_cache_path(), (key(64), bad_block, 0.1), (key(256), cfg(), 1.0))
+    plant(paths.user_cache_path(), [(key(32).to_dict(), bad_keys, "ok", 0.1)])
+    with pytest.warns(CacheWarning) as record:
+        config, where = find_config(SPEC, 64, dev())
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 2, messages  # each said once
+    assert "rejected for fwd" in messages[0] and "block_f=64" in messages[0]
+    assert "1 unusable tuned row(s) skipped" in messages[1] and "colour" in messages[1]
     assert config == cfg() and where.endswith("bucket 256")
 
 
@@ -168,7 +174,7 @@ def test_truncated_file_is_skipped(tmp_path, monkeypatch):
     with TuningCache(bad) as c:
         for b in range(12):
             for i in range(40):
-                c.record_trial(key(2**b), cfg(block_m=16 * (1 + i % 4)), "ok", median_ms=1.0 + i, error="x" * 200)
+                c.record_trial(key(2**b), cfg(block_m=16 * 2 ** (i % 4)), "ok", median_ms=1.0 + i, error="x" * 200)
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 3])
     for suffix in ("-wal", "-shm"):

@@ -44,6 +44,28 @@ def key(bucket: int = 64, spec: Spec = SPEC, **replace) -> ResultKey:
     return dataclasses.replace(ResultKey.for_spec(spec, bucket, device_info()), **replace)
 
 
+def plant(path: Path, rows: list[tuple[dict, object, str, object]]) -> None:
+    """Write rows as a careless or hostile tool could: (key fields, config as stored, status, median)
+    straight into the tables, then let the file's best rows be recomputed from them."""
+    from flashmhf.cache.store import KEY_FIELDS
+
+    TuningCache(path).close()
+    conn = sqlite3.connect(path)
+    with conn:
+        for i, (kd, config, status, median) in enumerate(rows):
+            values = [kd[f] for f in KEY_FIELDS]
+            conn.execute(f"INSERT OR IGNORE INTO result_keys ({', '.join(KEY_FIELDS)}) VALUES "
+                         f"({', '.join('?' * len(KEY_FIELDS))})", values)
+            key_id = conn.execute(f"SELECT id FROM result_keys WHERE {' AND '.join(f + ' = ?' for f in KEY_FIELDS)}",
+                                  values).fetchone()[0]
+            text = config if isinstance(config, str) else json.dumps(config)
+            conn.execute("INSERT INTO trials (key_id, config, status, median_ms, recorded_at, fingerprint) "
+                         "VALUES (?, ?, ?, ?, '2026-01-01', ?)", (key_id, text, status, median, f"fp{i}"))
+    conn.close()
+    with TuningCache(path) as c, c._write() as w:
+        c._recompute_best(w)
+
+
 def make_bad_files(tmp: Path) -> dict[str, Path]:
     """One file of each kind the runtime must skip: not SQLite, foreign SQLite, newer schema."""
     garbage = tmp / "garbage.sqlite"

@@ -53,7 +53,7 @@ def read_export(src: str | os.PathLike | IO[str]) -> Rows:
 
     Raises ``ValueError`` naming the file and the place for anything that is not a valid export:
     nothing of a bad document is imported."""
-    name = getattr(src, "name", None) or str(src)
+    name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<stream>")
     if hasattr(src, "read"):
         text = src.read()  # type: ignore[union-attr]
     else:

@@ -347,11 +347,18 @@ class TuningCache:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
             return conn
         except sqlite3.OperationalError as exc:
-            # A WAL file in a read-only folder (e.g. shipped in site-packages) cannot get its -shm;
-            # such files are never written, so reading them as immutable is safe.
+            # A WAL file in a read-only folder (e.g. shipped in site-packages) cannot get its -shm:
+            # read it as immutable. What is still in its -wal file is then invisible: say so.
             if "unable to open" not in str(exc) and "readonly" not in str(exc):
                 raise
             conn.close()
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.is_file() and wal.stat().st_size > 0:
+                warnings.warn(
+                    f"flashmhf: {self.path} is in WAL mode in a read-only place and its {wal.name} cannot be read "
+                    "here: results written since its last checkpoint are not visible. Open it once where it is "
+                    "writable, or ship a single-file copy (`flashmhf cache export -o NAME.sqlite`)",
+                    CacheWarning, stacklevel=4)
             return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, **kw)
 
     def _header(self) -> tuple[int, int, set[str]]:
@@ -770,6 +777,15 @@ class TuningCache:
         cond, params = _where(filters)
         rows = self.conn.execute(f"SELECT {', '.join(KEY_FIELDS)} FROM result_keys WHERE {cond}", params)
         return sorted(ResultKey(*r) for r in rows)
+
+    def quick_check(self) -> str | None:
+        """The first problem SQLite's ``quick_check`` finds in the file's pages, or None. A file whose
+        header is fine may still have damaged pages that no query of ours happens to touch."""
+        try:
+            first = self.conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        return None if first == "ok" else first
 
     def counts(self, **filters: Any) -> dict[str, int]:
         """Numbers of keys, trials and best rows (matching ``filters``)."""

@@ -37,7 +37,7 @@ def filter_options(f: Callable) -> Callable:
         click.option("--device", help="device name, e.g. nvidia-h200 (normalised: 'NVIDIA H200' works too)"),
         click.option("--kind", type=click.Choice(kind_choices()), help="kernel kind"),
         click.option("--dtype", type=click.Choice(DTYPES), help="data type"),
-        click.option("--tokens", type=click.IntRange(min=1), help="token count (matches its power-of-two bucket)"),
+        click.option("--tokens", type=int, help="token count (matches its power-of-two bucket)"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -51,6 +51,8 @@ def filter_options(f: Callable) -> Callable:
         if device:
             filters["device"] = normalise_device_name(device)
         if tokens is not None:
+            if tokens <= 0:
+                raise ValueError(f"--tokens must be positive, got {tokens}")
             filters["bucket"] = token_bucket(tokens)
         if any(v is not None for k, v in shape.items() if k != "kv_heads"):
             h, h_kv, d_h, e, d_e, _ = shape_from_options(**shape)
