@@ -61,6 +61,11 @@ class CacheFileError(ValueError):
     """A cache file that cannot be used: not SQLite or corrupt, not ours, or a newer schema."""
 
 
+class CachePlaceError(ValueError):
+    """A cache file that is fine (or would be) in a place that cannot be written: a read-only file,
+    folder or file system."""
+
+
 class CacheLockedError(CacheFileError):
     """Another writer held the file's write lock for longer than :data:`LOCK_WAIT_S`."""
 
@@ -273,6 +278,11 @@ SELECT key_id, id, median_ms FROM ({_RANKED_OK}) WHERE rn = 1
 _abandoned: list[sqlite3.Connection] = []
 
 
+def _is_unwritable(exc: sqlite3.DatabaseError) -> bool:
+    msg = str(exc).lower()
+    return "readonly" in msg or "read-only" in msg or "unable to open" in msg
+
+
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     msg = str(exc).lower()
     return "locked" in msg or "busy" in msg
@@ -324,18 +334,47 @@ class TuningCache:
         import sqlite_utils
 
         if not self.readonly:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CachePlaceError(f"{self.path}: cannot create its folder ({exc.strerror}); give a writable "
+                                      "--cache path or set FLASHMHF_CACHE_DIR") from None
         try:
             self._conn = self._open_connection()
             self._pid = os.getpid()
             self.db = sqlite_utils.Database(self._conn, execute_plugins=False)
             self._check_or_create()
+            if not self.readonly:
+                self._check_writable()
         except sqlite3.DatabaseError as exc:
             self.close()
+            if not self.readonly and _is_unwritable(exc):
+                raise CachePlaceError(self._unwritable_message()) from None
             raise CacheFileError(f"{self.path}: not a usable SQLite file ({exc})") from None
         except CacheFileError:
             self.close()
             raise
+
+    def _check_writable(self) -> None:
+        """Fail now, not at the first measurement, when the file or its folder is read-only: a
+        write that is rolled back (taking the lock itself succeeds on a read-only file)."""
+        conn = self.conn
+        self._retry(lambda: conn.execute("BEGIN IMMEDIATE"))
+        try:
+            conn.execute("UPDATE meta SET value = value || '' WHERE name = 'format'")
+        finally:
+            conn.execute("ROLLBACK")
+
+    def _unwritable_message(self) -> str:
+        if self.path.is_file():
+            try:
+                TuningCache(self.path, readonly=True).close()
+                state = "the file is a fine cache, but this place is read-only (file or file system)"
+            except (CacheFileError, OSError):
+                state = "it cannot be written here (read-only file or file system)"
+            return f"{self.path}: cannot write to this cache file: {state}; give a writable --cache path"
+        return (f"{self.path}: cannot create a cache file here: its folder is not writable (read-only file "
+                "system or permissions); give a writable --cache path or set FLASHMHF_CACHE_DIR")
 
     def _open_connection(self) -> sqlite3.Connection:
         kw = dict(timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)

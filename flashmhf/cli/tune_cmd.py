@@ -36,26 +36,35 @@ def _choices(text: str, allowed, what: str) -> list[str]:
     return items
 
 
-def _runnable_kinds(text: str | None, console: Console) -> list[str]:
-    """The --kind list. A kind this machine cannot run is an error when named, skipped by default."""
+def _named_kinds(text: str | None) -> list[str] | None:
+    """The kinds named by --kind (None: the defaults); one this machine cannot run is an error."""
     from flashmhf.cache.device import device_info
     from flashmhf.codegen import get_kind
 
-    capability = device_info().cuda_capability
     if text is None:
-        kinds = []
-        for name in DEFAULT_KINDS:
-            why = get_kind(name).unavailable(capability)
-            if why:
-                console.print(f"[dim]Skipping {name}: {why}.[/]")
-            else:
-                kinds.append(name)
-        return kinds
+        return None
     kinds = _choices(text, list(KINDS), "--kind")
+    capability = device_info().cuda_capability
     for name in kinds:
         why = get_kind(name).unavailable(capability)
         if why:
             raise SpecError(f"--kind {name}: this machine cannot run it ({why})")
+    return kinds
+
+
+def _default_kinds(console: Console) -> list[str]:
+    """The default kinds, without those this machine cannot run (said, one line each)."""
+    from flashmhf.cache.device import device_info
+    from flashmhf.codegen import get_kind
+
+    capability = device_info().cuda_capability
+    kinds = []
+    for name in DEFAULT_KINDS:
+        why = get_kind(name).unavailable(capability)
+        if why:
+            console.print(f"[dim]Skipping {name}: {why}.[/]")
+        else:
+            kinds.append(name)
     return kinds
 
 
@@ -128,13 +137,11 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int | 
     and hosts.
     """
     console = Console(stderr=True, width=max(120, Console(stderr=True).width))
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        raise click.ClickException("tuning needs optuna: pip install 'flashmhf[tune]'") from None
     from flashmhf.cache.paths import user_cache_path
-    from flashmhf.tuner import session
+    from flashmhf.cache.store import TuningCache
+    from flashmhf.codegen import plan
 
+    # Every argument is checked before anything is printed or started.
     if trials is not None and trials <= 0:
         raise SpecError(f"--trials must be positive, got {trials}")
     if time_budget is not None and time_budget <= 0:
@@ -142,15 +149,23 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int | 
     if worker and not storage:
         raise SpecError("--worker joins existing studies: give the shared --storage URL too")
     h, h_kv, d_h, e, d_e, label = shape_from_options(**shape)
-    kind_list = _runnable_kinds(kinds, console)
     dtypes = _choices(dtype, DTYPES, "--dtype")
-    specs = [Spec(k, h, h_kv, d_h, e, d_e, dt) for k in kind_list for dt in dtypes]
-    from flashmhf.codegen import plan
-
-    for s in specs:
-        plan(s)  # validate before anything starts
-    specs = _fitting(specs, kinds is not None, console)
+    token_counts = _int_list(tokens, "--tokens") if tokens else None
+    named = _named_kinds(kinds)
+    for k in named or DEFAULT_KINDS:
+        for dt in dtypes:
+            plan(Spec(k, h, h_kv, d_h, e, d_e, dt))
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise click.ClickException("tuning needs optuna: pip install 'flashmhf[tune]'") from None
     cache_path = cache_path or user_cache_path()
+    TuningCache(cache_path).close()  # a file that cannot be used or written: said now, not after a measurement
+    from flashmhf.tuner import session
+
+    kind_list = named if named is not None else _default_kinds(console)
+    specs = [Spec(k, h, h_kv, d_h, e, d_e, dt) for k in kind_list for dt in dtypes]
+    specs = _fitting(specs, named is not None, console)
     if gpus:
         from flashmhf.tuner import multi
 
@@ -170,7 +185,7 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int | 
         specs = [session.miniature(s) for s in specs]
         label += " (miniature: " + specs[0].label().split(" ", 1)[1] + ")"
     trials = trials or (INTERPRETER_TRIALS if interpreter else GPU_TRIALS)
-    buckets = _buckets(_int_list(tokens, "--tokens")) if tokens else (
+    buckets = _buckets(token_counts) if token_counts else (
         session.INTERPRETER_BUCKETS if interpreter else session.DEFAULT_BUCKETS)
     request = session.Request(
         specs=specs, buckets=buckets, trials=trials, time_budget_s=time_budget, cache_path=cache_path,
@@ -183,16 +198,21 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int | 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[best]}"))
     with Progress(*columns, console=console, transient=False) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, int | None] = {}
 
         def progress(job: str, done: int, goal: int, best_ms: float | None, tf: float | None) -> None:
+            if job not in tasks and done >= goal:
+                console.print(f"{job}: already tuned ({done} results), nothing to do", markup=False)
+                tasks[job] = None
             if job not in tasks:
                 tasks[job] = bar.add_task(job, total=goal, best="")
+            if tasks[job] is None:
+                return
             best = f"best {best_ms:.4f} ms" + (f" ({tf:.0f} TFLOP/s)" if tf and not interpreter else "") \
                 if best_ms else ""
             bar.update(tasks[job], completed=done, total=goal, best=best)
 
-        results = session.run(request, progress)
+        results = session.run(request, progress, say=lambda line: console.print(line, markup=False))
     _print_results(results, interpreter)
 
 
