@@ -15,7 +15,7 @@ from collections.abc import Callable
 from flashmhf.cache import lookup
 from flashmhf.cache.buckets import token_bucket, tune_command
 from flashmhf.cache.device import DeviceInfo, device_info
-from flashmhf.codegen import Config, Spec, SpecError, format_config, get_kind, load
+from flashmhf.codegen import Config, Spec, SpecError, format_config, get_kind, load, plan
 
 log = logging.getLogger("flashmhf.dispatch")
 
@@ -52,6 +52,14 @@ def _bind(spec: Spec, config: Config) -> Launcher:
 
 def _first_launch(key: tuple, spec: Spec, tokens: int, device: DeviceInfo, args: tuple) -> object:
     """Slow path of the first call for a key: choose, compile, and demote a cached config that fails."""
+    try:
+        plan(spec)  # a shape no template takes: a clear ValueError, before any config is chosen
+        get_kind(spec.kind).default(spec, token_bucket(tokens))
+    except SpecError as exc:
+        raise ValueError(
+            f"q, k: the generated kernels cannot take this layer shape (H={spec.n_heads}, H_kv={spec.n_kv_heads}, "
+            f"d_h={spec.head_dim}, E={spec.n_experts}, d_e={spec.expert_dim}, {spec.dtype}): {exc}"
+        ) from None
     config, source = choose_config(spec, tokens, device)
     launcher = _bind(spec, config)
     try:

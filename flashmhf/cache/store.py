@@ -456,7 +456,8 @@ class TuningCache:
                 _abandoned.append(self._conn)
             self._conn = None
             self._connect()
-        assert self._conn is not None, "cache is closed"
+        if self._conn is None:
+            raise ValueError(f"{self.path}: this TuningCache is closed")
         return self._conn
 
     def close(self) -> None:

@@ -130,7 +130,9 @@ def first_accepted(
     for c in candidates:
         if reject(spec, c, None) is None:
             return c
-    raise AssertionError(f"no default fits {spec.label()}")  # unreachable for validated specs
+    from flashmhf.codegen.spec import SpecError
+
+    raise SpecError(f"no config of kind {spec.kind} fits {spec.label()}")
 
 
 def format_config(config: Config) -> str:
