@@ -324,6 +324,8 @@ class TuningCache:
         self._conn: sqlite3.Connection | None = None
         self._pid = os.getpid()
         self._pending: list[tuple[ResultKey, dict]] = []  # measurements a lock kept back
+        if self.path.is_dir():
+            raise CacheFileError(f"{self.path}: is a directory, not a cache file")
         if readonly and not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such cache file")
         self._connect()

@@ -111,15 +111,20 @@ def ls(cache_path: Path | None, filters: dict) -> None:
     with _open(cache_path, readonly=True) as c:
         bests = dict(c.best_rows(**filters))
         counts = {k: len(c.trials(k)) for k in c.keys(**filters)}
-    table = data_table("kind", "shape", "dtype", "bucket", "device", "sm", "triton", "template", "trials", "best ms",
-                       "best config", title=str(cache_path), config_columns=["best config"])
-    for key, n in counts.items():
+    # Eleven columns leave no room for a whole config: the best configs follow the table, one a line.
+    table = data_table("#", "kind", "shape", "dtype", "bucket", "device", "sm", "triton", "template", "trials",
+                       "best ms", title=str(cache_path))
+    configs = []
+    for i, (key, n) in enumerate(counts.items(), 1):
         best = bests.get(key)
         stale = _stale(key)
-        add_row(table, key.kind, _shape(key), key.dtype, key.bucket, key.device, key.capability, key.triton_version,
-                key.template_hash + (" (stale)" if stale else ""), n,
-                _ms(best.median_ms) if best else "", _config(best) if best else "-")
+        add_row(table, i, key.kind, _shape(key), key.dtype, key.bucket, key.device, key.capability,
+                key.triton_version, key.template_hash + (" (stale)" if stale else ""), n,
+                _ms(best.median_ms) if best else "")
+        configs.append(f"#{i} best config: {_config(best) if best else '-'}")
     console.print(table)
+    for line in configs:
+        echo(line)
     if not counts:
         click.echo("no matching keys")
 

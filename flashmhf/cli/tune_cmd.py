@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from flashmhf.cli.output import add_row, config_text, data_console, data_table
 from flashmhf.cli.spec_options import dtype_option, shape_from_options, shape_options, with_shape
-from flashmhf.codegen import DTYPES, KINDS, Spec, SpecError, format_config
+from flashmhf.codegen import DTYPES, KINDS, Spec, SpecError
 
 GPU_TRIALS = 48
 DEFAULT_KINDS = ("fwd", "fwd_ws", "bwd_dq", "bwd_dq_ws", "bwd_dkuv", "bwd_dkuv_ws")
@@ -222,31 +222,31 @@ def _print_cache_results(specs: list[Spec], cache_path: Path) -> None:
     from flashmhf.cache.store import TuningCache
 
     dev = device_info()
-    table = Table("kind", "dtype", "T", "best config", "ms", "trials")
+    table = data_table("kind", "dtype", "T", "best config", "ms", "trials", config_columns=["best config"])
     with TuningCache(cache_path, readonly=True) as cache:
         for s in specs:
             for key, best in cache.best_rows(kind=s.kind, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads,
                                              head_dim=s.head_dim, n_experts=s.n_experts, expert_dim=s.expert_dim,
                                              dtype=s.dtype, device=dev.name):
-                table.add_row(key.kind, key.dtype, str(key.bucket), format_config(best.config),
-                              f"{best.median_ms:.4f}", str(len(cache.trials(key))))
-    Console(width=max(140, Console().width)).print(table)
+                add_row(table, key.kind, key.dtype, key.bucket, config_text(best.config), f"{best.median_ms:.4f}",
+                        len(cache.trials(key)))
+    data_console().print(table)
 
 
 def _print_results(results, interpreter: bool) -> None:
     from flashmhf.codegen import get_kind
 
     unit = "ms (interpreter wall)" if interpreter else "ms"
-    table = Table("kind", "dtype", "T", "best config", unit, "TFLOP/s", "× default", "measured", "space")
+    table = data_table("kind", "dtype", "T", "best config", unit, "TFLOP/s", "× default", "measured", "space",
+                       config_columns=["best config"])
     for r in results:
         k = r.key
         if r.best is None:
-            table.add_row(k.kind, k.dtype, str(k.bucket), "[red]no config passed[/]", "", "", "",
-                          str(r.measured_total), str(r.space_size))
+            add_row(table, k.kind, k.dtype, k.bucket, "no config passed", "", "", "", r.measured_total, r.space_size)
             continue
         flop = get_kind(k.kind).flops(k.spec, k.bucket)
         tf = "—" if interpreter else f"{flop / (r.best.median_ms * 1e-3) / 1e12:.0f}"
         speed = f"{r.speedup_over_default:.2f}" if r.speedup_over_default else "—"
-        table.add_row(k.kind, k.dtype, str(k.bucket), format_config(r.best.config), f"{r.best.median_ms:.4f}", tf,
-                      speed, str(r.measured_total), str(r.space_size) + (" (all)" if r.brute_force else ""))
-    Console(width=max(140, Console().width)).print(table)
+        add_row(table, k.kind, k.dtype, k.bucket, config_text(r.best.config), f"{r.best.median_ms:.4f}", tf,
+                speed, r.measured_total, str(r.space_size) + (" (all)" if r.brute_force else ""))
+    data_console().print(table)
