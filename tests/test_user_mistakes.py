@@ -19,7 +19,7 @@ import flashmhf_runtime as fm
 from flashmhf.cache import paths
 from flashmhf.cache.store import TuningCache
 from flashmhf.cli.app import main
-from tests.helpers import core_inputs
+from tests.helpers import core_inputs, reference_core, rel_error
 from tests.test_cache_hostile import read_only
 from tests.test_cache_store import cfg, key
 
@@ -180,3 +180,20 @@ def test_a_read_only_folder_is_one_line(filled, tmp_path):
         assert "out.json" in line
         line = one_error_line(CliRunner().invoke(main, ["cache", "rm", "--cache", str(filled), "--all", "--yes"]))
         assert "the file is a fine cache, but this place is read-only" in line
+
+
+# ---- NaN and Inf -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate_like_torch_ops_and_the_readme_says_so(bad):
+    q, k, u, v, r = core_inputs(20, 2, 2, 32, 2, 32, torch.float32, seed=0)
+    q[3, 1, 5] = bad
+    s = fm.flash_mhf(q, k, u, v, r)
+    ref = reference_core(q, k, u, v, r)
+    assert not torch.isfinite(s[3, 1]).any() and not torch.isfinite(ref[3, 1]).any()
+    finite = torch.ones(20, 2, dtype=torch.bool)
+    finite[3, 1] = False
+    assert torch.isfinite(s[finite]).all()  # no other token or head is touched
+    assert rel_error(s[finite], ref[finite]) < 1e-4
+    readme = (REPO / "README.md").read_text()
+    assert "NaN and Inf in the inputs propagate" in readme
