@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="flashmhf-ship-")) / "h200.sqlite"
     if args.seed_from:
         with TuningCache(tmp) as cache:
-            print(f"seeds: {cache.merge_from(args.seed_from)} earlier trials from {args.seed_from.name}")
+            print(f"seeds: {cache.merge_from(args.seed_from)[0]} earlier trials from {args.seed_from.name}")
     t0 = time.monotonic()
     session.run(session.Request(specs("fwd"), session.DEFAULT_BUCKETS, trials=args.trials,
                                 time_budget_s=args.fwd_budget, cache_path=tmp, seed=0))
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     with TuningCache(tmp) as cache:
         for extra in args.merge:
             if extra.exists():
-                print(f"merged {cache.merge_from(extra)} trials from {extra.name}")
+                print(f"merged {cache.merge_from(extra)[0]} trials from {extra.name}")
         for key, best in cache.best_rows(template_hash=[template_hash(k) for k in KINDS]):
             print(f"{key.kind:8s} H{key.n_heads} E{key.n_experts}x{key.expert_dim} T={key.bucket:6d} "
                   f"{best.median_ms:.4f} ms  {format_config(best.config)}  ({len(cache.trials(key))} trials)")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from flashmhf.codegen.dtypes import torch_dtypes
 from flashmhf_runtime import reference
 
 # Spec dtype names -> torch dtypes (inputs are built in the spec's dtype).
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TORCH_DTYPES = torch_dtypes()
 
 
 def reference_f64(q, k, u, v, r, chunk: int = 2048) -> torch.Tensor:

@@ -13,8 +13,9 @@ import warnings
 from collections.abc import Callable
 
 from flashmhf.cache import lookup
+from flashmhf.cache.buckets import token_bucket, tune_command
 from flashmhf.cache.device import DeviceInfo, device_info
-from flashmhf.codegen import Config, Spec, SpecError, format_config, get_kind
+from flashmhf.codegen import Config, Spec, SpecError, format_config, get_kind, plan
 from flashmhf_runtime.jit_memo import runtime_load
 
 log = logging.getLogger("flashmhf.dispatch")
@@ -26,19 +27,6 @@ _launchers: dict[tuple, Launcher] = {}
 _chosen: dict[tuple, tuple[Config, str]] = {}
 _warned: set[tuple] = set()
 _lock = threading.Lock()
-
-
-def token_bucket(tokens: int) -> int:
-    """Tokens rounded up to a power of two: the granularity at which configs are tuned and chosen."""
-    return 1 if tokens <= 1 else 1 << (tokens - 1).bit_length()
-
-
-def tune_command(spec: Spec, bucket: int) -> str:
-    kv = f" --kv-heads {spec.n_kv_heads}" if spec.n_kv_heads != spec.n_heads else ""
-    return (
-        f"flashmhf tune --d-model {spec.d_model} --heads {spec.n_heads}{kv} --d-ff {spec.d_ff} "
-        f"--experts {spec.n_experts} --dtype {spec.dtype} --kind {spec.kind} --tokens {bucket}"
-    )
 
 
 def choose_config(spec: Spec, tokens: int, device: DeviceInfo) -> tuple[Config, str]:
@@ -65,6 +53,14 @@ def _bind(spec: Spec, config: Config) -> Launcher:
 
 def _first_launch(key: tuple, spec: Spec, tokens: int, device: DeviceInfo, args: tuple) -> object:
     """Slow path of the first call for a key: choose, compile, and demote a cached config that fails."""
+    try:
+        plan(spec)  # a shape no template takes: a clear ValueError, before any config is chosen
+        get_kind(spec.kind).default(spec, token_bucket(tokens))
+    except SpecError as exc:
+        raise ValueError(
+            f"q, k: the generated kernels cannot take this layer shape (H={spec.n_heads}, H_kv={spec.n_kv_heads}, "
+            f"d_h={spec.head_dim}, E={spec.n_experts}, d_e={spec.expert_dim}, {spec.dtype}): {exc}"
+        ) from None
     config, source = choose_config(spec, tokens, device)
     launcher = _bind(spec, config)
     try:
@@ -139,7 +135,10 @@ def on_reset(hook: Callable[[], None]) -> None:
 
 
 def reset() -> None:
-    """Forget every memoised choice (tests, or after the cache files changed)."""
+    """Forget everything the runtime memoised: cache files read, configs chosen, launchers bound,
+    warnings given (tests, or after the cache files changed, e.g. by the tuner). Public as
+    ``flashmhf_runtime.reset``."""
+    lookup.invalidate()
     with _lock:
         _launchers.clear()
         _chosen.clear()

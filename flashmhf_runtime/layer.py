@@ -35,6 +35,14 @@ def _check_divides(name: str, value: int, of_name: str, of: int) -> None:
         raise ValueError(f"{name}: expected a divisor of {of_name}={of}, got {value}")
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this device type; False for types autocast does not know (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 class HeadRMSNorm(nn.Module):
     """Per-head RMSNorm over d_h with a weight per head, (H, d_h); computed in fp32."""
 
@@ -87,6 +95,9 @@ class FlashMHF(nn.Module):
         _check_divides("n_kv_heads", n_kv_heads, "n_heads", n_heads)
         if not isinstance(head_norm, bool):
             raise ValueError(f"head_norm: expected a bool, got {head_norm!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype: expected a floating-point torch.dtype (e.g. torch.bfloat16) or None, "
+                             f"got {dtype!r}")
 
         self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
@@ -131,14 +142,20 @@ class FlashMHF(nn.Module):
 
     def route(self, q: torch.Tensor) -> torch.Tensor:
         """Router weights r (..., H, E) in fp32, also under autocast."""
-        if torch.is_autocast_enabled(q.device.type):
+        if _autocast_on(q.device.type):
             with torch.autocast(q.device.type, enabled=False):
                 return lean_autograd.router(q, self.router)
         return lean_autograd.router(q, self.router)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.shape[-1:] != (self.d_model,):
             raise ValueError(f"x: expected shape (..., {self.d_model}), got {tuple(x.shape)}")
+        weight_dtype = self.w_in.weight.dtype
+        if x.dtype != weight_dtype and not _autocast_on(x.device.type):
+            raise ValueError(f"x: expected dtype {weight_dtype} (the layer's parameters; or run under autocast), "
+                             f"got {x.dtype}")
         q = self.w_in(x)
         if self.core_fn is not None:
             s = self._unfused(q)

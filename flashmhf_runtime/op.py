@@ -37,10 +37,25 @@ from flashmhf_runtime.validation import DTYPE_NAMES, check_core_inputs, check_gr
 
 _INTERPRET = interpreting()
 
+# Triton 3.6's CPU interpreter multiplies bf16 operands as raw bit patterns (results ~1e11 off), so
+# under the interpreter bf16 inputs run through the fp32 kernels and the results are cast back to
+# bf16: right answers, never silently wrong ones. A test suite that makes the interpreter's bf16
+# exact (tests/interpreter_bf16_shim.py) sets this True to run the bf16 kernels themselves.
+INTERPRETER_RUNS_BF16 = False
+
 
 def uses_kernels(device: torch.device) -> bool:
     """Generated kernels run on CUDA, and on CPU only under Triton's interpreter."""
     return device.type == "cuda" or (_INTERPRET and device.type == "cpu")
+
+
+def _widened_in_interpreter(q: torch.Tensor) -> bool:
+    """Whether this call runs its bf16 inputs as fp32 (see INTERPRETER_RUNS_BF16)."""
+    return q.dtype == torch.bfloat16 and q.device.type == "cpu" and _INTERPRET and not INTERPRETER_RUNS_BF16
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype == torch.bfloat16 else t
 
 
 def _reference_forward(q, k, u, v, r) -> torch.Tensor:
@@ -63,6 +78,8 @@ def core_forward(
     n_heads, n_kv, head_dim, n_exp, d_e = check_core_inputs(q, k, u, v, r)
     if not uses_kernels(q.device):
         return _reference_forward(q, k, u, v, r)
+    if _widened_in_interpreter(q):
+        return core_forward(*map(_fp32, (q, k, u, v, r)), config).to(q.dtype)
     q3 = as_rows(q, (n_heads, head_dim))
     r3 = as_rows(r, (n_heads, n_exp))
     k, u, v = (w if w.is_contiguous() else w.contiguous() for w in (k, u, v))
@@ -181,6 +198,9 @@ def core_backward(
             g.to(dt).contiguous() if w else torch.empty(0, dtype=dt, device=q.device)
             for g, w, dt in zip(grads, wanted, dtypes)
         )
+    if _widened_in_interpreter(q):
+        grads = core_backward(*map(_fp32, (q, k, u, v, r, ds)), need_dq_dr, need_dkuv)
+        return tuple(g.to(dt) for g, dt in zip(grads, (q.dtype,) * 4 + (r.dtype,)))  # type: ignore[return-value]
     q3 = as_rows(q, (n_heads, head_dim))
     r3 = as_rows(r, (n_heads, n_exp))
     ds3 = as_rows(ds, (n_heads, head_dim))
@@ -307,11 +327,12 @@ class _Core(torch.autograd.Function):
 # (H * d_h, spec key, device index, {token count: DirectLauncher of the config dispatch chose}).
 _fast_plans: dict[tuple, tuple[int, tuple, int | None, dict]] = {}
 dispatch.on_reset(_fast_plans.clear)
+dispatch.on_reset(_warp_specialized_runs.cache_clear)
 
 
 def _remember_plan(q, k, u, v, r) -> None:
     """After a validated call: remember its signature if the fast path can serve it."""
-    if not uses_kernels(q.device):
+    if not uses_kernels(q.device) or _widened_in_interpreter(q):
         return
     if not (q.is_contiguous() and r.is_contiguous() and k.is_contiguous() and u.is_contiguous()
             and v.is_contiguous()):
@@ -367,6 +388,14 @@ def flash_mhf(
         from flashmhf_runtime.parallel import flash_mhf_on_local_shards
 
         return flash_mhf_on_local_shards(q, k, u, v, r, config=config)
+    try:
+        return _flash_mhf(q, k, u, v, r, config)
+    except AttributeError:  # not a tensor (a numpy array, a list): say which argument, not the attribute
+        check_core_inputs(q, k, u, v, r)
+        raise
+
+
+def _flash_mhf(q, k, u, v, r, config: Config | None) -> torch.Tensor:
     # Inlined checks: this is the per-call path of inference (see _fast_plans).
     if torch.compiler.is_compiling():
         return core_op(q, k, u, v, r, config_to_str(config))

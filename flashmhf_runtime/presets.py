@@ -24,7 +24,8 @@ class Preset:
 
 
 def _p(name: str, d_model: int, h: int, d_h: int, d_ff: int, e: int, d_e: int, norm: bool, src: str) -> Preset:
-    assert d_model == h * d_h and d_ff == e * d_e, name
+    if d_model != h * d_h or d_ff != e * d_e:
+        raise ValueError(f"preset {name}: d_model must be H * d_h and d_ff must be E * d_e")
     return Preset(name, d_model, h, d_h, d_ff, e, d_e, norm, src)
 
 

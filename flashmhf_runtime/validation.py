@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+from flashmhf.codegen.dtypes import torch_dtypes
+
+DTYPE_NAMES = {dtype: name for name, dtype in torch_dtypes().items()}  # torch dtype -> spec dtype name
+SUPPORTED_DTYPES = tuple(DTYPE_NAMES)
 
 
 def _shape(t: torch.Tensor) -> str:

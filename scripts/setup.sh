@@ -12,9 +12,11 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
   fi
 fi
+# pip warns about index locations of its configuration that do not exist on this machine: noise here.
+quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; return "${PIPESTATUS[0]}"; }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/pip install -q torch==2.13.0
+  quiet .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[tune,dev,examples]' 2>&1 | grep -v "^WARNING: Location" || true
+quiet .venv/bin/pip install -q --disable-pip-version-check -e '.[tune,dev,examples]'
 .venv/bin/python -c "import flashmhf_runtime, optuna, pytest, safetensors, matplotlib, importlib.util as u
 assert u.find_spec('transformers'), 'transformers missing'" >/dev/null

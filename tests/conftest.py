@@ -13,7 +13,12 @@ import torch  # noqa: E402
 from tests import interpreter_bf16_shim  # noqa: E402
 
 if os.environ["TRITON_INTERPRET"] == "1":
+    # With the interpreter's bf16 made exact, the op runs the bf16 kernels themselves (users' runs
+    # without the shim compute bf16 through the fp32 kernels: flashmhf_runtime.op.INTERPRETER_RUNS_BF16).
+    from flashmhf_runtime import op
+
     interpreter_bf16_shim.install()
+    op.INTERPRETER_RUNS_BF16 = True
 
 HAS_GPU = torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1"
 

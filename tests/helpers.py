@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import flashmhf_runtime
 from flashmhf_runtime import reference
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-4}
@@ -68,4 +69,4 @@ def pretend_gpu(monkeypatch, op_module, capability: str) -> None:
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(op_module, "device_info", lambda index: DeviceInfo("gpu", capability, "3.6.0", "2.11.0"))
-    op_module._warp_specialized_runs.cache_clear()
+    flashmhf_runtime.reset()

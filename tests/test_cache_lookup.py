@@ -6,12 +6,13 @@ import warnings
 
 import pytest
 
-from flashmhf.cache import lookup, paths
+import flashmhf_runtime
+from flashmhf.cache import paths
 from flashmhf.cache.device import device_info
 from flashmhf.cache.lookup import CacheWarning, demote, find_config
 from flashmhf.cache.store import TuningCache
 from flashmhf_runtime import dispatch
-from tests.test_cache_store import SPEC, cfg, key, make_bad_files
+from tests.test_cache_store import SPEC, cfg, key, make_bad_files, plant
 
 
 @pytest.fixture(autouse=True)
@@ -20,11 +21,9 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHMHF_CACHE_DIR", str(tmp_path / "user"))
     monkeypatch.delenv("FLASHMHF_CACHE", raising=False)
     monkeypatch.setattr(paths, "shipped_cache_paths", lambda: [])
-    lookup.invalidate()
-    dispatch.reset()
+    flashmhf_runtime.reset()
     yield
-    lookup.invalidate()
-    dispatch.reset()
+    flashmhf_runtime.reset()
 
 
 def write(path, *rows) -> None:
@@ -52,13 +51,13 @@ def test_overlay_beats_user_beats_shipped(tmp_path, monkeypatch):
     assert config == cfg(block_f=32) and where == f"shipped:{shipped} bucket 64"
 
     write(paths.user_cache_path(), (key(), cfg(num_warps=8), 1.0))
-    lookup.invalidate()
+    flashmhf_runtime.reset()
     config, where = find_config(SPEC, 64, dev())
     assert config == cfg(num_warps=8) and where.startswith("user:")
 
     write(overlay, (key(), cfg(num_stages=2), 1.0))
     monkeypatch.setenv("FLASHMHF_CACHE", f"{tmp_path / 'missing.sqlite'}:{overlay}")
-    lookup.invalidate()
+    flashmhf_runtime.reset()
     with pytest.warns(CacheWarning, match="does not exist"):
         config, where = find_config(SPEC, 64, dev())
     assert config == cfg(num_stages=2) and where == f"FLASHMHF_CACHE:{overlay} bucket 64"
@@ -111,8 +110,14 @@ def test_usable_result_is_used_beside_a_stale_one():
 def test_config_failing_check_config_is_skipped():
     bad_block = cfg(block_f=64)  # does not divide expert_dim 32
     bad_keys = {**cfg(), "colour": 3}
-    write(paths.user_cache_path(), (key(64), bad_block, 0.1), (key(32), bad_keys, 0.1), (key(256), cfg(), 1.0))
-    config, where = find_config(SPEC, 64, dev())
+    write(paths.user_cache_path(), (key(64), bad_block, 0.1), (key(256), cfg(), 1.0))
+    plant(paths.user_cache_path(), [(key(32).to_dict(), bad_keys, "ok", 0.1)])
+    with pytest.warns(CacheWarning) as record:
+        config, where = find_config(SPEC, 64, dev())
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 2, messages  # each said once
+    assert "rejected for fwd" in messages[0] and "block_f=64" in messages[0]
+    assert "1 unusable tuned row(s) skipped" in messages[1] and "colour" in messages[1]
     assert config == cfg() and where.endswith("bucket 256")
 
 
@@ -141,7 +146,7 @@ def test_rows_read_once_until_invalidate():
     assert find_config(SPEC, 128, dev())[0] == cfg()  # another bucket: no new file read
     paths.user_cache_path().unlink()
     assert find_config(SPEC, 32, dev())[0] == cfg()
-    lookup.invalidate()
+    flashmhf_runtime.reset()
     assert find_config(SPEC, 64, dev()) is None
 
 
@@ -169,7 +174,7 @@ def test_truncated_file_is_skipped(tmp_path, monkeypatch):
     with TuningCache(bad) as c:
         for b in range(12):
             for i in range(40):
-                c.record_trial(key(2**b), cfg(block_m=16 * (1 + i % 4)), "ok", median_ms=1.0 + i, error="x" * 200)
+                c.record_trial(key(2**b), cfg(block_m=16 * 2 ** (i % 4)), "ok", median_ms=1.0 + i, error="x" * 200)
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 3])
     for suffix in ("-wal", "-shm"):

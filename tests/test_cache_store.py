@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from flashmhf.cache.device import device_info
+from flashmhf.cache.portable import export_json, import_json
 from flashmhf.cache.store import (
     APPLICATION_ID,
     SCHEMA_VERSION,
@@ -41,6 +42,28 @@ def cfg(block_m: int = 16, block_f: int = 16, num_warps: int = 4, num_stages: in
 
 def key(bucket: int = 64, spec: Spec = SPEC, **replace) -> ResultKey:
     return dataclasses.replace(ResultKey.for_spec(spec, bucket, device_info()), **replace)
+
+
+def plant(path: Path, rows: list[tuple[dict, object, str, object]]) -> None:
+    """Write rows as a careless or hostile tool could: (key fields, config as stored, status, median)
+    straight into the tables, then let the file's best rows be recomputed from them."""
+    from flashmhf.cache.store import KEY_FIELDS
+
+    TuningCache(path).close()
+    conn = sqlite3.connect(path)
+    with conn:
+        for i, (kd, config, status, median) in enumerate(rows):
+            values = [kd[f] for f in KEY_FIELDS]
+            conn.execute(f"INSERT OR IGNORE INTO result_keys ({', '.join(KEY_FIELDS)}) VALUES "
+                         f"({', '.join('?' * len(KEY_FIELDS))})", values)
+            key_id = conn.execute(f"SELECT id FROM result_keys WHERE {' AND '.join(f + ' = ?' for f in KEY_FIELDS)}",
+                                  values).fetchone()[0]
+            text = config if isinstance(config, str) else json.dumps(config)
+            conn.execute("INSERT INTO trials (key_id, config, status, median_ms, recorded_at, fingerprint) "
+                         "VALUES (?, ?, ?, ?, '2026-01-01', ?)", (key_id, text, status, median, f"fp{i}"))
+    conn.close()
+    with TuningCache(path) as c, c._write() as w:
+        c._recompute_best(w)
 
 
 def make_bad_files(tmp: Path) -> dict[str, Path]:
@@ -212,15 +235,15 @@ def test_merge_dedups_and_recomputes_best(tmp_path):
     b.record_trial(key(), cfg(block_f=32), "ok", median_ms=1.0)
     b.record_trial(key(128), cfg(), "compile-error", error="x")
     b.record_source(SPEC)
-    assert a.merge_from(b.path) == 2
-    assert a.merge_from(b.path) == 0
+    assert a.merge_from(b.path) == (2, [])
+    assert a.merge_from(b.path) == (0, [])
     assert a.counts() == {"keys": 2, "trials": 3, "best": 1}
     assert a.best(key()).config == cfg(block_f=32)
     assert a.kernel_source(SPEC) == b.kernel_source(SPEC)
     assert a.verify() == []
     # A disqualifying trial arriving by merge removes the config from best.
     b.record_trial(key(), cfg(block_f=32), "wrong-result")
-    assert a.merge_from(b.path) == 1 and a.best(key()).config == cfg()
+    assert a.merge_from(b.path) == (1, []) and a.best(key()).config == cfg()
     a.close(), b.close()
 
 
@@ -231,21 +254,21 @@ def test_export_import_round_trip(tmp_path):
     src.record_trial(key(), cfg(split=2), "crash", error="context lost")
     src.record_trial(key(32, dtype="bf16"), cfg(), "ok", median_ms=0.5)
     out = tmp_path / "export.json"
-    assert src.export_json(out) == 4
+    assert export_json(src, out) == 4
     doc = json.loads(out.read_text())
     assert doc["format"] == "flashmhf-tuning-cache" and len(doc["results"]) == 2
     buf = io.StringIO()
-    assert src.export_json(buf, dtype="bf16") == 1
+    assert export_json(src, buf, dtype="bf16") == 1
 
     dst = TuningCache(tmp_path / "dst.sqlite")
-    assert dst.import_json(out) == 4
-    assert dst.import_json(out) == 0
+    assert import_json(dst, out) == 4
+    assert import_json(dst, out) == 0
     assert dst.keys() == src.keys()
     for k in src.keys():
         strip = lambda ts: [dataclasses.replace(t, id=None) for t in ts]
         assert strip(dst.trials(k)) == strip(src.trials(k))
         assert dst.best(k).config == src.best(k).config
-    assert dst.import_json(io.StringIO(buf.getvalue())) == 0
+    assert import_json(dst, io.StringIO(buf.getvalue())) == 0
     assert dst.verify() == []
 
 
@@ -259,7 +282,7 @@ def test_export_import_round_trip(tmp_path):
 def test_import_rejects_bad_documents(tmp_path, doc, message):
     with TuningCache(tmp_path / "t.sqlite") as c:
         with pytest.raises(ValueError, match=message):
-            c.import_json(io.StringIO(doc))
+            import_json(c, io.StringIO(doc))
 
 
 def test_import_names_the_bad_trial(tmp_path):
@@ -268,12 +291,12 @@ def test_import_names_the_bad_trial(tmp_path):
         doc = json.loads(_export(c))
         doc["results"][0]["trials"][0]["status"] = "great"
         with pytest.raises(ValueError, match=r"results\[0\]\.trials\[0\]\.status"):
-            c.import_json(io.StringIO(json.dumps(doc)))
+            import_json(c, io.StringIO(json.dumps(doc)))
 
 
 def _export(c: TuningCache) -> str:
     buf = io.StringIO()
-    c.export_json(buf)
+    export_json(c, buf)
     return buf.getvalue()
 
 
@@ -287,7 +310,7 @@ def _writer(path: str, worker: int, n: int) -> None:
     with TuningCache(path) as c:
         for i in range(n):
             k = key(64 if i % 2 else 128)
-            c.record_trial(k, cfg(block_m=16 * (1 + i % 4), split=1 + worker), "ok", median_ms=rng.uniform(0.1, 10.0),
+            c.record_trial(k, cfg(block_m=16 * 2 ** (i % 4), split=1 + worker), "ok", median_ms=rng.uniform(0.1, 10.0),
                            source=f"w{worker}")
             if i % 10 == 0:
                 c.record_trial(k, cfg(num_warps=8), "compile-error", error=f"w{worker}-{i}")
@@ -319,7 +342,7 @@ KILLED_WRITER = textwrap.dedent("""
     i = 0
     while True:
         i += 1
-        c.record_trial(key(2 ** (i % 6)), cfg(block_m=16 * (1 + i % 4)), "ok", median_ms=1000.0 / i)
+        c.record_trial(key(2 ** (i % 6)), cfg(block_m=16 * 2 ** (i % 4)), "ok", median_ms=1000.0 / i)
         if i % 50 == 0:
             c.merge_from({other!r})  # a bigger transaction to be killed in, too
 """)

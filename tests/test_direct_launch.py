@@ -12,7 +12,7 @@ import triton
 
 import flashmhf_runtime as fm
 from flashmhf.codegen import Spec, load
-from flashmhf_runtime import direct_launch, dispatch, op
+from flashmhf_runtime import direct_launch, op
 from flashmhf_runtime.direct_launch import DirectLauncher, argument_values
 from tests.helpers import POISON, TOLERANCE, core_inputs, misaligned, reference_core, rel_error
 
@@ -234,7 +234,7 @@ def test_direct_path_matches_the_jit_path_on_gpu(split):
 
 @pytest.mark.gpu
 def test_op_fast_path_launches_directly_on_gpu():
-    dispatch.reset()
+    fm.reset()
     for seed in (1, 2, 3):
         q, k, u, v, r = core_inputs(1, 2, 2, 64, 2, 32, torch.bfloat16, seed=seed, device="cuda")
         s = fm.flash_mhf(q, k, u, v, r)

@@ -66,7 +66,7 @@ def test_op_picks_the_warp_specialized_kind_only_where_it_runs(monkeypatch):
         pretend_gpu(monkeypatch, op, "8.0")
         assert op.dkuv_kind(key, cuda) == "bwd_dkuv"  # an A100
     finally:
-        op._warp_specialized_runs.cache_clear()
+        fm.reset()
 
 
 def test_tune_refuses_the_kind_on_a_machine_without_hopper():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from flashmhf.cache import lookup, paths
+import flashmhf_runtime
+from flashmhf.cache import paths
 from flashmhf.cache.store import TuningCache
 from flashmhf.cli.app import main
 from flashmhf.codegen import Spec
@@ -18,7 +19,7 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHMHF_CACHE_DIR", str(tmp_path / "user"))
     monkeypatch.delenv("FLASHMHF_CACHE", raising=False)
     monkeypatch.setattr(paths, "shipped_cache_paths", lambda: [])
-    lookup.invalidate()
+    flashmhf_runtime.reset()
 
 
 def preset_spec(name: str, kind: str = "fwd", dtype: str = "bf16") -> Spec:

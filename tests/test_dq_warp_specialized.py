@@ -37,7 +37,7 @@ def test_op_picks_it_from_1024_tokens_on_hopper_only(monkeypatch):
         monkeypatch.setattr(op, "WARP_SPECIALIZED_DQ", False)
         assert op.dq_kind(key, 4096, cuda) == "bwd_dq"
     finally:
-        op._warp_specialized_runs.cache_clear()
+        dispatch.reset()
 
 
 @pytest.mark.gpu

@@ -104,7 +104,7 @@ def test_op_runs_it_from_1024_tokens_on_hopper_only(monkeypatch):
         pretend_gpu(monkeypatch, op, "8.0")
         assert op.forward_kind(key, 4096, cuda) == "fwd"  # an A100
     finally:
-        op._warp_specialized_runs.cache_clear()
+        dispatch.reset()
 
 
 def test_kinds_say_which_shapes_they_cannot_take():

@@ -231,3 +231,24 @@ def test_measurements_from_an_older_space_give_this_key_its_best(tmp_path):
     with TuningCache(tmp_path / "c.sqlite", readonly=True) as cache:
         assert cache.best(first.key).median_ms == first.best.median_ms  # what the runtime reads
         assert len(cache.trials(first.key)) == 3
+
+
+def _tune_cmd(cache_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "flashmhf.cli", "tune", "--d-model", "64", "--heads", "2", "--kv-heads", "1",
+            "--d-ff", "64", "--experts", "2", "--dtype", "fp32", "--kind", "fwd", "--cache", str(cache_path),
+            "--no-isolate", *extra]
+
+
+def test_concurrent_tuners_of_one_key_measure_each_config_once(tmp_path):
+    cache_path = tmp_path / "c.sqlite"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = _tune_cmd(cache_path, "--tokens", "16", "--trials", "4")
+    procs = [subprocess.Popen([*cmd, "--seed", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(3)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    with TuningCache(cache_path, readonly=True) as cache:
+        trials = cache.trials(ResultKey.for_spec(TINY, 16, device_info()))
+    configs = [t.canonical_config() for t in trials]
+    assert len(configs) == len(set(configs)) == 4, configs  # 3 tuners, a 4-config goal: 4 measurements
+    assert sum("already tuned (4 results), nothing to do" in out for out in outputs) == 2, outputs

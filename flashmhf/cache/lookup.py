@@ -23,15 +23,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from flashmhf.cache.buckets import tune_command
 from flashmhf.cache.device import DeviceInfo
+from flashmhf.cache.notice import CacheWarning, plain
 from flashmhf.cache.paths import ROLE_OVERLAY, cache_files_in_effect
 from flashmhf.codegen import Config, Spec
 
 log = logging.getLogger("flashmhf.cache")
-
-
-class CacheWarning(UserWarning):
-    """A cache file skipped, or tuned results that this installation cannot use."""
 
 
 @dataclass(frozen=True)
@@ -58,8 +56,7 @@ def _warn_once(tag: tuple, message: str) -> None:
         if tag in _warned:
             return
         _warned.add(tag)
-    log.warning(message)
-    warnings.warn(message, CacheWarning, stacklevel=5)
+    warnings.warn(plain(message), CacheWarning, stacklevel=5)
 
 
 def _spec_device_key(spec: Spec, device: DeviceInfo) -> tuple:
@@ -67,17 +64,52 @@ def _spec_device_key(spec: Spec, device: DeviceInfo) -> tuple:
             device.name, device.capability)
 
 
-def _read_file(path: Path) -> _View:
-    from flashmhf.cache.store import TuningCache
+def _trial_problem(key, trial) -> str | None:
+    from flashmhf.cache.validity import trial_problem
+
+    try:
+        key.validate()
+    except ValueError as exc:
+        return str(exc)
+    return trial_problem(key.kind, {"config": trial.config, "status": trial.status, "median_ms": trial.median_ms,
+                                    "p20_ms": trial.p20_ms, "p80_ms": trial.p80_ms})
+
+
+def _next_best(cache, key):
+    """The fastest valid, eligible ok trial of ``key`` (when its recorded best is unusable), or None."""
+    from flashmhf.cache.store import DISQUALIFYING
+
+    trials = cache.trials(key)
+    disqualified = {repr(t.config) for t in trials if t.status in DISQUALIFYING}
+    ok = [t for t in trials if t.ok and repr(t.config) not in disqualified and _trial_problem(key, t) is None]
+    return min(ok, key=lambda t: (t.median_ms, t.canonical_config()), default=None)
+
+
+def _read_file(path: Path, role: str) -> _View:
+    """The usable best row of every key in one file. A row that could never be launched (bad key,
+    config outside its kind's values, bad time) gives way to the key's next-best valid trial; one
+    warning per file says how many were skipped."""
+    from flashmhf.cache.store import CacheFileError, TuningCache
 
     view: _View = {}
+    problems: list[str] = []
     with TuningCache(path, readonly=True) as cache:
+        if damage := cache.quick_check():
+            raise CacheFileError(f"{path}: damaged file ({damage})")
         for key, trial in cache.best_rows():
+            if problem := _trial_problem(key, trial):
+                problems.append(f"{key.kind} bucket {key.bucket!r}: {problem}")
+                trial = None if problem.startswith("ResultKey") else _next_best(cache, key)
+                if trial is None:
+                    continue
             spec_key = (key.kind, key.n_heads, key.n_kv_heads, key.head_dim, key.n_experts, key.expert_dim,
                         key.dtype, key.device, key.capability)
             view.setdefault(spec_key, []).append(
-                _Row(key.bucket, key.triton_version, key.template_hash, trial.config, trial.median_ms or 0.0)
+                _Row(key.bucket, key.triton_version, key.template_hash, trial.config, trial.median_ms)
             )
+    if problems:
+        _warn_once(("rows", path), f"flashmhf: tuning cache ({role}) {path}: {len(problems)} unusable tuned row(s) "
+                                   f"skipped (e.g. {problems[0]}); run `flashmhf cache verify --cache {path}`")
     return view
 
 
@@ -87,13 +119,16 @@ def _view(path: Path, role: str) -> _View | None:
         if path in _views:
             return _views[path]
     view: _View | None
-    if not path.is_file():
+    if path.is_dir():
+        view = None
+        _warn_once(("dir", path), f"flashmhf: {role} cache {path} is a directory, not a cache file; skipped")
+    elif not path.is_file():
         view = None
         if role == ROLE_OVERLAY:
             _warn_once(("missing", path), f"flashmhf: FLASHMHF_CACHE names {path}, which does not exist; skipped")
     else:
         try:
-            view = _read_file(path)
+            view = _read_file(path, role)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped; the model runs on defaults
             view = None
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -112,7 +147,6 @@ def _config_id(config: dict) -> tuple:
 
 def _stale_warning(spec: Spec, bucket: int, device: DeviceInfo, stale: list[tuple[str, Path, _Row]]) -> None:
     from flashmhf.codegen import template_hash
-    from flashmhf_runtime.dispatch import tune_command
 
     role, path, row = stale[0]
     _warn_once(
@@ -133,7 +167,12 @@ def _pick(spec: Spec, bucket: int, rows: list[_Row], where: str) -> tuple[Config
         try:
             kind.check_config(spec, row.config, None if row.bucket == bucket else bucket)
         except SpecError as exc:
-            log.info("flashmhf: cached config in %s skipped for %s bucket %d: %s", where, spec.label(), bucket, exc)
+            if row.bucket == bucket:  # tuned for exactly this: a config the kind rejects is news
+                _warn_once(("rejected", where, spec, _config_id(row.config)),
+                           f"flashmhf: cached config in {where} rejected for {spec.label()} bucket {bucket}: {exc}")
+            else:  # a neighbour's tile may simply not fit this token count
+                log.info("flashmhf: cached config in %s skipped for %s bucket %d: %s", where, spec.label(), bucket,
+                         exc)
             continue
         return dict(row.config), f"{where} bucket {row.bucket}"
     return None
@@ -194,10 +233,8 @@ def demote(spec: Spec, bucket: int, device: DeviceInfo, config: Config, reason: 
 
 
 def invalidate() -> None:
-    """Forget everything read, chosen, demoted and warned (tests, or after the cache files changed).
-
-    The runtime's dispatch memoises its own choices too: call ``flashmhf_runtime.dispatch.reset()``.
-    """
+    """Forget everything read, chosen, demoted and warned. Callers outside the cache use
+    ``flashmhf_runtime.reset()``, which also forgets the runtime's own memoised choices."""
     with _lock:
         _views.clear()
         _memo.clear()

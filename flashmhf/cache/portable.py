@@ -1,12 +1,80 @@
-"""The portable JSON form of a cache (`flashmhf cache export/import`): validation of a document."""
+"""The portable JSON form of a cache (`flashmhf cache export/import`): write, read and validate."""
 
 from __future__ import annotations
 
-import math
+import json
+import os
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
-from flashmhf.cache.store import FORMAT, KEY_FIELDS, SCHEMA_VERSION, STATUSES, ResultKey, canonical_config
+from flashmhf.cache.store import (
+    FORMAT,
+    KEY_FIELDS,
+    SCHEMA_VERSION,
+    TRIAL_FIELDS,
+    ResultKey,
+    TuningCache,
+    canonical_config,
+    portable_document,
+)
+from flashmhf.cache.validity import trial_problem
+
+Rows = list[tuple[ResultKey, dict]]
+
+
+def export_text(cache: TuningCache, **filters: Any) -> tuple[str, int]:
+    """(JSON text, trials in it) of the keys matching ``filters`` with all their trials; deterministic
+    but for the export time (sorted keys and fields)."""
+    grouped: dict[ResultKey, list[dict]] = {}
+    for key, row in cache.matching_rows(**filters):
+        row = {k: row[k] for k in TRIAL_FIELDS}
+        row["config"] = json.loads(row["config"])
+        grouped.setdefault(key, []).append(row)
+    bests = {k: t.config for k, t in cache.best_rows(**filters)}
+    doc = portable_document(grouped, bests)
+    return json.dumps(doc, indent=1, sort_keys=True) + "\n", sum(len(t) for t in grouped.values())
+
+
+def export_json(cache: TuningCache, dest: str | os.PathLike | IO[str], **filters: Any) -> int:
+    """Write the keys matching ``filters`` with all their trials as reviewable JSON to a path or a
+    text stream; returns trials written. (`flashmhf cache export` writes files through
+    ``flashmhf.cli.files.write_new``, which refuses to overwrite.)"""
+    text, n = export_text(cache, **filters)
+    if hasattr(dest, "write"):
+        dest.write(text)  # type: ignore[union-attr]
+    else:
+        Path(dest).write_text(text, encoding="utf-8")
+    return n
+
+
+def read_export(src: str | os.PathLike | IO[str]) -> Rows:
+    """The validated (key, trial row) pairs of an exported document (a path or a text stream).
+
+    Raises ``ValueError`` naming the file and the place for anything that is not a valid export:
+    nothing of a bad document is imported."""
+    name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<stream>")
+    if hasattr(src, "read"):
+        text = src.read()  # type: ignore[union-attr]
+    else:
+        data = Path(src).read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{name}: not a JSON export (not UTF-8 text)") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{name}: not JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{name}: not a flashmhf export (JSON nested too deeply)") from None
+    return list(parse_document(doc, name))
+
+
+def import_json(cache: TuningCache, src: str | os.PathLike | IO[str]) -> int:
+    """Add the trials of an exported document; returns trials added. Trials already present are
+    skipped; bests are recomputed from the trials (the document's ``best`` fields are informative)."""
+    return cache.add_trials(read_export(src))
 
 
 def parse_document(doc: Any, name: str) -> Iterator[tuple[ResultKey, dict]]:
@@ -35,25 +103,21 @@ def parse_document(doc: Any, name: str) -> Iterator[tuple[ResultKey, dict]]:
         if not isinstance(trials, list):
             raise ValueError(f"{where}.trials: must be a list")
         for j, t in enumerate(trials):
-            yield key, parse_trial(t, f"{where}.trials[{j}]")
+            yield key, parse_trial(t, key.kind, f"{where}.trials[{j}]")
 
 
-def parse_trial(t: Any, where: str) -> dict:
+def parse_trial(t: Any, kind: str, where: str) -> dict:
+    """One exported trial of ``kind`` as a row to store; ``ValueError`` naming the field otherwise."""
     if not isinstance(t, dict):
         raise ValueError(f"{where}: must be an object")
-    status = t.get("status")
-    if status not in STATUSES:
-        raise ValueError(f"{where}.status: must be one of {', '.join(STATUSES)}, got {status!r}")
-    if not isinstance(t.get("config"), dict):
-        raise ValueError(f"{where}.config: must be an object, got {t.get('config')!r}")
-    row = {"config": canonical_config(t["config"]), "status": status}
+    problem = trial_problem(kind, t)
+    if problem:
+        field = next((f for f in ("status", "median_ms", "p20_ms", "p80_ms", "config") if problem.startswith(f)),
+                     "config")
+        raise ValueError(f"{where}.{field}: {problem}")
+    row = {"config": canonical_config(t["config"]), "status": t["status"]}
     for name in ("median_ms", "p20_ms", "p80_ms"):
-        v = t.get(name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-            raise ValueError(f"{where}.{name}: must be a number or null, got {v!r}")
-        row[name] = None if v is None else float(v)
-    if status == "ok" and row["median_ms"] is None:
-        raise ValueError(f"{where}.median_ms: required for an 'ok' trial")
+        row[name] = None if t.get(name) is None else float(t[name])
     for name, default in (("torch_version", ""), ("error", None), ("source", None), ("host", "")):
         v = t.get(name, default)
         if v is not None and not isinstance(v, str):
@@ -63,4 +127,3 @@ def parse_trial(t: Any, where: str) -> dict:
         raise ValueError(f"{where}.recorded_at: must be a timestamp string")
     row["recorded_at"] = t["recorded_at"]
     return row
-

@@ -15,45 +15,59 @@ One file is one portable cache. Schema (``PRAGMA user_version`` = :data:`SCHEMA_
 - ``kernel_sources``: rendered kernel source per (kind, spec, template hash), for inspection only.
   It is never executed: the runtime always renders from its own installed templates.
 
-Writes are single ``BEGIN IMMEDIATE`` transactions (retried while the file is locked), the file is
-in WAL mode with a busy timeout, so several processes can write one file and a process killed at
-any moment leaves a consistent file.
+Writes are ``BEGIN IMMEDIATE`` transactions, the file is in WAL mode with a busy timeout, so several
+processes can write one file and a process killed at any moment leaves a consistent file. A write
+that finds the file locked by another writer says so once and waits (up to :data:`LOCK_WAIT_S`);
+large imports and merges commit in batches of :data:`BATCH_TRIALS`, so no writer holds the lock
+for long. A measurement that still cannot be written is kept and written later, or at the latest
+on close to a JSON file next to the cache (`flashmhf cache import` takes it): none is lost.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import socket
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from flashmhf.cache.device import DeviceInfo
+from flashmhf.cache.notice import CacheWarning
+from flashmhf.cache.validity import STATUSES, trial_problem  # noqa: F401 - STATUSES is re-exported
 from flashmhf.codegen.spec import Spec
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x464D4846  # "FMHF"
 FORMAT = "flashmhf-tuning-cache"
-STATUSES = ("ok", "out-of-resources", "compile-error", "crash", "wrong-result")
 # A config with one of these for a key is never that key's best, whatever its other trials say.
 DISQUALIFYING = ("wrong-result", "crash")
-BUSY_TIMEOUT_S = 30.0
-LOCK_RETRIES = 5  # each after up to BUSY_TIMEOUT_S of waiting inside SQLite
+BUSY_TIMEOUT_S = 2.0  # SQLite's own wait for a lock, before this module's retry loop speaks up
+LOCK_WAIT_S = 600.0  # the longest a write waits for another writer's lock, in all
+BATCH_TRIALS = 2000  # trials per transaction of an import or merge
 
 _TABLES = ("meta", "result_keys", "trials", "best", "kernel_sources")
 
 
 class CacheFileError(ValueError):
     """A cache file that cannot be used: not SQLite or corrupt, not ours, or a newer schema."""
+
+
+class CachePlaceError(ValueError):
+    """A cache file that is fine (or would be) in a place that cannot be written: a read-only file,
+    folder or file system."""
+
+
+class CacheLockedError(CacheFileError):
+    """Another writer held the file's write lock for longer than :data:`LOCK_WAIT_S`."""
 
 
 @dataclass(frozen=True, order=True)
@@ -158,7 +172,7 @@ def flashmhf_version() -> str:
         return "unknown"
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
@@ -169,6 +183,42 @@ def _fingerprint(key: ResultKey, row: dict) -> str:
 
 _TRIAL_CONTENT = ("config", "status", "median_ms", "p20_ms", "p80_ms", "torch_version", "error", "source", "host",
                   "recorded_at")
+TRIAL_FIELDS = _TRIAL_CONTENT  # a trial's content, as stored and exported
+_TEXT_FIELDS = ("torch_version", "host", "recorded_at")  # strings; error and source may also be null
+
+
+def stored_trial_problem(key: ResultKey, row: dict) -> str | None:
+    """Why a trial read from a file (config as stored JSON text) cannot be used, or None."""
+    try:
+        key.validate()
+    except ValueError as exc:
+        return f"key: {exc}"
+    return stored_row_problem(key.kind, row)
+
+
+def stored_row_problem(kind: str, row: dict) -> str | None:
+    """:func:`stored_trial_problem` without the key's own checks."""
+    try:
+        config = json.loads(row["config"]) if isinstance(row["config"], str) else None
+    except (ValueError, RecursionError):
+        config = None
+    if config is None:
+        return f"config is not a JSON object: {str(row['config'])[:60]!r}"
+    for name in _TEXT_FIELDS:
+        if not isinstance(row.get(name), str):
+            return f"{name} must be text, got {row.get(name)!r:.40}"
+    for name in ("error", "source"):
+        if row.get(name) is not None and not isinstance(row[name], str):
+            return f"{name} must be text or null, got {row[name]!r:.40}"
+    return trial_problem(kind, {**row, "config": config})
+
+
+def portable_document(grouped: dict[ResultKey, list[dict]], bests: dict[ResultKey, dict] | None = None) -> dict:
+    """The JSON export document of trials (config as an object) grouped by key."""
+    results = [{"key": key.to_dict(), "best": (bests or {}).get(key), "trials": trials}
+               for key, trials in sorted(grouped.items())]
+    return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "exported_at": utc_now(),
+            "exported_by": f"flashmhf {flashmhf_version()}", "results": results}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -206,23 +256,31 @@ CREATE TABLE IF NOT EXISTS kernel_sources (
 );
 """
 
-# Recompute the best row of every key (or of one key: the {where} slot) from its trials.
-_RECOMPUTE_BEST = """
-INSERT OR REPLACE INTO best (key_id, trial_id, median_ms)
-SELECT key_id, id, median_ms FROM (
-    SELECT t.key_id, t.id, t.median_ms,
-           ROW_NUMBER() OVER (PARTITION BY t.key_id ORDER BY t.median_ms, t.id) AS rn
-    FROM trials t
-    WHERE t.status = 'ok' AND t.median_ms IS NOT NULL {where}
-      AND NOT EXISTS (SELECT 1 FROM trials b WHERE b.key_id = t.key_id AND b.config = t.config
-                      AND b.status IN ({disq}))
-) WHERE rn = 1
-"""
 _DISQ_SQL = ", ".join(f"'{s}'" for s in DISQUALIFYING)
+# The eligible ok trials of every key (or of one key: ``{where}`` = "AND t.key_id = :key"), ranked
+# per key: fastest first, exact ties broken by config text (so merge order never matters). The
+# disqualified (key, config) pairs are collected once, not looked up per trial: linear in trials.
+_RANKED_OK = f"""
+SELECT t.key_id, t.id, t.median_ms,
+       ROW_NUMBER() OVER (PARTITION BY t.key_id ORDER BY t.median_ms, t.config, t.id) AS rn
+FROM trials t
+WHERE t.status = 'ok' AND t.median_ms IS NOT NULL {{where}}
+  AND (t.key_id, t.config) NOT IN (SELECT t.key_id, t.config FROM trials t
+                                   WHERE t.status IN ({_DISQ_SQL}) {{where}})
+"""
+_RECOMPUTE_BEST = f"""
+INSERT OR REPLACE INTO best (key_id, trial_id, median_ms)
+SELECT key_id, id, median_ms FROM ({_RANKED_OK}) WHERE rn = 1
+"""
 
 # Connections inherited across fork are abandoned, never closed, in the child (closing them there
 # could drop the parent's locks); keeping a reference stops the garbage collector from closing them.
 _abandoned: list[sqlite3.Connection] = []
+
+
+def _is_unwritable(exc: sqlite3.DatabaseError) -> bool:
+    msg = str(exc).lower()
+    return "readonly" in msg or "read-only" in msg or "unable to open" in msg
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -265,6 +323,9 @@ class TuningCache:
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._pid = os.getpid()
+        self._pending: list[tuple[ResultKey, dict]] = []  # measurements a lock kept back
+        if self.path.is_dir():
+            raise CacheFileError(f"{self.path}: is a directory, not a cache file")
         if readonly and not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such cache file")
         self._connect()
@@ -275,18 +336,47 @@ class TuningCache:
         import sqlite_utils
 
         if not self.readonly:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CachePlaceError(f"{self.path}: cannot create its folder ({exc.strerror}); give a writable "
+                                      "--cache path or set FLASHMHF_CACHE_DIR") from None
         try:
             self._conn = self._open_connection()
             self._pid = os.getpid()
             self.db = sqlite_utils.Database(self._conn, execute_plugins=False)
             self._check_or_create()
+            if not self.readonly:
+                self._check_writable()
         except sqlite3.DatabaseError as exc:
             self.close()
+            if not self.readonly and _is_unwritable(exc):
+                raise CachePlaceError(self._unwritable_message()) from None
             raise CacheFileError(f"{self.path}: not a usable SQLite file ({exc})") from None
         except CacheFileError:
             self.close()
             raise
+
+    def _check_writable(self) -> None:
+        """Fail now, not at the first measurement, when the file or its folder is read-only: a
+        write that is rolled back (taking the lock itself succeeds on a read-only file)."""
+        conn = self.conn
+        self._retry(lambda: conn.execute("BEGIN IMMEDIATE"))
+        try:
+            conn.execute("UPDATE meta SET value = value || '' WHERE name = 'format'")
+        finally:
+            conn.execute("ROLLBACK")
+
+    def _unwritable_message(self) -> str:
+        if self.path.is_file():
+            try:
+                TuningCache(self.path, readonly=True).close()
+                state = "the file is a fine cache, but this place is read-only (file or file system)"
+            except (CacheFileError, OSError):
+                state = "it cannot be written here (read-only file or file system)"
+            return f"{self.path}: cannot write to this cache file: {state}; give a writable --cache path"
+        return (f"{self.path}: cannot create a cache file here: its folder is not writable (read-only file "
+                "system or permissions); give a writable --cache path or set FLASHMHF_CACHE_DIR")
 
     def _open_connection(self) -> sqlite3.Connection:
         kw = dict(timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
@@ -298,11 +388,18 @@ class TuningCache:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
             return conn
         except sqlite3.OperationalError as exc:
-            # A WAL file in a read-only folder (e.g. shipped in site-packages) cannot get its -shm;
-            # such files are never written, so reading them as immutable is safe.
+            # A WAL file in a read-only folder (e.g. shipped in site-packages) cannot get its -shm:
+            # read it as immutable. What is still in its -wal file is then invisible: say so.
             if "unable to open" not in str(exc) and "readonly" not in str(exc):
                 raise
             conn.close()
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.is_file() and wal.stat().st_size > 0:
+                warnings.warn(
+                    f"flashmhf: {self.path} is in WAL mode in a read-only place and its {wal.name} cannot be read "
+                    "here: results written since its last checkpoint are not visible. Open it once where it is "
+                    "writable, or ship a single-file copy (`flashmhf cache export -o NAME.sqlite`)",
+                    CacheWarning, stacklevel=4)
             return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, **kw)
 
     def _header(self) -> tuple[int, int, set[str]]:
@@ -350,7 +447,7 @@ class TuningCache:
             self.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self.db["meta"].insert_all(
-                [{"name": "format", "value": FORMAT}, {"name": "created_at", "value": _now()},
+                [{"name": "format", "value": FORMAT}, {"name": "created_at", "value": utc_now()},
                  {"name": "created_by", "value": f"flashmhf {flashmhf_version()}"}], replace=True,
             )
 
@@ -361,11 +458,13 @@ class TuningCache:
                 _abandoned.append(self._conn)
             self._conn = None
             self._connect()
-        assert self._conn is not None, "cache is closed"
+        if self._conn is None:
+            raise ValueError(f"{self.path}: this TuningCache is closed")
         return self._conn
 
     def close(self) -> None:
         if self._conn is not None and self._pid == os.getpid():
+            self._save_pending()
             self._conn.close()
         self._conn = None
 
@@ -380,15 +479,25 @@ class TuningCache:
 
     # ---- transactions --------------------------------------------------------------------------
 
-    @staticmethod
-    def _retry(fn):
-        for attempt in range(LOCK_RETRIES):
+    def _retry(self, fn):
+        """``fn()``, retried while another writer holds the lock: said once, then up to LOCK_WAIT_S."""
+        start, attempt, said = time.monotonic(), 0, False
+        while True:
             try:
                 return fn()
             except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or attempt == LOCK_RETRIES - 1:
+                if not _is_busy(exc):
                     raise
-                time.sleep(min(0.05 * 2**attempt, 1.0))
+                waited = time.monotonic() - start
+                if waited >= LOCK_WAIT_S:
+                    raise CacheLockedError(f"{self.path}: locked by another writer for {waited:.0f} s; gave up") \
+                        from None
+                if not said:
+                    said = True
+                    warnings.warn(f"flashmhf: {self.path} is locked by another writer; waiting for it "
+                                  f"(up to {LOCK_WAIT_S:.0f} s)", CacheWarning, stacklevel=4)
+                time.sleep(min(0.05 * 2**attempt, 2.0))
+                attempt += 1
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -436,57 +545,85 @@ class TuningCache:
     def _recompute_best(self, conn: sqlite3.Connection, key_ids: Iterable[int] | None = None) -> None:
         if key_ids is None:
             conn.execute("DELETE FROM best")
-            conn.execute(_RECOMPUTE_BEST.format(where="", disq=_DISQ_SQL))
+            conn.execute(_RECOMPUTE_BEST.format(where=""))
             return
         for key_id in set(key_ids):
             conn.execute("DELETE FROM best WHERE key_id = ?", (key_id,))
-            conn.execute(_RECOMPUTE_BEST.format(where="AND t.key_id = ?", disq=_DISQ_SQL), (key_id,))
+            conn.execute(_RECOMPUTE_BEST.format(where="AND t.key_id = :key"), {"key": key_id})
 
     def record_trial(
         self, key: ResultKey, config: dict, status: str, *, median_ms: float | None = None,
         p20_ms: float | None = None, p80_ms: float | None = None, torch_version: str = "",
         error: str | None = None, source: str | None = None,
     ) -> None:
-        """Store one trial and, in the same transaction, the key's best row if this trial changes it."""
+        """Store one trial and, in the same transaction, the key's best row if this trial changes it.
+
+        A trial that cannot be written because another writer holds the lock for too long is kept
+        and written with the next one, or on :meth:`close` (see the module's docstring)."""
         key.validate()
-        if status not in STATUSES:
-            raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
-        for name, value in (("median_ms", median_ms), ("p20_ms", p20_ms), ("p80_ms", p80_ms)):
-            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
-                raise ValueError(f"{name} must be a finite non-negative number of milliseconds, got {value!r}")
-        if status == "ok" and median_ms is None:
-            raise ValueError("median_ms is required for an 'ok' trial")
+        problem = trial_problem(key.kind, {"config": config, "status": status, "median_ms": median_ms,
+                                           "p20_ms": p20_ms, "p80_ms": p80_ms})
+        if problem:
+            raise ValueError(problem)
         row = {
             "config": canonical_config(config), "status": status,
             "median_ms": None if median_ms is None else float(median_ms),
             "p20_ms": None if p20_ms is None else float(p20_ms),
             "p80_ms": None if p80_ms is None else float(p80_ms),
             "torch_version": torch_version or "", "error": error, "source": source,
-            "host": socket.gethostname(), "recorded_at": _now(),
+            "host": socket.gethostname(), "recorded_at": utc_now(),
         }
-        with self._write() as conn:
-            key_id = self._key_id(conn, key)
-            trial_id = self._insert_trial(conn, key_id, key, row)
-            if trial_id is None:
-                return
-            if status in DISQUALIFYING:
-                best = conn.execute(
-                    "SELECT t.config FROM best b JOIN trials t ON t.id = b.trial_id WHERE b.key_id = ?", (key_id,)
-                ).fetchone()
-                if best is not None and best[0] == row["config"]:
-                    self._recompute_best(conn, [key_id])
-            elif status == "ok":
-                disqualified = conn.execute(
-                    f"SELECT 1 FROM trials WHERE key_id = ? AND config = ? AND status IN ({_DISQ_SQL}) LIMIT 1",
-                    (key_id, row["config"]),
-                ).fetchone()
-                if not disqualified:
-                    conn.execute(
-                        "INSERT INTO best (key_id, trial_id, median_ms) VALUES (?, ?, ?) "
-                        "ON CONFLICT (key_id) DO UPDATE SET trial_id = excluded.trial_id, "
-                        "median_ms = excluded.median_ms WHERE excluded.median_ms < best.median_ms",
-                        (key_id, trial_id, row["median_ms"]),
-                    )
+        self._pending.append((key, row))
+        try:
+            with self._write() as conn:
+                for pending_key, pending_row in self._pending:
+                    self._record(conn, pending_key, pending_row)
+        except CacheLockedError as exc:
+            warnings.warn(f"flashmhf: {exc}; {len(self._pending)} measurement(s) kept, to be written with the "
+                          "next one or when the cache is closed", CacheWarning, stacklevel=2)
+            return
+        self._pending.clear()
+
+    def _record(self, conn: sqlite3.Connection, key: ResultKey, row: dict) -> None:
+        """Insert one trial row and update its key's best row (inside a write transaction)."""
+        key_id = self._key_id(conn, key)
+        trial_id = self._insert_trial(conn, key_id, key, row)
+        if trial_id is None:
+            return
+        best = conn.execute(
+            "SELECT t.config, b.median_ms FROM best b JOIN trials t ON t.id = b.trial_id WHERE b.key_id = ?", (key_id,)
+        ).fetchone()
+        if row["status"] in DISQUALIFYING:
+            if best is not None and best[0] == row["config"]:
+                self._recompute_best(conn, [key_id])
+        elif row["status"] == "ok" and (best is None or (row["median_ms"], row["config"]) < (best[1], best[0])):
+            disqualified = conn.execute(
+                f"SELECT 1 FROM trials WHERE key_id = ? AND config = ? AND status IN ({_DISQ_SQL}) LIMIT 1",
+                (key_id, row["config"]),
+            ).fetchone()
+            if not disqualified:
+                conn.execute("INSERT OR REPLACE INTO best (key_id, trial_id, median_ms) VALUES (?, ?, ?)",
+                             (key_id, trial_id, row["median_ms"]))
+
+    def _save_pending(self) -> None:
+        """On close: write the measurements kept back by a lock, or else put them in a JSON file
+        next to the cache that `flashmhf cache import` takes."""
+        if not self._pending:
+            return
+        try:
+            with self._write() as conn:
+                for key, row in self._pending:
+                    self._record(conn, key, row)
+        except CacheLockedError:
+            grouped: dict[ResultKey, list[dict]] = {}
+            for key, row in self._pending:
+                grouped.setdefault(key, []).append({**row, "config": json.loads(row["config"])})
+            side = self.path.with_name(f"{self.path.name}.pending-{os.getpid()}-{time.time_ns()}.json")
+            side.write_text(json.dumps(portable_document(grouped), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            warnings.warn(f"flashmhf: {self.path} stayed locked; {len(self._pending)} measurement(s) written to "
+                          f"{side}: add them with `flashmhf cache import {side} --cache {self.path}`",
+                          CacheWarning, stacklevel=3)
+        self._pending.clear()
 
     def record_source(self, spec: Spec, source: str | None = None) -> None:
         """Store the rendered source of ``spec`` (default: rendered now) under the installed template hash.
@@ -497,7 +634,7 @@ class TuningCache:
 
         text = render(spec) if source is None else source
         row = {**spec.to_dict(), "template_hash": template_hash(spec.kind), "source": text,
-               "sha256": hashlib.sha256(text.encode()).hexdigest(), "recorded_at": _now()}
+               "sha256": hashlib.sha256(text.encode()).hexdigest(), "recorded_at": utc_now()}
         with self._write():
             self.db["kernel_sources"].insert(row, replace=True)
 
@@ -526,31 +663,54 @@ class TuningCache:
         """Delete exactly these keys (with trials and bests); returns trials deleted."""
         return sum(self.delete(**k.to_dict()) for k in keys)
 
-    def _add_trials(self, items: Iterable[tuple[ResultKey, dict]]) -> int:
-        """Insert (key, trial row) pairs in one transaction, skipping known ones; recompute touched bests."""
+    def add_trials(self, items: Iterable[tuple[ResultKey, dict]]) -> int:
+        """Insert validated (key, trial row) pairs, skipping known ones, in transactions of
+        :data:`BATCH_TRIALS` trials, each with the bests of the keys it touched; returns trials added."""
         added = 0
-        with self._write() as conn:
-            touched = set()
-            key_ids: dict[ResultKey, int] = {}
-            for key, row in items:
-                if key not in key_ids:
-                    key_ids[key] = self._key_id(conn, key)
-                if self._insert_trial(conn, key_ids[key], key, row) is not None:
-                    added += 1
-                    touched.add(key_ids[key])
-            self._recompute_best(conn, touched)
+        batch: list[tuple[ResultKey, dict]] = []
+
+        def flush() -> int:
+            n = 0
+            with self._write() as conn:
+                touched = set()
+                key_ids: dict[ResultKey, int] = {}
+                for key, row in batch:
+                    if key not in key_ids:
+                        key_ids[key] = self._key_id(conn, key)
+                    if self._insert_trial(conn, key_ids[key], key, row) is not None:
+                        n += 1
+                        touched.add(key_ids[key])
+                self._recompute_best(conn, touched)
+            batch.clear()
+            return n
+
+        for item in items:
+            batch.append(item)
+            if len(batch) >= BATCH_TRIALS:
+                added += flush()
+        if batch:
+            added += flush()
         return added
 
-    def merge_from(self, other_path: str | os.PathLike) -> int:
-        """Copy every trial (and stored source) of another cache file into this one; returns trials added."""
+    def merge_from(self, other_path: str | os.PathLike) -> tuple[int, list[str]]:
+        """Copy every valid trial (and stored source) of another cache file into this one.
+
+        Returns (trials added, problems of the rows skipped: bad keys, configs or times)."""
         with TuningCache(other_path, readonly=True) as other:
-            rows = list(other._trial_rows())
+            rows = list(other.trial_rows())
             sources = list(other.db["kernel_sources"].rows)
-        added = self._add_trials((key, row) for key, row in rows)
+        good, skipped = [], []
+        for key, row in rows:
+            problem = stored_trial_problem(key, row)
+            if problem:
+                skipped.append(f"trial {row['id']}: {problem}")
+            else:
+                good.append((key, {**row, "config": canonical_config(json.loads(row["config"]))}))
+        added = self.add_trials(good)
         if sources:
             with self._write():
                 self.db["kernel_sources"].insert_all(sources, ignore=True)
-        return added
+        return added, skipped
 
     def copy_to(self, dest: str | os.PathLike, **filters: Any) -> int:
         """Write the keys matching ``filters`` (all trials, stored sources) to a new self-contained file.
@@ -562,13 +722,12 @@ class TuningCache:
         dest = Path(dest).expanduser()
         if dest.exists():
             raise ValueError(f"{dest}: already exists (copy_to writes a new file)")
-        cond, params = _where(filters, prefix="k.")
-        rows = list(self._trial_rows(cond, params))
+        rows = list(self.matching_rows(**filters))
         specs = {tuple(k.spec.to_dict().values()) for k, _ in rows}
         spec_cols = [f.name for f in fields(Spec)]
         sources = [r for r in self.db["kernel_sources"].rows if tuple(r[c] for c in spec_cols) in specs]
         with TuningCache(dest) as out:
-            n = out._add_trials(rows)
+            n = out.add_trials(rows)
             if sources:
                 with out._write():
                     out.db["kernel_sources"].insert_all(sources, ignore=True)
@@ -578,7 +737,13 @@ class TuningCache:
 
     # ---- reads ---------------------------------------------------------------------------------
 
-    def _trial_rows(self, cond: str = "1", params: list | None = None) -> Iterator[tuple[ResultKey, dict]]:
+    def matching_rows(self, **filters: Any) -> Iterator[tuple[ResultKey, dict]]:
+        """:meth:`trial_rows` of the keys matching ``filters`` (key fields)."""
+        cond, params = _where(filters, prefix="k.")
+        return self.trial_rows(cond, params)
+
+    def trial_rows(self, cond: str = "1", params: list | None = None) -> Iterator[tuple[ResultKey, dict]]:
+        """(key, raw trial row: config as stored text, ``id``) for the trials matching an SQL condition."""
         cols = ", ".join(f"k.{f}" for f in KEY_FIELDS) + ", " + ", ".join(f"t.{c}" for c in _TRIAL_CONTENT)
         sql = (f"SELECT {cols}, t.id FROM trials t JOIN result_keys k ON k.id = t.key_id WHERE {cond} "
                f"ORDER BY k.id, t.id")
@@ -598,12 +763,12 @@ class TuningCache:
     def trials(self, key: ResultKey) -> list[Trial]:
         """Every trial of exactly ``key``, in the order recorded."""
         cond, params = _where(key.to_dict(), prefix="k.")
-        return [self._trial(k, r) for k, r in self._trial_rows(cond, params)]
+        return [self._trial(k, r) for k, r in self.trial_rows(cond, params)]
 
     def find_trials(self, **filters: Any) -> list[Trial]:
         """Every trial of the keys matching ``filters`` (key fields), grouped by key."""
         cond, params = _where(filters, prefix="k.")
-        return [self._trial(k, r) for k, r in self._trial_rows(cond, params)]
+        return [self._trial(k, r) for k, r in self.trial_rows(cond, params)]
 
     def best(self, key: ResultKey) -> Trial | None:
         """The fastest eligible ``ok`` trial of ``key``, or None."""
@@ -655,6 +820,15 @@ class TuningCache:
         rows = self.conn.execute(f"SELECT {', '.join(KEY_FIELDS)} FROM result_keys WHERE {cond}", params)
         return sorted(ResultKey(*r) for r in rows)
 
+    def quick_check(self) -> str | None:
+        """The first problem SQLite's ``quick_check`` finds in the file's pages, or None. A file whose
+        header is fine may still have damaged pages that no query of ours happens to touch."""
+        try:
+            first = self.conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        return None if first == "ok" else first
+
     def counts(self, **filters: Any) -> dict[str, int]:
         """Numbers of keys, trials and best rows (matching ``filters``)."""
         cond, params = _where(filters)
@@ -665,49 +839,6 @@ class TuningCache:
             "trials": one(f"SELECT count(*) FROM trials WHERE key_id IN ({ids})"),
             "best": one(f"SELECT count(*) FROM best WHERE key_id IN ({ids})"),
         }
-
-    # ---- portable JSON -------------------------------------------------------------------------
-
-    def export_json(self, dest: str | os.PathLike | IO[str], **filters: Any) -> int:
-        """Write the keys matching ``filters`` with all their trials as reviewable JSON; returns trials written.
-
-        ``dest`` is a path or a text stream. Output is deterministic (sorted keys and fields).
-        """
-        cond, params = _where(filters, prefix="k.")
-        grouped: dict[ResultKey, list[dict]] = {}
-        for key, row in self._trial_rows(cond, params):
-            row = {k: row[k] for k in _TRIAL_CONTENT}
-            row["config"] = json.loads(row["config"])
-            grouped.setdefault(key, []).append(row)
-        bests = {k: t.config for k, t in self.best_rows(**filters)}
-        results = [
-            {"key": key.to_dict(), "best": bests.get(key), "trials": trials}
-            for key, trials in sorted(grouped.items())
-        ]
-        doc = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "exported_at": _now(),
-               "exported_by": f"flashmhf {flashmhf_version()}", "results": results}
-        text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
-        if hasattr(dest, "write"):
-            dest.write(text)  # type: ignore[union-attr]
-        else:
-            Path(dest).write_text(text, encoding="utf-8")
-        return sum(len(r["trials"]) for r in results)
-
-    def import_json(self, src: str | os.PathLike | IO[str]) -> int:
-        """Add the trials of an :meth:`export_json` document (path or text stream); returns trials added.
-
-        Trials already present are skipped; bests are recomputed from the trials (the document's
-        ``best`` fields are informative only). Bad documents raise ``ValueError`` naming the place.
-        """
-        name = getattr(src, "name", None) or str(src)
-        text = src.read() if hasattr(src, "read") else Path(src).read_text(encoding="utf-8")  # type: ignore
-        try:
-            doc = json.loads(text)
-        except ValueError as exc:
-            raise ValueError(f"{name}: not JSON ({exc})") from None
-        from flashmhf.cache.portable import parse_document
-
-        return self._add_trials(list(parse_document(doc, name)))
 
     # ---- checks --------------------------------------------------------------------------------
 
@@ -743,26 +874,15 @@ class TuningCache:
                 ResultKey(*values).validate()
             except ValueError as exc:
                 errors.append(f"key {key_id}: {exc}")
-        for tid, config, status, median in self.conn.execute("SELECT id, config, status, median_ms FROM trials"):
-            try:
-                if not isinstance(json.loads(config), dict):
-                    raise ValueError
-            except (TypeError, ValueError):
-                errors.append(f"trial {tid}: config is not a JSON object: {config!r:.80}")
-            if status not in STATUSES:
-                errors.append(f"trial {tid}: unknown status {status!r}")
-            if status == "ok" and median is None:
-                errors.append(f"trial {tid}: 'ok' without a median time")
+        for key, row in self.trial_rows():
+            if problem := stored_row_problem(key.kind, row):
+                errors.append(f"trial {row['id']} ({key.kind}, bucket {key.bucket!r}): {problem}")
         return errors
 
     def _check_best(self) -> list[str]:
         errors = []
         expected = {
-            key_id: median for key_id, median in self.conn.execute(
-                f"SELECT t.key_id, min(t.median_ms) FROM trials t WHERE t.status = 'ok' AND t.median_ms IS NOT NULL "
-                f"AND NOT EXISTS (SELECT 1 FROM trials b WHERE b.key_id = t.key_id AND b.config = t.config "
-                f"AND b.status IN ({_DISQ_SQL})) GROUP BY t.key_id"
-            )
+            key_id: median for key_id, _, median, rank in self.conn.execute(_RANKED_OK.format(where="")) if rank == 1
         }
         actual = {}
         for key_id, trial_id, median, t_key, t_status, t_median in self.conn.execute(

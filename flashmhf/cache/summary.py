@@ -11,7 +11,7 @@ from typing import Any
 
 from flashmhf.cache.device import DeviceInfo
 from flashmhf.cache.paths import cache_files_in_effect
-from flashmhf.cache.store import ResultKey, Trial, TuningCache
+from flashmhf.cache.store import ResultKey, Trial, TuningCache, stored_trial_problem
 
 
 @dataclass(frozen=True)
@@ -21,21 +21,31 @@ class FileReport:
     exists: bool
     problem: str | None  # why the file cannot be used, None when it is fine (or missing)
     counts: dict[str, int] | None  # keys / trials / best, when readable
+    unusable: int = 0  # rows the runtime skips (see flashmhf.cache.validity)
 
     @property
     def state(self) -> str:
         if not self.exists:
             return "not created yet" if self.role == "user" else "missing"
-        return "schema ok" if self.problem is None else self.problem
+        if self.problem is not None:
+            return self.problem
+        if self.unusable:
+            return f"schema ok; {self.unusable} unusable row(s): see `flashmhf cache verify`"
+        return "schema ok"
 
 
 def file_report(path: Path, role: str, **filters: Any) -> FileReport:
     """State and counts of one file, without creating it."""
+    if path.is_dir():
+        return FileReport(path, role, True, "a directory, not a cache file", None)
     if not path.is_file():
         return FileReport(path, role, False, None, None)
     try:
         with TuningCache(path, readonly=True) as cache:
-            return FileReport(path, role, True, None, cache.counts(**filters))
+            if damage := cache.quick_check():
+                return FileReport(path, role, True, f"damaged ({damage})", None)
+            unusable = sum(stored_trial_problem(k, row) is not None for k, row in cache.matching_rows(**filters))
+            return FileReport(path, role, True, None, cache.counts(**filters), unusable)
     except (ValueError, OSError) as exc:  # CacheFileError is a ValueError
         msg = str(exc).splitlines()[0]
         prefix = f"{path}: "

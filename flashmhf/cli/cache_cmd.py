@@ -10,21 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
+from flashmhf.cache import portable
+from flashmhf.cache.buckets import token_bucket
 from flashmhf.cache.device import normalise_device_name
+from flashmhf.cache.notice import plain
 from flashmhf.cache.paths import cache_files_in_effect, user_cache_path
-from flashmhf.cache.store import ResultKey, Trial, TuningCache
+from flashmhf.cache.store import CacheFileError, ResultKey, Trial, TuningCache
 from flashmhf.cache.summary import files_report, staleness
+from flashmhf.cli.files import check_new_output, write_new
+from flashmhf.cli.output import add_row, config_text, data_console, data_table, echo, files_table
 from flashmhf.cli.spec_options import kind_choices, shape_from_options, shape_options
-from flashmhf.codegen import DTYPES, format_config
+from flashmhf.codegen import DTYPES
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-def _console() -> Console:
-    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _cache_option(help_text: str) -> Callable:
@@ -54,7 +53,7 @@ def filter_options(f: Callable) -> Callable:
         if tokens is not None:
             if tokens <= 0:
                 raise ValueError(f"--tokens must be positive, got {tokens}")
-            filters["bucket"] = 1 if tokens <= 1 else 1 << (tokens - 1).bit_length()
+            filters["bucket"] = token_bucket(tokens)
         if any(v is not None for k, v in shape.items() if k != "kv_heads"):
             h, h_kv, d_h, e, d_e, _ = shape_from_options(**shape)
             filters.update(n_heads=h, head_dim=d_h, n_experts=e, expert_dim=d_e)
@@ -105,35 +104,38 @@ def cache() -> None:
 @filter_options
 def ls(cache_path: Path | None, filters: dict) -> None:
     """Without --cache: the files in effect in lookup order; with --cache: that file's keys."""
-    console = _console()
+    console = data_console()
     if cache_path is None:
-        table = Table("#", "role", "path", "state", "keys", "trials", "best", title="cache files in lookup order")
-        for i, r in enumerate(files_report(**filters), 1):
-            c = r.counts or {}
-            counts = (str(c.get(n, "")) for n in ("keys", "trials", "best"))
-            table.add_row(str(i), r.role, str(r.path), r.state, *counts)
-        console.print(table)
+        console.print(files_table(files_report(**filters)))
         return
     with _open(cache_path, readonly=True) as c:
         bests = dict(c.best_rows(**filters))
         counts = {k: len(c.trials(k)) for k in c.keys(**filters)}
-    table = Table("kind", "shape", "dtype", "bucket", "device", "sm", "triton", "template", "trials", "best ms",
-                  "best config", title=str(cache_path))
-    table.columns[-1].overflow = "fold"
-    for key, n in counts.items():
+    # Eleven columns leave no room for a whole config: the best configs follow the table, one a line.
+    table = data_table("#", "kind", "shape", "dtype", "bucket", "device", "sm", "triton", "template", "trials",
+                       "best ms", title=str(cache_path))
+    configs = []
+    for i, (key, n) in enumerate(counts.items(), 1):
         best = bests.get(key)
         stale = _stale(key)
-        table.add_row(key.kind, _shape(key), key.dtype, str(key.bucket), key.device, key.capability, key.triton_version,
-                      key.template_hash + (" (stale)" if stale else ""), str(n),
-                      _ms(best.median_ms) if best else "", format_config(best.config) if best else "-")
+        add_row(table, i, key.kind, _shape(key), key.dtype, key.bucket, key.device, key.capability,
+                key.triton_version, key.template_hash + (" (stale)" if stale else ""), n,
+                _ms(best.median_ms) if best else "")
+        configs.append(f"#{i} best config: {_config(best) if best else '-'}")
     console.print(table)
+    for line in configs:
+        echo(line)
     if not counts:
         click.echo("no matching keys")
 
 
+def _config(trial: Trial) -> str:
+    return config_text(trial.config) if isinstance(trial.config, dict) else repr(trial.config)
+
+
 def _trial_row(trial: Trial, is_best: bool) -> list[str]:
     error = (trial.error or "").splitlines()[0][:60] if trial.error else ""
-    return ["*" if is_best else "", format_config(trial.config), trial.status, _ms(trial.median_ms),
+    return ["*" if is_best else "", _config(trial), trial.status, _ms(trial.median_ms),
             _ms(trial.p20_ms), _ms(trial.p80_ms), trial.host, trial.recorded_at[:19], error]
 
 
@@ -144,11 +146,11 @@ def _trial_row(trial: Trial, is_best: bool) -> list[str]:
 @click.option("--source", "with_source", is_flag=True, help="also print the stored kernel source (inspection only)")
 def show(cache_path: Path | None, filters: dict, limit: int, with_source: bool) -> None:
     """Trials of the matching keys, fastest first (the best one marked *)."""
-    console = _console()
+    console = data_console()
     with _open(cache_path, readonly=True) as c:
         keys = c.keys(**filters)
         if not keys:
-            click.echo(f"no matching keys in {c.path}")
+            echo(f"no matching keys in {c.path}")
             return
         for key in keys:
             trials = c.trials(key)
@@ -158,16 +160,16 @@ def show(cache_path: Path | None, filters: dict, limit: int, with_source: bool) 
             stale = _stale(key)
             title = (f"{key.label()} | Triton {key.triton_version} | template {key.template_hash}"
                      f"{' (stale: ' + stale + ')' if stale else ''} | space {key.space_hash}")
-            table = Table("best", "config", "status", "median ms", "p20 ms", "p80 ms", "host", "recorded (UTC)",
-                          "error", title=title)
+            table = data_table("best", "config", "status", "median ms", "p20 ms", "p80 ms", "host", "recorded (UTC)",
+                               "error", title=title, config_columns=["config"])
             for t in shown:
-                table.add_row(*_trial_row(t, best is not None and t.id == best.id))
+                add_row(table, *_trial_row(t, best is not None and t.id == best.id))
             console.print(table)
             if len(shown) < len(trials):
                 click.echo(f"({len(trials) - len(shown)} more trials; --limit 0 shows all)")
             if with_source:
                 text = c.kernel_source(key.spec, key.template_hash)
-                click.echo(text if text else f"# no stored source for {key.spec.label()} template {key.template_hash}")
+                echo(text if text else f"# no stored source for {key.spec.label()} template {key.template_hash}")
 
 
 @cache.command()
@@ -175,53 +177,77 @@ def show(cache_path: Path | None, filters: dict, limit: int, with_source: bool) 
 @filter_options
 @click.option("-o", "--output", default="-", show_default=True,
               help="JSON file to write ('-': stdout); a name ending in .sqlite writes a new single-file cache")
-def export(cache_path: Path | None, filters: dict, output: str) -> None:
+@click.option("--force", is_flag=True, help="replace an existing output file")
+def export(cache_path: Path | None, filters: dict, output: str, force: bool) -> None:
     """Export the matching keys with all their trials as JSON (portable and reviewable: contribute results).
 
     With -o NAME.sqlite: a new self-contained cache file instead (e.g. one to ship for a GPU model).
+    An existing output file is replaced only with --force; a symbolic link is never written through.
     """
+    dest = None if output == "-" else Path(output).expanduser()
+    if dest is not None:
+        check_new_output(dest, force=force)
     with _open(cache_path, readonly=True) as c:
         n_keys = len(c.keys(**filters))
-        if output.endswith(".sqlite"):
-            n = c.copy_to(output, **filters)
+        if dest is None:
+            n = portable.export_json(c, sys.stdout, **filters)
+        elif dest.name.endswith(".sqlite"):
+            counted: list[int] = []
+            write_new(dest, lambda tmp: counted.append(c.copy_to(tmp, **filters)), force=force)
+            n = counted[0]
         else:
-            n = c.export_json(sys.stdout if output == "-" else output, **filters)
-    click.echo(f"exported {n} trials of {n_keys} keys from {c.path}" + ("" if output == "-" else f" to {output}"),
-               err=True)
+            text, n = portable.export_text(c, **filters)
+            write_new(dest, lambda tmp: tmp.write_text(text, encoding="utf-8"), force=force)
+    echo(f"exported {n} trials of {n_keys} keys from {c.path}" + ("" if dest is None else f" to {dest}"), err=True)
+
+
+def _read_import(name: str) -> list:
+    """The validated rows of one export (a path, or '-' for stdin)."""
+    if name == "-":
+        return portable.read_export(sys.stdin)
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with path.open("rb") as fb:
+        if fb.read(16) == SQLITE_MAGIC:
+            raise ValueError(f"{path}: an SQLite cache file, not a JSON export: use `flashmhf cache merge`")
+    return portable.read_export(path)
 
 
 @cache.command("import")
 @click.argument("files", nargs=-1, required=True)
 @_cache_option("import into this file (created if needed)")
 def import_(files: tuple[str, ...], cache_path: Path | None) -> None:
-    """Add the trials of exported JSON FILES ('-': stdin); bests are recomputed, duplicates skipped."""
+    """Add the trials of exported JSON FILES ('-': stdin); bests are recomputed, duplicates skipped.
+
+    Every file is read and checked before anything is written: a bad file imports nothing."""
+    documents = [(name, _read_import(name)) for name in files]
     with _open(cache_path, readonly=False) as c:
-        for name in files:
-            if name == "-":
-                n = c.import_json(sys.stdin)
-            else:
-                path = Path(name)
-                if not path.is_file():
-                    raise FileNotFoundError(f"{path}: no such file")
-                with path.open("rb") as fb:
-                    if fb.read(16) == SQLITE_MAGIC:
-                        raise ValueError(f"{path} is an SQLite cache file, not a JSON export: use `flashmhf cache "
-                                         "merge`")
-                n = c.import_json(path)
-            click.echo(f"{name}: {n} new trials imported into {c.path}")
+        for name, rows in documents:
+            n = c.add_trials(rows)
+            echo(f"{name}: {n} new trials imported into {c.path}")
 
 
 @cache.command()
 @click.argument("sources", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @_cache_option("merge into this file (created if needed)")
 def merge(sources: tuple[Path, ...], cache_path: Path | None) -> None:
-    """Copy every trial of the SOURCES cache files into one file (dedup, bests recomputed)."""
+    """Copy every valid trial of the SOURCES cache files into one file (dedup, bests recomputed).
+
+    Rows that could never be used (bad keys, configs outside the kind's values, bad times) are
+    skipped and reported."""
+    target = (cache_path or user_cache_path()).expanduser()
+    for src in sources:
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: no such cache file")
+        if target.exists() and src.resolve() == target.resolve():
+            raise ValueError(f"{src}: cannot merge a cache file into itself")
     with _open(cache_path, readonly=False) as c:
         for src in sources:
-            if src.resolve() == c.path.resolve():
-                raise ValueError(f"{src}: cannot merge a cache file into itself")
-            n = c.merge_from(src)
-            click.echo(f"{src}: {n} new trials merged into {c.path}")
+            n, skipped = c.merge_from(src)
+            echo(f"{src}: {n} new trials merged into {c.path}")
+            if skipped:
+                echo(f"{src}: {len(skipped)} unusable row(s) skipped, e.g. {skipped[0]}", err=True)
 
 
 @cache.command()
@@ -229,26 +255,31 @@ def merge(sources: tuple[Path, ...], cache_path: Path | None) -> None:
               help="file to verify (repeatable; default: the user cache file)")
 @click.option("--all", "all_files", is_flag=True, help="verify every existing file in effect")
 def verify(cache_paths: tuple[Path, ...], all_files: bool) -> None:
-    """Check files: schema, integrity, best rows vs trials, configs; stale results are warnings."""
+    """Check files: schema, integrity, best rows vs trials, configs; stale results are warnings.
+
+    Every file is checked and reported, also after a bad one."""
     paths = list(cache_paths)
     if all_files:
         paths += [p for p, _ in cache_files_in_effect() if p.is_file()]
     paths = paths or [user_cache_path()]
     failed = []
     for path in paths:
-        with TuningCache(path, readonly=True) as c:
-            errors, warnings = c.check()
-            counts = c.counts()
+        try:
+            with TuningCache(path, readonly=True) as c:
+                errors, warnings = c.check()
+                counts = c.counts() if not errors else None
+        except (CacheFileError, OSError) as exc:
+            errors, warnings, counts = [str(exc).removeprefix(f"{path}: ")], [], None
         for e in errors:
-            click.echo(f"{path}: error: {e}")
+            echo(f"{path}: error: {e}")
         for w in warnings:
-            click.echo(f"{path}: warning: {w}")
+            echo(f"{path}: warning: {w}")
         if errors:
             failed.append(f"{path}: {len(errors)} error(s)")
-        else:
-            click.echo(f"{path}: ok ({counts['keys']} keys, {counts['trials']} trials, {counts['best']} best)")
+        elif counts is not None:
+            echo(f"{path}: ok ({counts['keys']} keys, {counts['trials']} trials, {counts['best']} best)")
     if failed:
-        raise click.ClickException("; ".join(failed))
+        raise click.ClickException(plain("; ".join(failed)))
 
 
 @cache.command()
@@ -268,10 +299,10 @@ def rm(cache_path: Path | None, filters: dict, stale: bool, everything: bool, ye
         keys = [k for k in c.keys(**filters) if not stale or _stale(k)]
         n_trials = sum(len(c.trials(k)) for k in keys)
         if not keys:
-            click.echo(f"no matching keys in {path}")
+            echo(f"no matching keys in {path}")
             return
         if not yes:
-            click.confirm(f"remove {len(keys)} keys ({n_trials} trials) from {path}?", abort=True)
+            click.confirm(plain(f"remove {len(keys)} keys ({n_trials} trials) from {path}?"), abort=True)
         n = c.delete_keys(keys)
-    click.echo(f"removed {len(keys)} keys ({n} trials) from {path}")
+    echo(f"removed {len(keys)} keys ({n} trials) from {path}")
 

@@ -10,11 +10,11 @@ from collections import defaultdict
 from importlib import metadata
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from flashmhf.cache.device import device_info, interpreting
 from flashmhf.cache.summary import TunedEntry, files_report, tuned_entries
+from flashmhf.cli.output import add_row, data_console, data_table, files_table
 
 
 def _version(dist: str) -> str | None:
@@ -63,8 +63,8 @@ def _tuned_table(entries: list[TunedEntry]) -> Table:
     for e in entries:
         k = e.key
         by_shape[(k.n_heads, k.n_kv_heads, k.head_dim, k.n_experts, k.expert_dim)].append(e)
-    table = Table("shape", "kind", "dtype", "tuned token buckets", "stale / not usable here",
-                  title="tuned for this device (usable = same Triton version and template hash)")
+    table = data_table("shape", "kind", "dtype", "tuned token buckets", "stale / not usable here",
+                       title="tuned for this device (usable = same Triton version and template hash)")
     rows: list[tuple[str, list[TunedEntry]]] = []
     named = set()
     for p in PRESETS.values():
@@ -77,7 +77,7 @@ def _tuned_table(entries: list[TunedEntry]) -> Table:
             rows.append((f"H{h}/{h_kv} d_h{d_h} E{e}x{d_e}", es))
     for label, es in rows:
         if not es:
-            table.add_row(label, "-", "-", "nothing tuned", "")
+            add_row(table, label, "-", "-", "nothing tuned", "")
             continue
         groups: dict[tuple[str, str], list[TunedEntry]] = defaultdict(list)
         for e in es:
@@ -86,8 +86,8 @@ def _tuned_table(entries: list[TunedEntry]) -> Table:
             usable = [e for e in ge if e.stale is None]
             stale = [e for e in ge if e.stale is not None]
             reasons = sorted({e.stale for e in stale if e.stale})
-            table.add_row(label, kind, dtype, _buckets(usable),
-                          (_buckets(stale) + f" ({'; '.join(reasons)})") if stale else "")
+            add_row(table, label, kind, dtype, _buckets(usable),
+                    (_buckets(stale) + f" ({'; '.join(reasons)})") if stale else "")
             label = ""
     return table
 
@@ -95,9 +95,10 @@ def _tuned_table(entries: list[TunedEntry]) -> Table:
 @click.command()
 def doctor() -> None:
     """Show the GPU, versions, the cache files in effect and what is tuned for this GPU."""
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = data_console()
     optuna = _version("optuna")
-    versions = Table("component", "version", title="versions", show_header=False)
+    versions = data_table("component", "version", title="versions")
+    versions.show_header = False
     for name, value in (
         ("flashmhf", _version("flashmhf") or "source tree"),
         ("Python", f"{platform.python_version()} ({sys.executable})"),
@@ -106,18 +107,14 @@ def doctor() -> None:
         ("optuna", optuna or "not installed (needed by `flashmhf tune`: pip install 'flashmhf[tune]')"),
         ("sqlite", __import__("sqlite3").sqlite_version),
     ):
-        versions.add_row(name, value)
+        add_row(versions, name, value)
     console.print(versions)
     for line in _gpu_lines():
         click.echo(line)
     dev = device_info()
     click.echo(f"lookup device: {dev.name} (compute capability {dev.capability}), Triton {dev.triton_version}")
 
-    files = Table("#", "role", "path", "state", "keys", "trials", "best", title="cache files in lookup order")
-    for i, r in enumerate(files_report(), 1):
-        c = r.counts or {}
-        files.add_row(str(i), r.role, str(r.path), r.state, *(str(c.get(n, "")) for n in ("keys", "trials", "best")))
-    console.print(files)
+    console.print(files_table(files_report()))
 
     entries = tuned_entries(dev)
     console.print(_tuned_table(entries))

@@ -26,6 +26,8 @@ def show(shape: dict, kind: str, dtype: str, config_json: str | None, tokens: in
          capability: int) -> None:
     """Print the generated Triton source of one kernel kind for a layer shape (or, with --resources,
     what its compiled kernels use on a GPU target)."""
+    if tokens is not None and tokens <= 0:
+        raise SpecError(f"--tokens must be a positive token count, got {tokens}")
     spec = spec_from_options(kind, dtype, **shape)
     source = render(spec)
     k = get_kind(kind)

@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from flashmhf.cli.output import add_row, config_text, data_console, data_table
 from flashmhf.cli.spec_options import dtype_option, shape_from_options, shape_options, with_shape
-from flashmhf.codegen import DTYPES, KINDS, Spec, SpecError, format_config
+from flashmhf.codegen import DTYPES, KINDS, Spec, SpecError
 
 GPU_TRIALS = 48
 DEFAULT_KINDS = ("fwd", "fwd_ws", "bwd_dq", "bwd_dq_ws", "bwd_dkuv", "bwd_dkuv_ws", "norm_router", "norm_router_bwd",
@@ -37,26 +37,35 @@ def _choices(text: str, allowed, what: str) -> list[str]:
     return items
 
 
-def _runnable_kinds(text: str | None, console: Console) -> list[str]:
-    """The --kind list. A kind this machine cannot run is an error when named, skipped by default."""
+def _named_kinds(text: str | None) -> list[str] | None:
+    """The kinds named by --kind (None: the defaults); one this machine cannot run is an error."""
     from flashmhf.cache.device import device_info
     from flashmhf.codegen import get_kind
 
-    capability = device_info().cuda_capability
     if text is None:
-        kinds = []
-        for name in DEFAULT_KINDS:
-            why = get_kind(name).unavailable(capability)
-            if why:
-                console.print(f"[dim]Skipping {name}: {why}.[/]")
-            else:
-                kinds.append(name)
-        return kinds
+        return None
     kinds = _choices(text, list(KINDS), "--kind")
+    capability = device_info().cuda_capability
     for name in kinds:
         why = get_kind(name).unavailable(capability)
         if why:
             raise SpecError(f"--kind {name}: this machine cannot run it ({why})")
+    return kinds
+
+
+def _default_kinds(console: Console) -> list[str]:
+    """The default kinds, without those this machine cannot run (said, one line each)."""
+    from flashmhf.cache.device import device_info
+    from flashmhf.codegen import get_kind
+
+    capability = device_info().cuda_capability
+    kinds = []
+    for name in DEFAULT_KINDS:
+        why = get_kind(name).unavailable(capability)
+        if why:
+            console.print(f"[dim]Skipping {name}: {why}.[/]")
+        else:
+            kinds.append(name)
     return kinds
 
 
@@ -77,7 +86,7 @@ def _fitting(specs: list[Spec], named: bool, console: Console) -> list[Spec]:
 
 
 def _buckets(tokens: tuple[int, ...]) -> tuple[int, ...]:
-    from flashmhf_runtime.dispatch import token_bucket
+    from flashmhf.cache.buckets import token_bucket
 
     return tuple(sorted({token_bucket(t) for t in tokens}))
 
@@ -129,13 +138,11 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int | 
     and hosts.
     """
     console = Console(stderr=True, width=max(120, Console(stderr=True).width))
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        raise click.ClickException("tuning needs optuna: pip install 'flashmhf[tune]'") from None
     from flashmhf.cache.paths import user_cache_path
-    from flashmhf.tuner import session
+    from flashmhf.cache.store import TuningCache
+    from flashmhf.codegen import plan
 
+    # Every argument is checked before anything is printed or started.
     if trials is not None and trials <= 0:
         raise SpecError(f"--trials must be positive, got {trials}")
     if time_budget is not None and time_budget <= 0:
@@ -143,15 +150,23 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int | 
     if worker and not storage:
         raise SpecError("--worker joins existing studies: give the shared --storage URL too")
     h, h_kv, d_h, e, d_e, label = shape_from_options(**shape)
-    kind_list = _runnable_kinds(kinds, console)
     dtypes = _choices(dtype, DTYPES, "--dtype")
-    specs = [Spec(k, h, h_kv, d_h, e, d_e, dt) for k in kind_list for dt in dtypes]
-    from flashmhf.codegen import plan
-
-    for s in specs:
-        plan(s)  # validate before anything starts
-    specs = _fitting(specs, kinds is not None, console)
+    token_counts = _int_list(tokens, "--tokens") if tokens else None
+    named = _named_kinds(kinds)
+    for k in named or DEFAULT_KINDS:
+        for dt in dtypes:
+            plan(Spec(k, h, h_kv, d_h, e, d_e, dt))
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise click.ClickException("tuning needs optuna: pip install 'flashmhf[tune]'") from None
     cache_path = cache_path or user_cache_path()
+    TuningCache(cache_path).close()  # a file that cannot be used or written: said now, not after a measurement
+    from flashmhf.tuner import session
+
+    kind_list = named if named is not None else _default_kinds(console)
+    specs = [Spec(k, h, h_kv, d_h, e, d_e, dt) for k in kind_list for dt in dtypes]
+    specs = _fitting(specs, named is not None, console)
     if gpus:
         from flashmhf.tuner import multi
 
@@ -171,7 +186,7 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int | 
         specs = [session.miniature(s) for s in specs]
         label += " (miniature: " + specs[0].label().split(" ", 1)[1] + ")"
     trials = trials or (INTERPRETER_TRIALS if interpreter else GPU_TRIALS)
-    buckets = _buckets(_int_list(tokens, "--tokens")) if tokens else (
+    buckets = _buckets(token_counts) if token_counts else (
         session.INTERPRETER_BUCKETS if interpreter else session.DEFAULT_BUCKETS)
     request = session.Request(
         specs=specs, buckets=buckets, trials=trials, time_budget_s=time_budget, cache_path=cache_path,
@@ -184,16 +199,21 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int | 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[best]}"))
     with Progress(*columns, console=console, transient=False) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, int | None] = {}
 
         def progress(job: str, done: int, goal: int, best_ms: float | None, tf: float | None) -> None:
+            if job not in tasks and done >= goal:
+                console.print(f"{job}: already tuned ({done} results), nothing to do", markup=False)
+                tasks[job] = None
             if job not in tasks:
                 tasks[job] = bar.add_task(job, total=goal, best="")
+            if tasks[job] is None:
+                return
             best = f"best {best_ms:.4f} ms" + (f" ({tf:.0f} TFLOP/s)" if tf and not interpreter else "") \
                 if best_ms else ""
             bar.update(tasks[job], completed=done, total=goal, best=best)
 
-        results = session.run(request, progress)
+        results = session.run(request, progress, say=lambda line: console.print(line, markup=False))
     _print_results(results, interpreter)
 
 
@@ -203,31 +223,31 @@ def _print_cache_results(specs: list[Spec], cache_path: Path) -> None:
     from flashmhf.cache.store import TuningCache
 
     dev = device_info()
-    table = Table("kind", "dtype", "T", "best config", "ms", "trials")
+    table = data_table("kind", "dtype", "T", "best config", "ms", "trials", config_columns=["best config"])
     with TuningCache(cache_path, readonly=True) as cache:
         for s in specs:
             for key, best in cache.best_rows(kind=s.kind, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads,
                                              head_dim=s.head_dim, n_experts=s.n_experts, expert_dim=s.expert_dim,
                                              dtype=s.dtype, device=dev.name):
-                table.add_row(key.kind, key.dtype, str(key.bucket), format_config(best.config),
-                              f"{best.median_ms:.4f}", str(len(cache.trials(key))))
-    Console(width=max(140, Console().width)).print(table)
+                add_row(table, key.kind, key.dtype, key.bucket, config_text(best.config), f"{best.median_ms:.4f}",
+                        len(cache.trials(key)))
+    data_console().print(table)
 
 
 def _print_results(results, interpreter: bool) -> None:
     from flashmhf.codegen import get_kind
 
     unit = "ms (interpreter wall)" if interpreter else "ms"
-    table = Table("kind", "dtype", "T", "best config", unit, "TFLOP/s", "× default", "measured", "space")
+    table = data_table("kind", "dtype", "T", "best config", unit, "TFLOP/s", "× default", "measured", "space",
+                       config_columns=["best config"])
     for r in results:
         k = r.key
         if r.best is None:
-            table.add_row(k.kind, k.dtype, str(k.bucket), "[red]no config passed[/]", "", "", "",
-                          str(r.measured_total), str(r.space_size))
+            add_row(table, k.kind, k.dtype, k.bucket, "no config passed", "", "", "", r.measured_total, r.space_size)
             continue
         flop = get_kind(k.kind).flops(k.spec, k.bucket)
         tf = "—" if interpreter else f"{flop / (r.best.median_ms * 1e-3) / 1e12:.0f}"
         speed = f"{r.speedup_over_default:.2f}" if r.speedup_over_default else "—"
-        table.add_row(k.kind, k.dtype, str(k.bucket), format_config(r.best.config), f"{r.best.median_ms:.4f}", tf,
-                      speed, str(r.measured_total), str(r.space_size) + (" (all)" if r.brute_force else ""))
-    Console(width=max(140, Console().width)).print(table)
+        add_row(table, k.kind, k.dtype, k.bucket, config_text(r.best.config), f"{r.best.median_ms:.4f}", tf,
+                speed, r.measured_total, str(r.space_size) + (" (all)" if r.brute_force else ""))
+    data_console().print(table)

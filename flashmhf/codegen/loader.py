@@ -50,7 +50,8 @@ def load_source(source: str, name_hint: str = "kernel") -> ModuleType:
         path = kernel_dir() / f"{mod_name}.py"
         _write_once(path, source)
         spec = importlib.util.spec_from_file_location(mod_name, path)
-        assert spec is not None and spec.loader is not None
+        if spec is None or spec.loader is None:
+            raise ImportError(f"{path}: cannot be loaded as a Python module")
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module  # Triton's JIT looks kernels' globals up through their module
         spec.loader.exec_module(module)

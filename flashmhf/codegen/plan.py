@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flashmhf.codegen.dtypes import DTYPE_TABLE
 from flashmhf.codegen.kinds import get_kind
 from flashmhf.codegen.kinds.base import is_pow2, next_pow2
 from flashmhf.codegen.spec import Spec, validate_spec
-
-TL_DTYPES = {"bf16": "tl.bfloat16", "fp16": "tl.float16", "fp32": "tl.float32"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,6 @@ def plan(spec: Spec) -> Plan:
         mask_d=not is_pow2(spec.head_dim),
         group=spec.group,
         d_ff=spec.d_ff,
-        tl_dtype=TL_DTYPES[spec.dtype],
+        tl_dtype=DTYPE_TABLE[spec.dtype].triton,
         dot_precision="ieee" if spec.dtype == "fp32" else "tf32",
     )

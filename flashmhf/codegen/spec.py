@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-DTYPES = ("bf16", "fp16", "fp32")
+from flashmhf.codegen.dtypes import DTYPES
 
 
 class SpecError(ValueError):

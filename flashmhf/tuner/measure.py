@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from flashmhf.codegen import Config
 from flashmhf.tuner.harness import Problem
 
-STATUSES = ("ok", "out-of-resources", "compile-error", "crash", "wrong-result")
 # Token counts up to this are launch-bound: time CUDA-graph replays instead of single launches.
 GRAPH_TOKENS = 64
 

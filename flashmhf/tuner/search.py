@@ -378,6 +378,8 @@ class Search:
         study = self._open_study()
         self._sync_from_cache(study)
         n_before = self._measured_in_space()
+        if self.on_measure:  # where this key starts: done already when a run is repeated
+            self.on_measure(None, n_before, self._goal(), self._best_ms())
         brute = len(self.space) <= self.brute_force_up_to
         queue = self._seeds()
         if brute:

@@ -3,7 +3,11 @@ measuring worker, one compile pool, the cache and the Optuna storage, under one 
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,10 +16,10 @@ from pathlib import Path
 import optuna
 
 from flashmhf.cache.device import device_info, interpreting
-from flashmhf.cache.store import TuningCache
+from flashmhf.cache.store import ResultKey, TuningCache
 from flashmhf.codegen import Spec, get_kind
 from flashmhf.tuner.precompile import CompilePool
-from flashmhf.tuner.search import Search, SearchResult
+from flashmhf.tuner.search import Search, SearchResult, study_name
 from flashmhf.tuner.worker import MeasureWorker
 
 DEFAULT_BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384)
@@ -80,8 +84,64 @@ def tunable_jobs(specs: list[Spec], buckets: tuple[int, ...]) -> list[tuple[Spec
 ProgressFn = Callable[[str, int, int, float | None, float | None], None]
 
 
-def run(request: Request, progress: ProgressFn | None = None) -> list[SearchResult]:
-    """Tune every (spec, bucket) of ``request``; ``progress(label, done, goal, best_ms, best_tflops)``."""
+class KeyLock:
+    """An exclusive lock on one key's tuning, shared by every process that tunes into the same cache
+    file: a second `flashmhf tune` of the key waits for the first (then finds it tuned) instead of
+    measuring the same configs again. An advisory ``flock`` on a small file next to the cache: the
+    operating system releases it when its holder exits, however it exits."""
+
+    def __init__(self, cache_path: Path, name: str) -> None:
+        folder = cache_path.with_name(cache_path.name + ".tune-locks")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / (hashlib.sha256(name.encode()).hexdigest()[:24] + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self, wait: bool) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def _ordered_with_locks(jobs: list[tuple[Spec, int]], request: Request, device, say: Callable[[str], None]):
+    """Yield the jobs, each while this process holds its key's lock: first those no other tuner is
+    on, then the others once their tuner is done. Shared studies (--gpus, --worker) divide work by
+    claims instead, and take no lock."""
+    if request.shared:
+        yield from jobs
+        return
+    later = []
+    for spec, bucket in jobs:
+        lock = KeyLock(request.cache_path, study_name(ResultKey.for_spec(spec, bucket, device)))
+        if lock.acquire(wait=False):
+            try:
+                yield spec, bucket
+            finally:
+                lock.release()
+        else:
+            later.append((spec, bucket, lock))
+    for spec, bucket, lock in later:
+        say(f"{spec.label()} T={bucket}: another tuner is on it; waiting for it to finish")
+        lock.acquire(wait=True)
+        try:
+            yield spec, bucket
+        finally:
+            lock.release()
+
+
+def run(request: Request, progress: ProgressFn | None = None, say: Callable[[str], None] | None = None
+        ) -> list[SearchResult]:
+    """Tune every (spec, bucket) of ``request``; ``progress(label, done, goal, best_ms, best_tflops)``;
+    ``say(line)`` for notes such as waiting for another tuner of the same key (default: stderr)."""
     device = device_info()
     cache = TuningCache(request.cache_path)
     storage = open_storage(request.storage_url, request.cache_path)
@@ -91,13 +151,14 @@ def run(request: Request, progress: ProgressFn | None = None) -> list[SearchResu
     if not interpreting() and request.compile_workers != 0:
         pool = CompilePool(request.compile_workers)
     results: list[SearchResult] = []
+    say = say or (lambda line: print(line, file=sys.stderr))
     try:
         with MeasureWorker(isolate=request.isolate) as worker:
             # The worker's start-up is part of the budget but not of the first key's share: each key
             # gets an equal part of what is left after it (before this, a short budget could leave
             # the first key with only its default measured).
             worker.warm_up()
-            for i, (spec, bucket) in enumerate(jobs):
+            for i, (spec, bucket) in enumerate(_ordered_with_locks(jobs, request, device, say)):
                 # Past the deadline a job still measures its default (Search guarantees one result
                 # per key), so a spent budget leaves every key with a result, not just the first ones.
                 now = time.monotonic()
@@ -115,7 +176,6 @@ def run(request: Request, progress: ProgressFn | None = None) -> list[SearchResu
                     deadline=now + share, seed=None if request.seed is None else request.seed + i,
                     shared=request.shared, on_measure=report, compile_pool=pool, seed_caches=request.seed_caches,
                 )
-                report(None, search._measured_in_space(), search._goal(), None)
                 results.append(search.run())
             for spec in request.specs:
                 cache.record_source(spec)  # for inspection only; never executed
@@ -129,8 +189,6 @@ def run(request: Request, progress: ProgressFn | None = None) -> list[SearchResu
 
 def _forget_runtime_choices() -> None:
     """New results are in the cache: a runtime in this process must look them up again."""
-    from flashmhf.cache import lookup
-    from flashmhf_runtime import dispatch
+    import flashmhf_runtime
 
-    lookup.invalidate()
-    dispatch.reset()
+    flashmhf_runtime.reset()

@@ -23,6 +23,7 @@ def _child(conn: Connection, env: dict[str, str]) -> None:
 
     interpreter = interpreting()
     device = "cpu" if interpreter else "cuda"
+    _initialise_device(interpreter)  # every child, restarted ones too: before anything prints mid-run
     current = None
     problem = None
     while True:
@@ -33,7 +34,6 @@ def _child(conn: Connection, env: dict[str, str]) -> None:
         if msg is None:
             return
         if msg == WARM_UP:
-            _initialise_device(interpreter)
             conn.send(WARM_UP)
             continue
         spec, tokens, seed, config = msg
@@ -51,11 +51,16 @@ WARM_UP = "warm-up"
 
 
 def _initialise_device(interpreter: bool) -> None:
-    """The one-time costs of a fresh process: torch and the measuring code imported, CUDA initialised."""
+    """The one-time costs of a fresh process: torch and the measuring code imported, CUDA initialised
+    with its context current and a cuBLAS handle made (else the first reference matmul warns
+    "Attempting to run cuBLAS, but there was no current CUDA context" in the middle of the progress)."""
     import torch
 
     if not interpreter:
+        torch.cuda.init()
         torch.empty(1, device="cuda")
+        torch.cuda.current_blas_handle()
+        torch.cuda.synchronize()
 
 
 class MeasureWorker:

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from flashmhf.codegen.dtypes import DTYPE_BYTES  # noqa: F401 - kinds import it from here
 from flashmhf.codegen.spec import Spec
 
 # Hopper: 227 KiB of shared memory per block, 64K 32-bit registers per SM.
 SMEM_BYTES = 232_448
 MAX_REGS_PER_THREAD = 255
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 Config = dict[str, int]
 
@@ -130,11 +130,18 @@ def first_accepted(
     for c in candidates:
         if reject(spec, c, None) is None:
             return c
-    raise AssertionError(f"no default fits {spec.label()}")  # unreachable for validated specs
+    from flashmhf.codegen.spec import SpecError
+
+    raise SpecError(f"no config of kind {spec.kind} fits {spec.label()}")
 
 
 def format_config(config: Config) -> str:
     return ",".join(f"{k}={v}" for k, v in config.items())
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling of a / b for positive b."""
+    return -(-a // b)
 
 
 def is_pow2(n: int) -> bool:

@@ -9,10 +9,6 @@ from flashmhf.codegen.spec import Spec
 REG_OVERHEAD = 40
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def block_f_choices(spec: Spec) -> tuple[int, ...]:
     """d_ff tile sizes that divide d_e (a tile must stay inside one sub-network), largest first."""
     return tuple(bf for bf in (64, 32, 16) if spec.expert_dim % bf == 0)

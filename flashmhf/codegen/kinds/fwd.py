@@ -14,6 +14,7 @@ from flashmhf.codegen.kinds.base import (
     Config,
     KernelKind,
     Param,
+    cdiv,
     first_accepted,
     next_pow2,
 )
@@ -26,10 +27,6 @@ FULL_GRID_PROGRAMS = 100
 # TMA descriptors are built on the host per call and the direct launch path does not take them, so
 # below this many tokens (where host time per call matters) the forward reads K/U/V through pointers.
 TMA_MIN_TOKENS = 1024
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def estimate_smem(spec: Spec, c: Config) -> int:
@@ -64,7 +61,7 @@ def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
         rows = tokens * spec.group
         if bm > max(16, next_pow2(rows)):
             return f"block_m={bm} is larger than the {rows} rows it would cover"
-        programs = _cdiv(rows, bm) * spec.n_kv_heads
+        programs = cdiv(rows, bm) * spec.n_kv_heads
         if split > 1 and programs * split > 2 * SPLIT_TARGET_PROGRAMS:
             return f"split={split} with {programs} programs already: splitting d_ff only adds traffic"
     return None
@@ -76,7 +73,7 @@ def default(spec: Spec, tokens: int) -> Config:
     rows = max(tokens, 1) * spec.group
     block_m = min(128, max(16, next_pow2(rows)))
     block_f = 64 if spec.expert_dim % 64 == 0 else (32 if spec.expert_dim % 32 == 0 else 16)
-    programs = _cdiv(rows, block_m) * spec.n_kv_heads
+    programs = cdiv(rows, block_m) * spec.n_kv_heads
     split = 1
     n_ftiles = spec.d_ff // block_f
     while programs < FULL_GRID_PROGRAMS and programs * split * 2 <= SPLIT_TARGET_PROGRAMS and split * 2 <= n_ftiles:
