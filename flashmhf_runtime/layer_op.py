@@ -119,6 +119,10 @@ def _launch(spec_key: tuple, n_tokens: int, device_index: int | None, eps: float
         _direct[key] = DirectLauncher(module, module.contiguous_plan(n_tokens, eps, **config), device_index)
 
 
+def _fp32(*tensors) -> tuple:
+    return tuple(None if t is None else op._fp32(t) for t in tensors)
+
+
 def _shape_key(dims: tuple, dtype: torch.dtype) -> tuple:
     return (*dims, DTYPE_NAMES[dtype])
 
@@ -174,6 +178,8 @@ def layer_core_forward(q, norm_w, w_r, k, u, v, eps: float = HEAD_NORM_EPS) -> t
     if not op.uses_kernels(q.device):
         qn, r, *_ = _norm_router_reference(q.unflatten(-1, (n_heads, head_dim)), norm_w, w_r, eps)
         return op.core_forward(qn, k, u, v, r, None).reshape(q.shape)
+    if op._widened_in_interpreter(q):  # the interpreter's bf16 is wrong: run fp32, cast back
+        return layer_core_forward(*_fp32(q, norm_w, w_r, k, u, v), eps).to(q.dtype)
     q3 = _rows(q, n_heads, head_dim)
     shape_key = _shape_key(dims, q.dtype)
     qn, r = _norm_router_kernel(q3, norm_w, w_r, eps, shape_key)
@@ -216,6 +222,9 @@ def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS,
     empty = functools.partial(torch.empty, 0, device=q.device)
     if not op.uses_kernels(q.device):
         return _reference_backward(q, norm_w, w_r, k, u, v, ds, eps, need_q_side, need_dkuv, dims)
+    if op._widened_in_interpreter(q):  # the interpreter's bf16 is wrong: run fp32, cast back
+        grads = layer_core_backward(*_fp32(q, norm_w, w_r, k, u, v, ds), eps, need_q_side, need_dkuv)
+        return tuple(g.to(q.dtype) for g in grads)
     q3, ds3 = _rows(q, n_heads, head_dim), _rows(ds, n_heads, head_dim)
     shape_key = _shape_key(dims, q.dtype)
     qn, r = _norm_router_kernel(q3, norm_w, w_r, eps, shape_key)

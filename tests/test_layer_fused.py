@@ -274,3 +274,4 @@ def test_head_parallel_dtensors_run_the_kernels_on_local_shards(tmp_path):
             assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6), name
     finally:
         dist.destroy_process_group()
+
