@@ -13,8 +13,9 @@ import warnings
 from collections.abc import Callable
 
 from flashmhf.cache import lookup
-from flashmhf.cache.device import DeviceInfo, device_info
+from flashmhf.cache.device import DeviceInfo, device_arch, device_info
 from flashmhf.codegen import Config, Spec, SpecError, format_config, get_kind, load
+from flashmhf.codegen.arch import DEFAULT_ARCH, Arch, arch_for_capability
 
 log = logging.getLogger("flashmhf.dispatch")
 
@@ -40,10 +41,12 @@ def tune_command(spec: Spec, bucket: int) -> str:
     )
 
 
-def choose_config(spec: Spec, tokens: int, device: DeviceInfo) -> tuple[Config, str]:
-    """The tuned config for this key if one is cached, else the heuristic default (warning once)."""
+def choose_config(spec: Spec, tokens: int, device: DeviceInfo, arch: Arch | None = None) -> tuple[Config, str]:
+    """The tuned config for this key if one is cached, else the heuristic default for ``arch``
+    (default: the table's row for the device's capability), warning once."""
+    arch = arch or arch_for_capability(device.cuda_capability)
     bucket = token_bucket(tokens)
-    found = lookup.find_config(spec, bucket, device)
+    found = lookup.find_config(spec, bucket, device, arch)
     if found is not None:
         return found
     key = (spec, device.name)
@@ -52,19 +55,21 @@ def choose_config(spec: Spec, tokens: int, device: DeviceInfo) -> tuple[Config, 
         if not device.name.startswith("triton-interpreter"):
             warnings.warn(
                 f"flashmhf: no tuned {spec.kind} kernel for {spec.label()} on {device.name}; using a default "
-                f"config. Tune it with: {tune_command(spec, bucket)}",
+                f"config for {arch.name}. Tune it with: {tune_command(spec, bucket)}",
                 stacklevel=4,
             )
-    return get_kind(spec.kind).default(spec, bucket), "default"
+    return get_kind(spec.kind).default(spec, bucket, arch), "default"
 
 
 def _bind(spec: Spec, config: Config) -> Launcher:
     return functools.partial(load(spec).launch, **config)
 
 
-def _first_launch(key: tuple, spec: Spec, tokens: int, device: DeviceInfo, args: tuple) -> object:
+def _first_launch(key: tuple, spec: Spec, tokens: int, device_index: int | None, args: tuple) -> object:
     """Slow path of the first call for a key: choose, compile, and demote a cached config that fails."""
-    config, source = choose_config(spec, tokens, device)
+    device = device_info(device_index)
+    arch = device_arch(device_index)
+    config, source = choose_config(spec, tokens, device, arch)
     launcher = _bind(spec, config)
     try:
         result = launcher(*args)
@@ -77,7 +82,7 @@ def _first_launch(key: tuple, spec: Spec, tokens: int, device: DeviceInfo, args:
             stacklevel=3,
         )
         lookup.demote(spec, token_bucket(tokens), device, config, repr(exc))
-        config, source = get_kind(spec.kind).default(spec, token_bucket(tokens)), "default (cached demoted)"
+        config, source = get_kind(spec.kind).default(spec, token_bucket(tokens), arch), "default (cached demoted)"
         launcher = _bind(spec, config)
         result = launcher(*args)
     log.debug("%s tokens=%d: config %s from %s", spec.label(), tokens, format_config(config), source)
@@ -94,7 +99,7 @@ def launch(spec_key: tuple, tokens: int, device_index: int | None, *args) -> obj
     if launcher is not None:
         return launcher(*args)
     spec = Spec(*spec_key)
-    return _first_launch(key, spec, tokens, device_info(device_index), args)
+    return _first_launch(key, spec, tokens, device_index, args)
 
 
 def memoised_config(spec_key: tuple, tokens: int, device_index: int | None) -> Config | None:
@@ -105,18 +110,18 @@ def memoised_config(spec_key: tuple, tokens: int, device_index: int | None) -> C
 
 
 @functools.lru_cache(maxsize=256)
-def _explicit_launcher(spec: Spec, items: tuple[tuple[str, int], ...]) -> Launcher:
+def _explicit_launcher(spec: Spec, items: tuple[tuple[str, int], ...], arch: Arch) -> Launcher:
     config = dict(items)
-    get_kind(spec.kind).check_config(spec, config)
+    get_kind(spec.kind).check_config(spec, config, None, arch)
     return _bind(spec, config)
 
 
-def launch_with_config(spec_key: tuple, config: Config, *args) -> object:
-    """Launch with an explicit config (validated once per distinct config)."""
+def launch_with_config(spec_key: tuple, config: Config, *args, arch: Arch = DEFAULT_ARCH) -> object:
+    """Launch with an explicit config (validated for ``arch`` once per distinct config)."""
     try:
         spec = Spec(*spec_key)
         config = get_kind(spec.kind).complete(config)  # a config pinned before a param existed
-        launcher = _explicit_launcher(spec, tuple(sorted(config.items())))
+        launcher = _explicit_launcher(spec, tuple(sorted(config.items())), arch)
     except SpecError as exc:
         raise ValueError(f"config: {exc}") from None
     return launcher(*args)

@@ -27,17 +27,16 @@ def test_space_and_default():
 
 
 def test_op_picks_it_from_1024_tokens_on_hopper_only(monkeypatch):
+    from flashmhf.codegen.kinds import DQ
+
     cuda = torch.device("cuda", 0)
     key = (*REPO_13B, "bf16")
     pretend_gpu(monkeypatch, op, "9.0")
-    try:
-        assert op.dq_kind(key, 4096, cuda) == "bwd_dq_ws"
-        assert op.dq_kind(key, 77, cuda) == "bwd_dq"
-        assert op.dq_kind((*REPO_13B, "fp32"), 4096, cuda) == "bwd_dq"
-        monkeypatch.setattr(op, "WARP_SPECIALIZED_DQ", False)
-        assert op.dq_kind(key, 4096, cuda) == "bwd_dq"
-    finally:
-        op._warp_specialized_runs.cache_clear()
+    assert op.kind_for(DQ, key, 4096, cuda) == "bwd_dq_ws"
+    assert op.kind_for(DQ, key, 77, cuda) == "bwd_dq"
+    assert op.kind_for(DQ, (*REPO_13B, "fp32"), 4096, cuda) == "bwd_dq"
+    monkeypatch.setattr(op, "DISABLED_KINDS", {"bwd_dq_ws"})
+    assert op.kind_for(DQ, key, 4096, cuda) == "bwd_dq"
 
 
 @pytest.mark.gpu

@@ -8,6 +8,7 @@ import click
 
 from flashmhf.cli.spec_options import dtype_option, kind_choices, shape_options, spec_from_options, with_shape
 from flashmhf.codegen import SpecError, format_config, get_kind, render
+from flashmhf.codegen.arch import arch_for_capability
 
 
 @click.command()
@@ -20,7 +21,8 @@ from flashmhf.codegen import SpecError, format_config, get_kind, render
               help="instead of the source: compile for a GPU (no GPU needed) and report registers, spills, "
                    "shared memory, tensor-core instructions and special-function (MUFU) instructions per kernel")
 @click.option("--capability", type=int, default=90, show_default=True,
-              help="with --resources: target compute capability (90 = H100/H200, 80 = A100)")
+              help="target compute capability: the default config and the checks are for it, and with "
+                   "--resources the compile (90 = H100/H200, 89 = L4/L40, 86 = A10, 80 = A100)")
 @with_shape
 def show(shape: dict, kind: str, dtype: str, config_json: str | None, tokens: int | None, resources: bool,
          capability: int) -> None:
@@ -29,6 +31,7 @@ def show(shape: dict, kind: str, dtype: str, config_json: str | None, tokens: in
     spec = spec_from_options(kind, dtype, **shape)
     source = render(spec)
     k = get_kind(kind)
+    arch = arch_for_capability(capability)
     if config_json:
         try:
             config = json.loads(config_json)
@@ -36,11 +39,11 @@ def show(shape: dict, kind: str, dtype: str, config_json: str | None, tokens: in
             raise SpecError(f"--config is not valid JSON: {exc.msg}") from None
         if not isinstance(config, dict):
             raise SpecError("--config must be a JSON object of config values")
-        k.check_config(spec, config, tokens)
-        note = f"# launch config (checked): {format_config(config)}\n"
+        k.check_config(spec, config, tokens, arch)
+        note = f"# launch config (checked for {arch.name}): {format_config(config)}\n"
     else:
-        config = k.default(spec, tokens or 1)
-        note = f"# default launch config at {tokens or 1} tokens: {format_config(config)}\n"
+        config = k.default(spec, tokens or 1, arch)
+        note = f"# default launch config at {tokens or 1} tokens on {arch.name}: {format_config(config)}\n"
     if resources:
         _print_resources(spec, config, tokens or 4096, capability)
         return

@@ -12,9 +12,9 @@ from rich.table import Table
 
 from flashmhf.cli.spec_options import dtype_option, shape_from_options, shape_options, with_shape
 from flashmhf.codegen import DTYPES, KINDS, Spec, SpecError, format_config
+from flashmhf.codegen.spec import kernel_dims
 
 GPU_TRIALS = 48
-DEFAULT_KINDS = ("fwd", "fwd_ws", "bwd_dq", "bwd_dq_ws", "bwd_dkuv", "bwd_dkuv_ws")
 INTERPRETER_TRIALS = 8  # the interpreter is slow: enough to exercise the pipeline end to end
 
 
@@ -38,14 +38,14 @@ def _choices(text: str, allowed, what: str) -> list[str]:
 
 def _runnable_kinds(text: str | None, console: Console) -> list[str]:
     """The --kind list. A kind this machine cannot run is an error when named, skipped by default."""
-    from flashmhf.cache.device import device_info
-    from flashmhf.codegen import get_kind
+    from flashmhf.cache.device import device_arch
+    from flashmhf.codegen import get_kind, registry
 
-    capability = device_info().cuda_capability
+    arch = device_arch()
     if text is None:
         kinds = []
-        for name in DEFAULT_KINDS:
-            why = get_kind(name).unavailable(capability)
+        for name in registry.default_kinds():
+            why = get_kind(name).unavailable(arch)
             if why:
                 console.print(f"[dim]Skipping {name}: {why}.[/]")
             else:
@@ -53,7 +53,7 @@ def _runnable_kinds(text: str | None, console: Console) -> list[str]:
         return kinds
     kinds = _choices(text, list(KINDS), "--kind")
     for name in kinds:
-        why = get_kind(name).unavailable(capability)
+        why = get_kind(name).unavailable(arch)
         if why:
             raise SpecError(f"--kind {name}: this machine cannot run it ({why})")
     return kinds
@@ -61,11 +61,13 @@ def _runnable_kinds(text: str | None, console: Console) -> list[str]:
 
 def _fitting(specs: list[Spec], named: bool, console: Console) -> list[Spec]:
     """Drop the specs whose kind cannot take the layer shape (an error when the kind was named)."""
+    from flashmhf.cache.device import device_arch
     from flashmhf.codegen import get_kind
 
+    arch = device_arch()
     kept = []
     for s in specs:
-        why = get_kind(s.kind).shape_reason(s)
+        why = get_kind(s.kind).shape_reason(s, arch)
         if why and named:
             raise SpecError(why)
         if why:
@@ -101,8 +103,8 @@ def _use_interpreter_if_no_gpu(console: Console) -> bool:
 @click.option("--tokens", default=None, help="comma list of token counts (rounded up to power-of-two buckets) "
               "[default: 1,16,64,256,1024,4096,16384; 1,16 without a GPU]")
 @click.option("--kind", "kinds", default=None,
-              help=f"comma list of kernel kinds ({', '.join(KINDS)}) [default: {','.join(DEFAULT_KINDS)}, "
-              "without those this machine cannot run]")
+              help=f"comma list of kernel kinds ({', '.join(KINDS)}) [default: the kinds of the roles the "
+              "runtime runs, without those this machine cannot run]")
 @dtype_option(multiple=True)
 @click.option("--trials", type=int, default=None,
               help="distinct configs measured per (kind, bucket), earlier runs included [default: 48; 8 without a GPU]")
@@ -142,6 +144,10 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int | 
     if worker and not storage:
         raise SpecError("--worker joins existing studies: give the shared --storage URL too")
     h, h_kv, d_h, e, d_e, label = shape_from_options(**shape)
+    if kernel_dims(d_h, d_e) != (d_h, d_e):
+        d_h, d_e = kernel_dims(d_h, d_e)
+        console.print(f"[dim]The layer runs on kernels for d_h={d_h}, d_e={d_e} (its tensors zero-padded): "
+                      "tuning those.[/]")
     kind_list = _runnable_kinds(kinds, console)
     dtypes = _choices(dtype, DTYPES, "--dtype")
     specs = [Spec(k, h, h_kv, d_h, e, d_e, dt) for k in kind_list for dt in dtypes]

@@ -1,5 +1,6 @@
 """One tuning problem: fresh random inputs for a kernel kind at a token count, its float64 reference,
-and how to launch and check a config on them. Each kind registers a builder here."""
+and how to launch and check a config on them. Each role (``flashmhf.codegen.kinds.Role``) registers a
+builder here; every kind of the role launches on the same arguments and writes the same outputs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from flashmhf.checks import TORCH_DTYPES, core_inputs, reference_f64, reference_grads_f64, rel_error
-from flashmhf.codegen import Config, Spec, load
+from flashmhf.codegen import Config, Spec, get_kind, load
+from flashmhf.codegen.kinds import BACKWARD, DKUV, DQ, FORWARD, Role
 
 TOLERANCE = {"bf16": 1e-2, "fp16": 3e-3, "fp32": 1e-4}
 # Gradients go through one more rounding (ds and the recomputed activations): DESIGN's training limits.
@@ -26,8 +28,7 @@ class Problem:
 
     @property
     def tolerance(self) -> float:
-        table = TOLERANCE if self.spec.kind.startswith("fwd") else GRAD_TOLERANCE
-        return table[self.spec.dtype]
+        return (GRAD_TOLERANCE if get_kind(self.spec.kind).role.gradient else TOLERANCE)[self.spec.dtype]
 
     def run(self, config: Config) -> object:
         return load(self.spec).launch(*self.args, **config)
@@ -41,27 +42,28 @@ class Problem:
 
 
 Builder = Callable[[Spec, int, str, int, bool], Problem]
-BUILDERS: dict[str, Builder] = {}
+BUILDERS: dict[str, Builder] = {}  # role name -> builder
 
 
-def builder(kind: str) -> Callable[[Builder], Builder]:
+def builder(role: Role) -> Callable[[Builder], Builder]:
     def register(fn: Builder) -> Builder:
-        BUILDERS[kind] = fn
+        BUILDERS[role.name] = fn
         return fn
 
     return register
 
 
 def make_problem(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool = True) -> Problem:
+    role = get_kind(spec.kind).role
     try:
-        build = BUILDERS[spec.kind]
+        build = BUILDERS[role.name]
     except KeyError:
-        raise ValueError(f"kind: the tuner has no harness for {spec.kind!r} (known: {', '.join(BUILDERS)})") from None
+        raise ValueError(f"kind: the tuner has no harness for {spec.kind!r} (role {role.name}; roles with one: "
+                         f"{', '.join(BUILDERS)})") from None
     return build(spec, tokens, device, seed, with_reference)
 
 
-@builder("fwd_ws")
-@builder("fwd")
+@builder(FORWARD)
 def _fwd(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
     q, k, u, v, r = core_inputs(spec, tokens, TORCH_DTYPES[spec.dtype], device, seed)
     out = torch.full_like(q, float("nan"))
@@ -77,23 +79,21 @@ def _backward_inputs(spec: Spec, tokens: int, device: str, seed: int, with_refer
     return (q, k, u, v, r, ds), ref
 
 
-@builder("bwd_dq_ws")
-@builder("bwd_dq")
+@builder(DQ)
 def _bwd_dq(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
     (q, k, u, v, r, ds), ref = _backward_inputs(spec, tokens, device, seed, with_reference)
     dq, dr = torch.full_like(q, float("nan")), torch.full_like(r, float("nan"))
     return Problem(spec, tokens, (q, k, u, v, r, ds, dq, dr), [dq, dr], [ref[0], ref[4]] if ref else [])
 
 
-@builder("bwd_dkuv_ws")
-@builder("bwd_dkuv")
+@builder(DKUV)
 def _bwd_dkuv(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
     (q, k, u, v, r, ds), ref = _backward_inputs(spec, tokens, device, seed, with_reference)
     dk, du, dv = (torch.full_like(k, float("nan")) for _ in range(3))
     return Problem(spec, tokens, (q, k, u, v, r, ds, dk, du, dv), [dk, du, dv], list(ref[1:4]) if ref else [])
 
 
-@builder("bwd_fused")
+@builder(BACKWARD)
 def _bwd_fused(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
     (q, k, u, v, r, ds), ref = _backward_inputs(spec, tokens, device, seed, with_reference)
     dq, dr = torch.full_like(q, float("nan")), torch.full_like(r, float("nan"))

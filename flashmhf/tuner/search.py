@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from flashmhf.cache.device import DeviceInfo
 from flashmhf.cache.store import ResultKey, Trial, TuningCache, canonical_config
 from flashmhf.codegen import Config, KernelKind, Spec, get_kind
+from flashmhf.codegen.arch import Arch, arch_for_capability
 from flashmhf.tuner.measure import Measurement
 from flashmhf.tuner.precompile import CompilePool
 from flashmhf.tuner.worker import MeasureWorker
@@ -106,8 +107,11 @@ class Search:
         use_cache_measurements: bool = True,
         compile_pool: CompilePool | None = None,
         batch: int | None = None,
+        arch: Arch | None = None,
     ) -> None:
         self.spec, self.bucket, self.device = spec, bucket, device
+        # What the space is pruned for and the default chosen for: the device's (its table row by default).
+        self.arch = arch or arch_for_capability(device.cuda_capability)
         self.kind = get_kind(spec.kind)
         self.key = ResultKey.for_spec(spec, bucket, device)
         self.cache, self.storage, self.worker = cache, storage, worker
@@ -126,7 +130,7 @@ class Search:
         # Set by `tune --gpus` for each worker, so the parent can fail the trials of a worker that dies.
         self.worker_tag = os.environ.get("FLASHMHF_WORKER_TAG", "")
         self.claim_id = f"{self.worker_tag}|{self.worker_id}"
-        self.space = list(self.kind.space(spec, bucket))
+        self.space = list(self.kind.space(spec, bucket, self.arch))
         self.space_keys = {canonical_config(c) for c in self.space}
         self.measured: dict[str, Trial | Measurement] = {}
         self.elsewhere: dict[str, float | None] = {}  # shared study: configs other workers took (ms or None)
@@ -249,7 +253,7 @@ class Search:
         return self._measured_in_space() >= self._goal() or time.monotonic() >= self.deadline
 
     def _seeds(self) -> list[Config]:
-        seeds = [self.kind.default(self.spec, self.bucket), *self.extra_seeds]
+        seeds = [self.kind.default(self.spec, self.bucket, self.arch), *self.extra_seeds]
         seeds += [self.kind.complete(s) for s in neighbour_seeds(self.cache, self.key)]
         out, seen = [], set()
         for s in seeds:
@@ -356,7 +360,7 @@ class Search:
 
     def _result(self, n_before: int, brute: bool, wall: float) -> SearchResult:
         best = self.cache.best(self.key)
-        default = self.kind.default(self.spec, self.bucket)
+        default = self.kind.default(self.spec, self.bucket, self.arch)
         d = self.measured.get(canonical_config(default))
         default_ms = d.median_ms if d is not None and d.status == "ok" else None
         within = None

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import optuna
 
-from flashmhf.cache.device import device_info, interpreting
+from flashmhf.cache.device import device_arch, device_info, interpreting
 from flashmhf.cache.store import TuningCache
 from flashmhf.codegen import Spec, get_kind
+from flashmhf.codegen.arch import Arch
 from flashmhf.tuner.precompile import CompilePool
 from flashmhf.tuner.search import Search, SearchResult
 from flashmhf.tuner.worker import MeasureWorker
@@ -70,10 +71,10 @@ class Request:
     compile_workers: int | None = None  # parallel compile processes (GPU only); 0 disables
 
 
-def tunable_jobs(specs: list[Spec], buckets: tuple[int, ...]) -> list[tuple[Spec, int]]:
-    """Every (spec, bucket) whose kind has a config for that token count (fwd_ws, for one, leaves
-    small token counts to fwd): the rest have nothing to tune."""
-    return [(s, b) for s in specs for b in buckets if next(get_kind(s.kind).space(s, b), None) is not None]
+def tunable_jobs(specs: list[Spec], buckets: tuple[int, ...], arch: Arch) -> list[tuple[Spec, int]]:
+    """Every (spec, bucket) whose kind has a config for that token count on ``arch`` (fwd_ws, for one,
+    leaves small token counts to fwd): the rest have nothing to tune."""
+    return [(s, b) for s in specs for b in buckets if next(get_kind(s.kind).space(s, b, arch), None) is not None]
 
 
 ProgressFn = Callable[[str, int, int, float | None, float | None], None]
@@ -81,10 +82,10 @@ ProgressFn = Callable[[str, int, int, float | None, float | None], None]
 
 def run(request: Request, progress: ProgressFn | None = None) -> list[SearchResult]:
     """Tune every (spec, bucket) of ``request``; ``progress(label, done, goal, best_ms, best_tflops)``."""
-    device = device_info()
+    device, arch = device_info(), device_arch()
     cache = TuningCache(request.cache_path)
     storage = open_storage(request.storage_url, request.cache_path)
-    jobs = tunable_jobs(request.specs, request.buckets)
+    jobs = tunable_jobs(request.specs, request.buckets, arch)
     deadline = time.monotonic() + (request.time_budget_s if request.time_budget_s else math.inf)
     pool = None
     if not interpreting() and request.compile_workers != 0:
@@ -112,7 +113,7 @@ def run(request: Request, progress: ProgressFn | None = None) -> list[SearchResu
                 search = Search(
                     spec, bucket, device, cache, storage, worker, trials=request.trials,
                     deadline=now + share, seed=None if request.seed is None else request.seed + i,
-                    shared=request.shared, on_measure=report, compile_pool=pool,
+                    shared=request.shared, on_measure=report, compile_pool=pool, arch=arch,
                 )
                 report(None, search._measured_in_space(), search._goal(), None)
                 results.append(search.run())

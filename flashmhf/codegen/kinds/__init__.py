@@ -1,8 +1,10 @@
-"""Registry of kernel kinds. Each kind lives in its own module next to its template's name."""
+"""Registry of kernel kinds. Each kind lives in its own module next to its template's name and
+declares its role, needs, minimum tokens and fallback there; adding a kind is its module, its
+template and one entry of ``_REGISTERED`` (``flashmhf.codegen.registry`` chooses among them)."""
 
 from __future__ import annotations
 
-from flashmhf.codegen.kinds.base import Config, KernelKind, Param, format_config
+from flashmhf.codegen.kinds.base import BACKWARD, DKUV, DQ, FORWARD, Config, KernelKind, Param, Role, format_config
 from flashmhf.codegen.kinds.bwd_dkuv import BWD_DKUV
 from flashmhf.codegen.kinds.bwd_dkuv_ws import BWD_DKUV_WS
 from flashmhf.codegen.kinds.bwd_dq import BWD_DQ
@@ -11,7 +13,10 @@ from flashmhf.codegen.kinds.bwd_fused import BWD_FUSED
 from flashmhf.codegen.kinds.fwd import FWD
 from flashmhf.codegen.kinds.fwd_ws import FWD_WS
 
-KINDS: dict[str, KernelKind] = {k.name: k for k in (FWD, FWD_WS, BWD_DQ, BWD_DQ_WS, BWD_DKUV, BWD_DKUV_WS, BWD_FUSED)}
+# Within a role the runtime prefers the kinds no other kind falls back to (in this order), then their
+# fallbacks.
+_REGISTERED = (FWD, FWD_WS, BWD_DQ, BWD_DQ_WS, BWD_DKUV, BWD_DKUV_WS, BWD_FUSED)
+KINDS: dict[str, KernelKind] = {k.name: k for k in _REGISTERED}
 
 
 def get_kind(name: str) -> KernelKind:
@@ -23,4 +28,5 @@ def get_kind(name: str) -> KernelKind:
         raise SpecError(f"kind must be one of {', '.join(KINDS)}, got {name!r}") from None
 
 
-__all__ = ["KINDS", "Config", "KernelKind", "Param", "format_config", "get_kind"]
+__all__ = ["BACKWARD", "DKUV", "DQ", "FORWARD", "KINDS", "Config", "KernelKind", "Param", "Role", "format_config",
+           "get_kind"]
