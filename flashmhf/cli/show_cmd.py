@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import click
 
 from flashmhf.cli.spec_options import dtype_option, kind_choices, shape_options, spec_from_options, with_shape
 from flashmhf.codegen import SpecError, format_config, get_kind, render
 from flashmhf.codegen.arch import arch_for_capability
+from flashmhf.codegen.spec import kernel_dims
 
 
 @click.command()
@@ -29,6 +31,12 @@ def show(shape: dict, kind: str, dtype: str, config_json: str | None, tokens: in
     """Print the generated Triton source of one kernel kind for a layer shape (or, with --resources,
     what its compiled kernels use on a GPU target)."""
     spec = spec_from_options(kind, dtype, **shape)
+    padded = replace(spec, **dict(zip(("head_dim", "expert_dim"), kernel_dims(spec.head_dim, spec.expert_dim))))
+    note = ""
+    if padded != spec:  # the kernel that runs this layer, on zero-padded tensors
+        note = (f"# the layer (d_h={spec.head_dim}, d_e={spec.expert_dim}) runs on this kernel for "
+                f"d_h={padded.head_dim}, d_e={padded.expert_dim}, its tensors zero-padded\n")
+        spec = padded
     source = render(spec)
     k = get_kind(kind)
     arch = arch_for_capability(capability)
@@ -40,10 +48,10 @@ def show(shape: dict, kind: str, dtype: str, config_json: str | None, tokens: in
         if not isinstance(config, dict):
             raise SpecError("--config must be a JSON object of config values")
         k.check_config(spec, config, tokens, arch)
-        note = f"# launch config (checked for {arch.name}): {format_config(config)}\n"
+        note += f"# launch config (checked for {arch.name}): {format_config(config)}\n"
     else:
         config = k.default(spec, tokens or 1, arch)
-        note = f"# default launch config at {tokens or 1} tokens on {arch.name}: {format_config(config)}\n"
+        note += f"# default launch config at {tokens or 1} tokens on {arch.name}: {format_config(config)}\n"
     if resources:
         _print_resources(spec, config, tokens or 4096, capability)
         return

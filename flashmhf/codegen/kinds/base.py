@@ -21,7 +21,8 @@ Config = dict[str, int]
 @dataclass(frozen=True)
 class Role:
     """What a kind computes. The runtime runs, for each role it needs, the first kind of that role
-    that can run (see ``flashmhf.codegen.registry``); the tuner's harness builds one problem per role."""
+    that can run (see ``flashmhf.codegen.registry``); the tuner's harness builds one problem per role
+    (``flashmhf.tuner.harness.builder``), so a kind of a new role brings its role here and a builder."""
 
     name: str
     computes: str  # for help texts
