@@ -3,7 +3,7 @@
 A kind's constraints and defaults read their limits from here (shared memory per block, registers,
 which instructions exist), so adding a GPU generation is one row of :data:`ARCHS`. At run time the
 numbers a device reports about itself (``torch.cuda.get_device_properties``) replace the row's
-(:func:`arch_for_device`, in ``flashmhf.cache.device``, which knows about torch); the row fills in the
+(``device_arch`` in ``flashmhf.cache.device``, which knows about torch); the row fills in the
 rest. A GPU newer than every row, or between rows, gets the nearest older row and one warning.
 
 The Triton CPU interpreter is a row too (:data:`INTERPRETER`): it has no resource limits worth the
@@ -43,14 +43,6 @@ class Arch:
     @property
     def is_interpreter(self) -> bool:
         return self.capability is None
-
-    @property
-    def ptxas_arch(self) -> str:
-        """The ``-arch`` ptxas compiles this target for (the ``a`` variants enable wgmma / tcgen05)."""
-        if self.capability is None:
-            raise ValueError("the interpreter has no ptxas target")
-        major, minor = self.capability
-        return f"sm_{major}{minor}{'a' if self.mma >= 3 else ''}"
 
     @property
     def capability_number(self) -> int:

@@ -72,7 +72,7 @@ def choose(role_: Role, shape: Spec, tokens: int, arch: Arch, disabled: Collecti
     """The kind that runs ``role_`` for ``shape`` (its layer shape and dtype) at ``tokens`` on
     ``arch``: the first in order of preference that is not ``disabled`` and can run it; None when
     none can (the caller runs the reference)."""
-    for name, min_tokens in runnable(role_, replace(shape, kind=""), arch):
+    for name, min_tokens in runnable(role_, shape if shape.kind == "" else replace(shape, kind=""), arch):
         if tokens >= min_tokens and name not in disabled:
             return name
     return None
