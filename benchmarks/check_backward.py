@@ -148,7 +148,7 @@ def op_kinds(shape, tokens: int) -> tuple[str, str, str]:
     from flashmhf_runtime import op
 
     kinds = op.kernel_kinds((*shape, "bf16"), tokens, torch.device(DEV))
-    return kinds["fwd"], kinds["bwd_dq"], kinds["bwd_dkuv"]
+    return kinds["forward"], kinds["dq"], kinds["dkuv"]
 
 
 # ------------------------------------------------------------------------------------------- checks

@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 from flashmhf.cache import lookup
 from flashmhf.cache.buckets import token_bucket, tune_command
-from flashmhf.cache.device import DeviceInfo, device_info
+from flashmhf.cache.device import DeviceInfo, device_arch, device_info
 from flashmhf.codegen import Config, Spec, SpecError, format_config, get_kind, plan
+from flashmhf.codegen.arch import DEFAULT_ARCH, Arch, arch_for_capability
 from flashmhf_runtime.jit_memo import runtime_load
 
 log = logging.getLogger("flashmhf.dispatch")
@@ -29,10 +30,12 @@ _warned: set[tuple] = set()
 _lock = threading.Lock()
 
 
-def choose_config(spec: Spec, tokens: int, device: DeviceInfo) -> tuple[Config, str]:
-    """The tuned config for this key if one is cached, else the heuristic default (warning once)."""
+def choose_config(spec: Spec, tokens: int, device: DeviceInfo, arch: Arch | None = None) -> tuple[Config, str]:
+    """The tuned config for this key if one is cached, else the heuristic default for ``arch``
+    (default: the table's row for the device's capability), warning once."""
+    arch = arch or arch_for_capability(device.cuda_capability)
     bucket = token_bucket(tokens)
-    found = lookup.find_config(spec, bucket, device)
+    found = lookup.find_config(spec, bucket, device, arch)
     if found is not None:
         return found
     key = (spec, device.name)
@@ -41,27 +44,29 @@ def choose_config(spec: Spec, tokens: int, device: DeviceInfo) -> tuple[Config, 
         if not device.name.startswith("triton-interpreter"):
             warnings.warn(
                 f"flashmhf: no tuned {spec.kind} kernel for {spec.label()} on {device.name}; using a default "
-                f"config. Tune it with: {tune_command(spec, bucket)}",
+                f"config for {arch.name}. Tune it with: {tune_command(spec, bucket)}",
                 stacklevel=4,
             )
-    return get_kind(spec.kind).default(spec, bucket), "default"
+    return get_kind(spec.kind).default(spec, bucket, arch), "default"
 
 
 def _bind(spec: Spec, config: Config) -> Launcher:
     return functools.partial(runtime_load(spec).launch, **config)
 
 
-def _first_launch(key: tuple, spec: Spec, tokens: int, device: DeviceInfo, args: tuple) -> object:
+def _first_launch(key: tuple, spec: Spec, tokens: int, device_index: int | None, args: tuple) -> object:
     """Slow path of the first call for a key: choose, compile, and demote a cached config that fails."""
+    device = device_info(device_index)
+    arch = device_arch(device_index)
     try:
         plan(spec)  # a shape no template takes: a clear ValueError, before any config is chosen
-        get_kind(spec.kind).default(spec, token_bucket(tokens))
+        get_kind(spec.kind).default(spec, token_bucket(tokens), arch)
     except SpecError as exc:
         raise ValueError(
             f"q, k: the generated kernels cannot take this layer shape (H={spec.n_heads}, H_kv={spec.n_kv_heads}, "
             f"d_h={spec.head_dim}, E={spec.n_experts}, d_e={spec.expert_dim}, {spec.dtype}): {exc}"
         ) from None
-    config, source = choose_config(spec, tokens, device)
+    config, source = choose_config(spec, tokens, device, arch)
     launcher = _bind(spec, config)
     try:
         result = launcher(*args)
@@ -74,7 +79,7 @@ def _first_launch(key: tuple, spec: Spec, tokens: int, device: DeviceInfo, args:
             stacklevel=3,
         )
         lookup.demote(spec, token_bucket(tokens), device, config, repr(exc))
-        config, source = get_kind(spec.kind).default(spec, token_bucket(tokens)), "default (cached demoted)"
+        config, source = get_kind(spec.kind).default(spec, token_bucket(tokens), arch), "default (cached demoted)"
         launcher = _bind(spec, config)
         result = launcher(*args)
     log.debug("%s tokens=%d: config %s from %s", spec.label(), tokens, format_config(config), source)
@@ -91,7 +96,7 @@ def launch(spec_key: tuple, tokens: int, device_index: int | None, *args) -> obj
     if launcher is not None:
         return launcher(*args)
     spec = Spec(*spec_key)
-    return _first_launch(key, spec, tokens, device_info(device_index), args)
+    return _first_launch(key, spec, tokens, device_index, args)
 
 
 def memoised_config(spec_key: tuple, tokens: int, device_index: int | None) -> Config | None:
@@ -102,18 +107,18 @@ def memoised_config(spec_key: tuple, tokens: int, device_index: int | None) -> C
 
 
 @functools.lru_cache(maxsize=256)
-def _explicit_launcher(spec: Spec, items: tuple[tuple[str, int], ...]) -> Launcher:
+def _explicit_launcher(spec: Spec, items: tuple[tuple[str, int], ...], arch: Arch) -> Launcher:
     config = dict(items)
-    get_kind(spec.kind).check_config(spec, config)
+    get_kind(spec.kind).check_config(spec, config, None, arch)
     return _bind(spec, config)
 
 
-def launch_with_config(spec_key: tuple, config: Config, *args) -> object:
-    """Launch with an explicit config (validated once per distinct config)."""
+def launch_with_config(spec_key: tuple, config: Config, *args, arch: Arch = DEFAULT_ARCH) -> object:
+    """Launch with an explicit config (validated for ``arch`` once per distinct config)."""
     try:
         spec = Spec(*spec_key)
         config = get_kind(spec.kind).complete(config)  # a config pinned before a param existed
-        launcher = _explicit_launcher(spec, tuple(sorted(config.items())))
+        launcher = _explicit_launcher(spec, tuple(sorted(config.items())), arch)
     except SpecError as exc:
         raise ValueError(f"config: {exc}") from None
     return launcher(*args)

@@ -23,7 +23,9 @@ import functools
 
 import torch
 
-from flashmhf.codegen import Spec
+from flashmhf.codegen import Spec, get_kind
+from flashmhf.codegen.kinds import FORWARD
+from flashmhf.codegen.spec import kernel_dims
 from flashmhf_runtime import dispatch, op
 from flashmhf_runtime.direct_launch import DirectLauncher
 from flashmhf_runtime.jit_memo import runtime_load
@@ -123,8 +125,19 @@ def _fp32(*tensors) -> tuple:
     return tuple(None if t is None else op._fp32(t) for t in tensors)
 
 
-def _shape_key(dims: tuple, dtype: torch.dtype) -> tuple:
-    return (*dims, DTYPE_NAMES[dtype])
+@functools.cache
+def _shape_key(dims: tuple, dtype: torch.dtype) -> tuple | None:
+    """(H, H_kv, d_h, E, d_e, dtype) of the norm/router kinds for a layer of ``dims``, or None where
+    they cannot take it. They read q with its real d_h (masked to a power of two) and do not use d_e,
+    which only has to be a width the code generator accepts; a d_h the templates do not take (not a
+    multiple of 8, or over 256) leaves the norm and router to PyTorch ops around the core's kernels."""
+    n_heads, n_kv, head_dim, n_exp, d_e = dims
+    d_h_k, d_e_k = kernel_dims(head_dim, d_e)
+    key = (n_heads, n_kv, head_dim, n_exp, d_e_k, DTYPE_NAMES[dtype])
+    if d_h_k != head_dim:
+        return None
+    kinds = ("norm_router", "norm_router_bwd", "router", "router_bwd")
+    return None if any(get_kind(k).shape_reason(Spec(k, *key)) for k in kinds) else key
 
 
 def _rows(x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -180,25 +193,30 @@ def layer_core_forward(q, norm_w, w_r, k, u, v, eps: float = HEAD_NORM_EPS) -> t
         return op.core_forward(qn, k, u, v, r, None).reshape(q.shape)
     if op._widened_in_interpreter(q):  # the interpreter's bf16 is wrong: run fp32, cast back
         return layer_core_forward(*_fp32(q, norm_w, w_r, k, u, v), eps).to(q.dtype)
-    q3 = _rows(q, n_heads, head_dim)
     shape_key = _shape_key(dims, q.dtype)
+    if shape_key is None:  # norm and router as PyTorch ops, the core's kernels
+        qn, r, *_ = _norm_router_reference(q.unflatten(-1, (n_heads, head_dim)), norm_w, w_r, eps)
+        with torch.no_grad():
+            return op.flash_mhf(qn, k, u, v, r).reshape(q.shape)
+    q3 = _rows(q, n_heads, head_dim)
     qn, r = _norm_router_kernel(q3, norm_w, w_r, eps, shape_key)
     with torch.no_grad():  # the core's inference fast path
         s = op.flash_mhf(qn, k, u, v, r)
-    _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key)
+    _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key, dims)
     return s.view(q.shape)
 
 
-def _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key) -> None:
+def _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key, dims) -> None:
     """After a call through the checked path: keep its two launchers for the fast path, where both
-    can launch directly (contiguous weights, one GPU, configs chosen)."""
-    if not (op.uses_kernels(q3.device) and _single_gpu()):
+    can launch directly (contiguous weights, one GPU, configs chosen, a core that needs no padding)."""
+    core_shape = op.kernel_shape_key(*dims, shape_key[-1])
+    if not (op.uses_kernels(q3.device) and _single_gpu()) or core_shape[:5] != dims:
         return
     n_tokens = q3.shape[0]
     kind = "router" if norm_w is None else "norm_router"
     prologue = _direct.get(((kind, *shape_key), n_tokens, q3.device.index, eps))
-    core_key = (op.forward_kind(shape_key, n_tokens, q3.device), *shape_key)
-    core = op.fast_launcher(core_key, n_tokens, q3.device.index)
+    core_kind = op.kind_for(FORWARD, core_shape, n_tokens, q3.device)
+    core = None if core_kind is None else op.fast_launcher((core_kind, *core_shape), n_tokens, q3.device.index)
     if prologue is not None and core is not None:
         if len(_fast_forward) >= _MAX_DIRECT:
             _fast_forward.clear()
@@ -225,8 +243,10 @@ def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS,
     if op._widened_in_interpreter(q):  # the interpreter's bf16 is wrong: run fp32, cast back
         grads = layer_core_backward(*_fp32(q, norm_w, w_r, k, u, v, ds), eps, need_q_side, need_dkuv)
         return tuple(g.to(q.dtype) for g in grads)
-    q3, ds3 = _rows(q, n_heads, head_dim), _rows(ds, n_heads, head_dim)
     shape_key = _shape_key(dims, q.dtype)
+    if shape_key is None:  # norm and router as PyTorch ops, the core's kernels
+        return _reference_backward(q, norm_w, w_r, k, u, v, ds, eps, need_q_side, need_dkuv, dims)
+    q3, ds3 = _rows(q, n_heads, head_dim), _rows(ds, n_heads, head_dim)
     qn, r = _norm_router_kernel(q3, norm_w, w_r, eps, shape_key)
     dqn, dk, du, dv, dr = op.core_backward(qn, k, u, v, r, ds3, need_q_side, need_dkuv)
     dq, dnorm_w, dw_r = empty(dtype=q.dtype), empty(dtype=q.dtype), empty(dtype=w_r.dtype)
@@ -242,7 +262,8 @@ def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS,
 
 
 def _reference_backward(q, norm_w, w_r, k, u, v, ds, eps, need_q_side, need_dkuv, dims):
-    """layer_core_backward in plain PyTorch (the norm and router in fp32, the core's reference)."""
+    """layer_core_backward with the norm and router in PyTorch ops (fp32) around the core op's
+    backward (its kernels, or its reference off the GPU)."""
     n_heads, head_dim = dims[0], dims[2]
     q4, ds4 = q.unflatten(-1, (n_heads, head_dim)), ds.unflatten(-1, (n_heads, head_dim))
     qn, r, g, total, rstd = _norm_router_reference(q4, norm_w, w_r, eps)

@@ -8,10 +8,13 @@ torch dispatcher; after the first launch for a token count it also skips Triton'
 launches the compiled kernels with precomputed arguments (flashmhf_runtime/direct_launch.py). Calls
 with a misaligned pointer, or with a Triton launch hook (profiler) set, take Triton's JIT path.
 
-Kinds: on Hopper GPUs, for shapes they take, the warp-specialized Gluon kernels run the forward and
-dq, dr from 1024 tokens (``fwd_ws``, ``bwd_dq_ws``) and dK, dU, dV always (``bwd_dkuv_ws``); the
-Triton kernels ``fwd``, ``bwd_dq``, ``bwd_dkuv`` run everything else (see ``forward_kind``,
-``dq_kind``, ``dkuv_kind``).
+Kinds: for each role (forward; dq, dr; dK, dU, dV) the kind registry (flashmhf.codegen.registry)
+chooses what runs on the device's architecture at the token count (``kind_for``): on Hopper GPUs,
+for shapes they take, the warp-specialized Gluon kernels run the forward and dq, dr from 1024 tokens
+(``fwd_ws``, ``bwd_dq_ws``) and dK, dU, dV always (``bwd_dkuv_ws``); the Triton kernels ``fwd``,
+``bwd_dq``, ``bwd_dkuv`` run everything else. Layers whose d_h or d_e the templates do not take run
+on the kernels of the next larger widths, on zero-padded copies (flashmhf_runtime/padding.py); a
+shape no kernel takes (d_h > 256) runs on the reference, with one warning.
 
 Autograd: ``flashmhf::core`` saves only its inputs q, k, u, v, r (never anything of size T x d_ff);
 its backward is the custom op ``flashmhf::core_bwd``, which launches the dq/dr and dK/dU/dV kernels.
@@ -24,13 +27,16 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 
 import torch
 
-from flashmhf.cache.device import device_info, interpreting
-from flashmhf.codegen import Config, Spec, get_kind
-from flashmhf.codegen.kinds import hopper
-from flashmhf_runtime import dispatch, reference
+from flashmhf.cache.device import device_arch, interpreting
+from flashmhf.codegen import Config, Spec, registry
+from flashmhf.codegen.arch import INTERPRETER, Arch
+from flashmhf.codegen.kinds import CORE_ROLES, DKUV, DQ, FORWARD, Role
+from flashmhf.codegen.spec import kernel_dims
+from flashmhf_runtime import dispatch, padding, reference
 from flashmhf_runtime.direct_launch import DirectLauncher
 from flashmhf_runtime.jit_memo import runtime_load
 from flashmhf_runtime.validation import DTYPE_NAMES, check_core_inputs, check_grad_output
@@ -80,19 +86,23 @@ def core_forward(
         return _reference_forward(q, k, u, v, r)
     if _widened_in_interpreter(q):
         return core_forward(*map(_fp32, (q, k, u, v, r)), config).to(q.dtype)
-    q3 = as_rows(q, (n_heads, head_dim))
+    shape_key = kernel_shape_key(n_heads, n_kv, head_dim, n_exp, d_e, DTYPE_NAMES[q.dtype])
+    _, _, d_h_k, _, d_e_k, _ = shape_key
+    n_tokens = q.numel() // (n_heads * head_dim)
+    kind = "fwd" if config is not None else kind_for(FORWARD, shape_key, n_tokens, q.device)  # pinned: fwd's
+    if kind is None:
+        _warn_reference(FORWARD, shape_key, q.device)
+        return _reference_forward(q, k, u, v, r)
+    q3 = as_rows(padding.pad_last(q, d_h_k), (n_heads, d_h_k))
     r3 = as_rows(r, (n_heads, n_exp))
-    k, u, v = (w if w.is_contiguous() else w.contiguous() for w in (k, u, v))
-    n_tokens = q3.shape[0]
-    out = torch.empty((n_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    k, u, v = (padding.pad_weight(w if w.is_contiguous() else w.contiguous(), d_e_k, d_h_k) for w in (k, u, v))
+    out = torch.empty((n_tokens, n_heads, d_h_k), dtype=q.dtype, device=q.device)
     if n_tokens:
-        shape_key = (n_heads, n_kv, head_dim, n_exp, d_e, DTYPE_NAMES[q.dtype])
         if config is None:
-            spec_key = (forward_kind(shape_key, n_tokens, q.device), *shape_key)
-            dispatch.launch(spec_key, n_tokens, q.device.index, q3, k, u, v, r3, out)
-        else:  # a pinned config is one of fwd's
-            dispatch.launch_with_config(("fwd", *shape_key), config, q3, k, u, v, r3, out)
-    return out.view(q.shape)
+            dispatch.launch((kind, *shape_key), n_tokens, q.device.index, q3, k, u, v, r3, out)
+        else:
+            dispatch.launch_with_config((kind, *shape_key), config, q3, k, u, v, r3, out, arch=arch_of(q.device))
+    return padding.cut_last(out, head_dim).view(q.shape)
 
 
 def _reference_backward(q, k, u, v, r, ds) -> tuple[torch.Tensor, ...]:
@@ -101,63 +111,64 @@ def _reference_backward(q, k, u, v, r, ds) -> tuple[torch.Tensor, ...]:
     return reference.flash_mhf_backward(*(t.to(wide) for t in (q, k, u, v, r, ds)))
 
 
+def _reference_grads(q, k, u, v, r, ds, need_dq_dr: bool, need_dkuv: bool) -> tuple[torch.Tensor, ...]:
+    """core_backward's results from the reference backward."""
+    grads = _reference_backward(q, k, u, v, r, ds)
+    wanted = (need_dq_dr, need_dkuv, need_dkuv, need_dkuv, need_dq_dr)
+    dtypes = (q.dtype, q.dtype, q.dtype, q.dtype, r.dtype)
+    return tuple(g.to(dt).contiguous() if w else torch.empty(0, dtype=dt, device=q.device)
+                 for g, w, dt in zip(grads, wanted, dtypes))
+
+
 # bwd_dkuv runs few, long programs (one d_ff tile each, looping over every token): its last wave
 # leaves most SMs idle. On CUDA it therefore runs on a high-priority side stream next to bwd_dq,
 # whose many short programs fill those SMs. Set False to run the two kernels one after the other.
 BACKWARD_ON_TWO_STREAMS = True
 
 
-# On Hopper GPUs dK, dU, dV come from the warp-specialized Gluon kernel (bwd_dkuv_ws) where it takes
-# the shape; set False to always use the plain Triton kernel (bwd_dkuv).
-WARP_SPECIALIZED_DKUV = True
-# Likewise the forward (fwd_ws) and dq, dr (bwd_dq_ws) at large token counts; False: fwd and bwd_dq.
-WARP_SPECIALIZED_FORWARD = True
-WARP_SPECIALIZED_DQ = True
+# Kinds the op never runs (e.g. {"fwd_ws", "bwd_dq_ws", "bwd_dkuv_ws"} to time the plain Triton
+# kernels on a Hopper GPU); the registry chooses among the others.
+DISABLED_KINDS: set[str] = set()
 
 
-@functools.cache
-def _warp_specialized_runs(kind: str, shape_key: tuple, device_index: int | None) -> bool:
-    """Whether the warp-specialized ``kind`` can run shape (H, H_kv, d_h, E, d_e, dtype) on that GPU."""
-    ws = get_kind(kind)
-    return ws.unavailable(device_info(device_index).cuda_capability) is None and \
-        ws.shape_reason(Spec(kind, *shape_key)) is None
+def kernel_shape_key(n_heads: int, n_kv: int, head_dim: int, n_exp: int, d_e: int, dtype: str) -> tuple:
+    """(H, H_kv, d_h, E, d_e, dtype) of the kernels that run a layer of this shape: d_h and d_e
+    rounded up to widths the templates take (flashmhf_runtime/padding.py pads the tensors)."""
+    d_h_k, d_e_k = kernel_dims(head_dim, d_e)
+    return n_heads, n_kv, d_h_k, n_exp, d_e_k, dtype
 
 
-def _kind(plain: str, warp_specialized: str, enabled: bool, spec_key: tuple, device: torch.device,
-          n_tokens: int = hopper.MIN_TOKENS) -> str:
-    """``warp_specialized`` where it is ``enabled``, the device is a GPU that runs it, the shape
-    allows it and there are at least ``hopper.MIN_TOKENS`` tokens; else ``plain``."""
-    if (enabled and device.type == "cuda" and n_tokens >= hopper.MIN_TOKENS
-            and _warp_specialized_runs(warp_specialized, spec_key, device.index)):
-        return warp_specialized
-    return plain
+def arch_of(device: torch.device) -> Arch:
+    """The architecture the kernels for ``device`` are chosen and configured for."""
+    return device_arch(device.index) if device.type == "cuda" else INTERPRETER
 
 
-def dkuv_kind(spec_key: tuple, device: torch.device) -> str:
-    """The kind that computes dK, dU, dV for ``spec_key`` = (H, H_kv, d_h, E, d_e, dtype) on ``device``:
-    ``bwd_dkuv_ws`` on a Hopper GPU when the shape allows it (16-bit, d_h in 32/64/128, d_e a
-    multiple of 64) and ``WARP_SPECIALIZED_DKUV`` is on, at any token count; else ``bwd_dkuv``."""
-    return _kind("bwd_dkuv", "bwd_dkuv_ws", WARP_SPECIALIZED_DKUV, spec_key, device)
+def kind_for(role: Role, shape_key: tuple, n_tokens: int, device: torch.device) -> str | None:
+    """The kind that runs ``role`` for the kernel shape ``shape_key`` = (H, H_kv, d_h, E, d_e, dtype)
+    at ``n_tokens`` on ``device`` (see flashmhf.codegen.registry); None: none can (the reference runs)."""
+    return registry.choose(role, Spec("", *shape_key), max(n_tokens, 1), arch_of(device), DISABLED_KINDS)
 
 
-def dq_kind(spec_key: tuple, n_tokens: int, device: torch.device) -> str:
-    """The kind that computes dq, dr: ``bwd_dq_ws`` under the conditions of ``forward_kind`` (and
-    ``WARP_SPECIALIZED_DQ``), else ``bwd_dq``."""
-    return _kind("bwd_dq", "bwd_dq_ws", WARP_SPECIALIZED_DQ, spec_key, device, n_tokens)
-
-
-def forward_kind(spec_key: tuple, n_tokens: int, device: torch.device) -> str:
-    """The forward kind for ``spec_key`` = (H, H_kv, d_h, E, d_e, dtype) at ``n_tokens`` on ``device``:
-    ``fwd_ws`` on a Hopper GPU from ``hopper.MIN_TOKENS`` tokens when the shape allows it and
-    ``WARP_SPECIALIZED_FORWARD`` is on, else ``fwd`` (which also serves decode sizes)."""
-    return _kind("fwd", "fwd_ws", WARP_SPECIALIZED_FORWARD, spec_key, device, n_tokens)
-
-
-def kernel_kinds(spec_key: tuple, n_tokens: int, device: torch.device) -> dict[str, str]:
+def kernel_kinds(spec_key: tuple, n_tokens: int, device: torch.device) -> dict[str, str | None]:
     """The kinds the op runs for ``spec_key`` = (H, H_kv, d_h, E, d_e, dtype) at ``n_tokens`` on
-    ``device``, by slot: {"fwd": …, "bwd_dq": …, "bwd_dkuv": …}."""
-    return {"fwd": forward_kind(spec_key, n_tokens, device), "bwd_dq": dq_kind(spec_key, n_tokens, device),
-            "bwd_dkuv": dkuv_kind(spec_key, device)}
+    ``device``, by role name: {"forward": …, "dq": …, "dkuv": …}."""
+    shape_key = kernel_shape_key(*spec_key)
+    return {role.name: kind_for(role, shape_key, n_tokens, device) for role in CORE_ROLES}
+
+
+_reference_warned: set[tuple] = set()
+
+
+def _warn_reference(role: Role, shape_key: tuple, device: torch.device) -> None:
+    """Once per shape and architecture: no kernel takes the shape, the reference runs."""
+    arch = arch_of(device)
+    if (shape_key, arch) in _reference_warned:
+        return
+    _reference_warned.add((shape_key, arch))
+    reason = registry.reason(role, Spec("", *shape_key), arch)
+    warnings.warn(f"flashmhf: no kernel takes H={shape_key[0]} H_kv={shape_key[1]} d_h={shape_key[2]} E={shape_key[3]} "
+                  f"d_e={shape_key[4]} {shape_key[5]} on {arch.name} ({reason}); the core runs on the PyTorch "
+                  "reference instead (slow)", stacklevel=4)
 
 
 @functools.cache
@@ -191,37 +202,34 @@ def core_backward(
     n_heads, n_kv, head_dim, n_exp, d_e = check_core_inputs(q, k, u, v, r)
     check_grad_output(q, ds)
     if not uses_kernels(q.device):
-        grads = _reference_backward(q, k, u, v, r, ds)
-        wanted = (need_dq_dr, need_dkuv, need_dkuv, need_dkuv, need_dq_dr)
-        dtypes = (q.dtype, q.dtype, q.dtype, q.dtype, r.dtype)
-        return tuple(  # type: ignore[return-value]
-            g.to(dt).contiguous() if w else torch.empty(0, dtype=dt, device=q.device)
-            for g, w, dt in zip(grads, wanted, dtypes)
-        )
+        return _reference_grads(q, k, u, v, r, ds, need_dq_dr, need_dkuv)
     if _widened_in_interpreter(q):
         grads = core_backward(*map(_fp32, (q, k, u, v, r, ds)), need_dq_dr, need_dkuv)
         return tuple(g.to(dt) for g, dt in zip(grads, (q.dtype,) * 4 + (r.dtype,)))  # type: ignore[return-value]
-    q3 = as_rows(q, (n_heads, head_dim))
+    n_tokens = q.numel() // (n_heads * head_dim)
+    shape_key = kernel_shape_key(n_heads, n_kv, head_dim, n_exp, d_e, DTYPE_NAMES[q.dtype])
+    _, _, d_h_k, _, d_e_k, _ = shape_key
+    kind_dq, kind_dkuv = (kind_for(role, shape_key, n_tokens, q.device) for role in (DQ, DKUV))
+    if (need_dq_dr and kind_dq is None) or (need_dkuv and kind_dkuv is None):
+        _warn_reference(DQ if kind_dq is None else DKUV, shape_key, q.device)
+        return _reference_grads(q, k, u, v, r, ds, need_dq_dr, need_dkuv)
+    q3 = as_rows(padding.pad_last(q, d_h_k), (n_heads, d_h_k))
     r3 = as_rows(r, (n_heads, n_exp))
-    ds3 = as_rows(ds, (n_heads, head_dim))
-    k, u, v = (w if w.is_contiguous() else w.contiguous() for w in (k, u, v))
-    n_tokens = q3.shape[0]
-    dtype_name = DTYPE_NAMES[q.dtype]
+    ds3 = as_rows(padding.pad_last(ds, d_h_k), (n_heads, d_h_k))
+    k, u, v = (padding.pad_weight(w if w.is_contiguous() else w.contiguous(), d_e_k, d_h_k) for w in (k, u, v))
     # Gradients not asked for are distinct empty tensors (a custom op's outputs may not alias).
     dq, dk, du, dv = (torch.empty(0, dtype=q.dtype, device=q.device) for _ in range(4))
     dr = torch.empty(0, dtype=r.dtype, device=q.device)
     if need_dq_dr:
-        dq = torch.empty((n_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
+        dq = torch.empty((n_tokens, n_heads, d_h_k), dtype=q.dtype, device=q.device)
         dr = torch.empty((n_tokens, n_heads, n_exp), dtype=r.dtype, device=q.device)
     if need_dkuv:
         make = torch.empty_like if n_tokens else torch.zeros_like
         dk, du, dv = (make(k, memory_format=torch.contiguous_format) for _ in range(3))
-    shape_key = (n_heads, n_kv, head_dim, n_exp, d_e, dtype_name)
-    key_dq = (dq_kind(shape_key, n_tokens, q.device), *shape_key)
-    key_dkuv = (dkuv_kind(shape_key, q.device), *shape_key)
-    launch_dq = functools.partial(dispatch.launch, key_dq, n_tokens, q.device.index, q3, k, u, v, r3, ds3, dq, dr)
-    launch_dkuv = functools.partial(dispatch.launch, key_dkuv, n_tokens, q.device.index, q3, k, u, v, r3, ds3,
-                                    dk, du, dv)
+    launch_dq = functools.partial(dispatch.launch, (kind_dq, *shape_key), n_tokens, q.device.index,
+                                  q3, k, u, v, r3, ds3, dq, dr)
+    launch_dkuv = functools.partial(dispatch.launch, (kind_dkuv, *shape_key), n_tokens, q.device.index,
+                                    q3, k, u, v, r3, ds3, dk, du, dv)
     if n_tokens and need_dq_dr and need_dkuv and q.is_cuda and BACKWARD_ON_TWO_STREAMS:
         _launch_side_by_side(launch_dkuv, launch_dq, q.device)
     elif n_tokens:
@@ -230,7 +238,9 @@ def core_backward(
         if need_dkuv:
             launch_dkuv()
     if need_dq_dr:
-        dq, dr = dq.view(q.shape), dr.view(r.shape)
+        dq, dr = padding.cut_last(dq, head_dim).view(q.shape), dr.view(r.shape)
+    if need_dkuv:
+        dk, du, dv = (padding.cut_weight(g, d_e, head_dim) for g in (dk, du, dv))
     return dq, dk, du, dv, dr
 
 
@@ -327,7 +337,6 @@ class _Core(torch.autograd.Function):
 # (H * d_h, spec key, device index, {token count: DirectLauncher of the config dispatch chose}).
 _fast_plans: dict[tuple, tuple[int, tuple, int | None, dict]] = {}
 dispatch.on_reset(_fast_plans.clear)
-dispatch.on_reset(_warp_specialized_runs.cache_clear)
 
 
 def _remember_plan(q, k, u, v, r) -> None:
@@ -341,6 +350,8 @@ def _remember_plan(q, k, u, v, r) -> None:
         return  # several GPUs: keep the slow path, which launches on q's device
     n_heads, n_kv, head_dim, n_exp, d_e = check_core_inputs(q, k, u, v, r)
     spec_key = ("fwd", n_heads, n_kv, head_dim, n_exp, d_e, DTYPE_NAMES[q.dtype])
+    if kernel_shape_key(*spec_key[1:]) != spec_key[1:]:
+        return  # a padded layer: core_forward pads its tensors on every call
     signature = (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, u.shape, u.dtype, u.device,
                  v.shape, v.dtype, v.device, r.shape, r.dtype, r.device)
     _fast_plans[signature] = (n_heads * head_dim, spec_key, q.device.index, {})
@@ -413,10 +424,13 @@ def _flash_mhf(q, k, u, v, r, config: Config | None) -> torch.Tensor:
             launcher = launchers.get(n_tokens)
             if launcher is not None:
                 launcher(q, k, u, v, r, out)
-            elif n_tokens:
-                spec_key = (forward_kind(spec_key[1:], n_tokens, q.device), *spec_key[1:])
-                dispatch.launch(spec_key, n_tokens, device_index, q, k, u, v, r, out)
-                launchers[n_tokens] = fast_launcher(spec_key, n_tokens, device_index)
+                return out
+            kind = kind_for(FORWARD, spec_key[1:], n_tokens, q.device)
+            if n_tokens == 0 or kind is None:  # nothing to launch, or no kernel: the validated path
+                return core_forward(q, k, u, v, r, None)
+            spec_key = (kind, *spec_key[1:])
+            dispatch.launch(spec_key, n_tokens, device_index, q, k, u, v, r, out)
+            launchers[n_tokens] = fast_launcher(spec_key, n_tokens, device_index)
             return out
         s = core_forward(q, k, u, v, r, None)
         _remember_plan(q, k, u, v, r)

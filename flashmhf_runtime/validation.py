@@ -26,7 +26,11 @@ def check_core_inputs(
     if k.dim() != 4:
         raise ValueError(f"k: expected shape (H_kv, E, d_e, d_h), got {_shape(k)}")
     n_heads, head_dim = q.shape[-2], q.shape[-1]
+    if n_heads == 0 or head_dim == 0:
+        raise ValueError(f"q: expected H >= 1 heads of d_h >= 1, got {_shape(q)}")
     n_kv, n_exp, d_e, d_h_k = k.shape
+    if n_exp == 0 or d_e == 0:
+        raise ValueError(f"k: expected E >= 1 sub-networks of d_e >= 1, got {_shape(k)}")
     if d_h_k != head_dim:
         raise ValueError(f"k: expected last dim d_h={head_dim} (from q), got {_shape(k)}")
     for name, t in (("u", u), ("v", v)):

@@ -64,9 +64,9 @@ def ws_case_id(case) -> str:
 
 def pretend_gpu(monkeypatch, op_module, capability: str) -> None:
     """Make ``op_module`` (flashmhf_runtime.op) see a GPU of this compute capability, outside the
-    interpreter, with its memoised kind choices forgotten."""
-    from flashmhf.cache.device import DeviceInfo
+    interpreter."""
+    from flashmhf.codegen.arch import arch_for_capability
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(op_module, "device_info", lambda index: DeviceInfo("gpu", capability, "3.6.0", "2.11.0"))
+    monkeypatch.setattr(op_module, "device_arch", lambda index: arch_for_capability(capability))
     flashmhf_runtime.reset()

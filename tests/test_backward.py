@@ -414,7 +414,9 @@ def test_cli_show_backward_kinds():
     result = runner.invoke(cli_main, ["show", "--preset", "repo-128m", "--kind", "bwd_dq"])
     assert result.exit_code == 0, result.output
     assert "def flashmhf_bwd_dq(" in result.output and "kind=bwd_dq" in result.output
-    assert "# default launch config at 1 tokens: block_m=16" in result.output
+    assert "# default launch config at 1 tokens on sm_90: block_m=16,block_f=64,num_warps=4" in result.output
+    result = runner.invoke(cli_main, ["show", "--preset", "repo-128m", "--kind", "bwd_dq", "--capability", "80"])
+    assert "# default launch config at 1 tokens on sm_80: block_m=16,block_f=32,num_warps=8" in result.output
     for kind in ("bwd_dkuv", "bwd_fused"):
         result = runner.invoke(cli_main, ["show", "--preset", "repo-1.3b", "--kind", kind, "--tokens", "16384"])
         assert result.exit_code == 0 and f"def flashmhf_{kind}(" in result.output

@@ -15,7 +15,7 @@ def _row(backward: bool) -> CoreRow:
     return CoreRow(tokens=16384, backward=backward, flashmhf_ms=12.3, swiglu_ms=5.6, swiglu_compiled_ms=5.4,
                    flop=1e13, rel_err=2.3e-3, config="block_m=128", config_source="shipped",
                    peak_mib=216.0 if backward else None, swiglu_peak_mib=1142.0 if backward else None,
-                   backward_configs={"bwd_dq": "block_m=64 (shipped)", "bwd_dkuv": "block_f=64 (default)"}
+                   backward_configs={"dq": "bwd_dq: block_m=64 (shipped)", "dkuv": "bwd_dkuv: block_f=64 (default)"}
                    if backward else None)
 
 
@@ -24,8 +24,8 @@ def test_backward_columns_carry_peak_memory_compiled_swiglu_and_every_kernels_co
     cells = {name: cell(_row(True)) for name, cell in columns}
     assert cells["compiled SwiGLU ms"] == "5.4000"
     assert cells["peak MiB (SwiGLU)"] == "216 (1142)"
-    assert cells["bwd_dq config (source)"] == "block_m=64 (shipped)"
-    assert cells["bwd_dkuv config (source)"] == "block_f=64 (default)"
+    assert cells["dq kernel (source)"] == "bwd_dq: block_m=64 (shipped)"
+    assert cells["dkuv kernel (source)"] == "bwd_dkuv: block_f=64 (default)"
     assert cells["TFLOP/s"] == f"{1e13 / 12.3e-3 / 1e12:.0f}"
 
 

@@ -88,15 +88,45 @@ def test_other_shape_dtype_or_device_is_a_miss():
     assert find_config(SPEC, 64, dev()) is None
 
 
-@pytest.mark.parametrize("field,value", [("triton_version", "0.0.1"), ("template_hash", "feedfacefeedface")])
-def test_other_triton_or_template_not_used_and_warned_once(field, value):
-    write(paths.user_cache_path(), (key(64, **{field: value}), cfg(), 1.0))
+def test_other_template_not_used_and_warned_once():
+    write(paths.user_cache_path(), (key(64, template_hash="feedfacefeedface"), cfg(), 1.0))
     with pytest.warns(CacheWarning, match="not used.*flashmhf tune .*--tokens 64"):
         assert find_config(SPEC, 64, dev()) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert find_config(SPEC, 64, dev()) is None  # memoised
         assert find_config(SPEC, 128, dev()) is None  # same spec and device: warned already
+
+
+def test_other_triton_version_is_used_with_one_line_suggesting_tune():
+    write(paths.user_cache_path(), (key(64, triton_version="0.0.1"), cfg(split=2), 1.0))
+    with pytest.warns(CacheWarning, match="tuned under Triton 0.0.1.*flashmhf tune .*--tokens 64"):
+        config, where = find_config(SPEC, 64, dev())
+    assert config == cfg(split=2) and where.endswith("bucket 64 (Triton 0.0.1)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_config(SPEC, 128, dev())[0] == cfg(split=2)  # same spec and device: said once
+
+
+def test_running_triton_beats_another_version_in_an_earlier_file(tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped.sqlite"
+    write(shipped, (key(16), cfg(num_warps=8), 1.0))
+    monkeypatch.setattr(paths, "shipped_cache_paths", lambda: [shipped])
+    write(paths.user_cache_path(), (key(64, triton_version="0.0.1"), cfg(split=2), 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config, where = find_config(SPEC, 64, dev())
+    assert config == cfg(num_warps=8) and where == f"shipped:{shipped} bucket 16"
+
+
+def test_other_triton_result_must_pass_the_architecture_check():
+    from flashmhf.codegen.arch import SM80, SM90
+
+    write(paths.user_cache_path(), (key(1024, triton_version="0.0.1"), cfg(tma=1), 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CacheWarning)
+        assert find_config(SPEC, 1024, dev(), SM90)[0] == cfg(tma=1)
+        assert find_config(SPEC, 1024, dev(), SM80) is None  # an A100 has no TMA
 
 
 def test_usable_result_is_used_beside_a_stale_one():

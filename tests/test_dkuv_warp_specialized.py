@@ -6,11 +6,10 @@ op's backward through it."""
 
 import pytest
 import torch
-from click.testing import CliRunner
 
+import flashmhf_runtime
 import flashmhf_runtime as fm
 from flashmhf.checks import reference_grads_f64, rel_error
-from flashmhf.cli.app import main as cli
 from flashmhf.codegen import Spec, SpecError, get_kind
 from flashmhf.codegen.kinds import bwd_dkuv_ws
 from flashmhf_runtime import dispatch, op
@@ -40,49 +39,36 @@ def test_space_respects_shared_memory():
     assert "shared memory" in KIND.reject(spec, too_big, None)
 
 
-def test_device_reason_names_what_is_missing(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert "interpreter" in KIND.unavailable((9, 0))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert KIND.unavailable((9, 0)) is None
-    assert "NVIDIA GPU" in KIND.unavailable(None)
-    assert "Hopper" in KIND.unavailable((8, 0)) and "8.0" in KIND.unavailable((8, 0))
-    assert "Hopper" in KIND.unavailable((10, 0))
-    assert get_kind("bwd_dkuv").unavailable(None) is None  # the Triton kinds run anywhere
+def test_unavailable_names_what_the_architecture_lacks():
+    from flashmhf.codegen.arch import INTERPRETER, SM80, SM90, SM100
+
+    assert "interpreter" in KIND.unavailable(INTERPRETER)
+    assert KIND.unavailable(SM90) is None
+    assert "Hopper" in KIND.unavailable(SM80) and "sm_80" in KIND.unavailable(SM80)
+    assert "Hopper" in KIND.unavailable(SM100)
+    assert get_kind("bwd_dkuv").unavailable(INTERPRETER) is None  # the Triton kinds run anywhere
+    assert get_kind("bwd_dkuv").unavailable(SM80) is None
 
 
 def test_op_picks_the_warp_specialized_kind_only_where_it_runs(monkeypatch):
+    from flashmhf.codegen.kinds import DKUV
+
     cuda = torch.device("cuda", 0)
     key = (*REPO_13B, "bf16")
     pretend_gpu(monkeypatch, op, "9.0")
     try:
-        assert op.dkuv_kind(key, cuda) == "bwd_dkuv_ws"
-        assert op.dkuv_kind((4, 4, 96, 3, 128, "bf16"), cuda) == "bwd_dkuv"  # shape it cannot take
-        assert op.dkuv_kind((*REPO_13B, "fp32"), cuda) == "bwd_dkuv"
-        assert op.dkuv_kind(key, torch.device("cpu")) == "bwd_dkuv"
-        monkeypatch.setattr(op, "WARP_SPECIALIZED_DKUV", False)
-        assert op.dkuv_kind(key, cuda) == "bwd_dkuv"
-        monkeypatch.setattr(op, "WARP_SPECIALIZED_DKUV", True)
+        assert op.kind_for(DKUV, key, 1, cuda) == "bwd_dkuv_ws"  # at any token count
+        assert op.kind_for(DKUV, (4, 4, 96, 3, 128, "bf16"), 4096, cuda) == "bwd_dkuv"  # shape it cannot take
+        assert op.kind_for(DKUV, (*REPO_13B, "fp32"), 4096, cuda) == "bwd_dkuv"
+        assert op.kind_for(DKUV, key, 4096, torch.device("cpu")) == "bwd_dkuv"
+        monkeypatch.setattr(op, "DISABLED_KINDS", {"bwd_dkuv_ws"})
+        assert op.kind_for(DKUV, key, 4096, cuda) == "bwd_dkuv"
+        monkeypatch.setattr(op, "DISABLED_KINDS", set())
         pretend_gpu(monkeypatch, op, "8.0")
-        assert op.dkuv_kind(key, cuda) == "bwd_dkuv"  # an A100
+        assert op.kind_for(DKUV, key, 4096, cuda) == "bwd_dkuv"  # an A100
     finally:
-        fm.reset()
+        flashmhf_runtime.reset()
 
-
-def test_tune_refuses_the_kind_on_a_machine_without_hopper():
-    result = CliRunner().invoke(cli, ["tune", "--preset", "repo-1.3b", "--kind", "bwd_dkuv_ws"])
-    assert result.exit_code != 0
-    assert "bwd_dkuv_ws" in result.output and "cannot run it" in result.output
-
-
-def test_show_renders_the_gluon_source():
-    result = CliRunner().invoke(cli, ["show", "--preset", "repo-1.3b", "--kind", "bwd_dkuv_ws"])
-    assert result.exit_code == 0, result.output
-    assert "@gluon.jit" in result.output and "gl.warp_specialize" in result.output
-    assert "block_m=64,num_stages=2,coef_fp32=0,halves=0" in result.output
-
-
-# ------------------------------------------------------------------------------------------------ GPU
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", WS_GPU_CASES, ids=ws_case_id)

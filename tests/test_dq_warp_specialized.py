@@ -6,6 +6,7 @@ reference at odd token counts, shared kv heads, small head dims, d_e = 384 and f
 import pytest
 import torch
 
+import flashmhf_runtime
 from flashmhf.checks import reference_grads_f64, rel_error
 from flashmhf.codegen import Spec, SpecError, get_kind
 from flashmhf_runtime import dispatch, op
@@ -27,17 +28,19 @@ def test_space_and_default():
 
 
 def test_op_picks_it_from_1024_tokens_on_hopper_only(monkeypatch):
+    from flashmhf.codegen.kinds import DQ
+
     cuda = torch.device("cuda", 0)
     key = (*REPO_13B, "bf16")
     pretend_gpu(monkeypatch, op, "9.0")
     try:
-        assert op.dq_kind(key, 4096, cuda) == "bwd_dq_ws"
-        assert op.dq_kind(key, 77, cuda) == "bwd_dq"
-        assert op.dq_kind((*REPO_13B, "fp32"), 4096, cuda) == "bwd_dq"
-        monkeypatch.setattr(op, "WARP_SPECIALIZED_DQ", False)
-        assert op.dq_kind(key, 4096, cuda) == "bwd_dq"
+        assert op.kind_for(DQ, key, 4096, cuda) == "bwd_dq_ws"
+        assert op.kind_for(DQ, key, 77, cuda) == "bwd_dq"
+        assert op.kind_for(DQ, (*REPO_13B, "fp32"), 4096, cuda) == "bwd_dq"
+        monkeypatch.setattr(op, "DISABLED_KINDS", {"bwd_dq_ws"})
+        assert op.kind_for(DQ, key, 4096, cuda) == "bwd_dq"
     finally:
-        dispatch.reset()
+        flashmhf_runtime.reset()
 
 
 @pytest.mark.gpu

@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import flashmhf_runtime
 from flashmhf.checks import reference_f64, rel_error
 from flashmhf.cli.app import main as cli
 from flashmhf.codegen import Spec, SpecError, get_kind
@@ -42,11 +43,13 @@ def test_space_respects_shared_memory_and_token_counts():
     assert KIND.default(small, 4096) == {"block_f": 64, "num_stages": 3}
 
 
-def test_shares_the_hopper_requirements_of_the_backward_kind(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert KIND.unavailable((9, 0)) is None
-    assert "Hopper" in KIND.unavailable((8, 9))
-    assert "NVIDIA GPU" in KIND.unavailable(None)
+def test_shares_the_hopper_requirements_of_the_backward_kind():
+    from flashmhf.codegen.arch import INTERPRETER, SM89, SM90
+
+    assert KIND.needs == get_kind("bwd_dkuv_ws").needs
+    assert KIND.unavailable(SM90) is None
+    assert "Hopper" in KIND.unavailable(SM89) and "sm_89" in KIND.unavailable(SM89)
+    assert "interpreter" in KIND.unavailable(INTERPRETER)
 
 
 def test_show_renders_the_gluon_source():
@@ -85,26 +88,27 @@ def test_kernel_matches_float64_on_gpu(case, config):
 
 
 def test_op_runs_it_from_1024_tokens_on_hopper_only(monkeypatch):
+    from flashmhf.codegen.kinds import FORWARD
     from flashmhf_runtime import op
 
     cuda = torch.device("cuda", 0)
     key = (*REPO_13B, "bf16")
     pretend_gpu(monkeypatch, op, "9.0")
     try:
-        assert op.forward_kind(key, 1024, cuda) == "fwd_ws"
-        assert op.forward_kind(key, 1023, cuda) == "fwd"  # decode and short prefill stay on fwd
-        assert op.forward_kind((4, 4, 96, 3, 128, "bf16"), 4096, cuda) == "fwd"  # shape it cannot take
-        assert op.forward_kind((*REPO_13B, "fp32"), 4096, cuda) == "fwd"
-        assert op.forward_kind(key, 4096, torch.device("cpu")) == "fwd"
-        assert op.kernel_kinds(key, 4096, cuda) == {"fwd": "fwd_ws", "bwd_dq": "bwd_dq_ws", "bwd_dkuv": "bwd_dkuv_ws"}
-        assert op.kernel_kinds(key, 64, cuda) == {"fwd": "fwd", "bwd_dq": "bwd_dq", "bwd_dkuv": "bwd_dkuv_ws"}
-        monkeypatch.setattr(op, "WARP_SPECIALIZED_FORWARD", False)
-        assert op.forward_kind(key, 4096, cuda) == "fwd"
-        monkeypatch.setattr(op, "WARP_SPECIALIZED_FORWARD", True)
+        assert op.kind_for(FORWARD, key, 1024, cuda) == "fwd_ws"
+        assert op.kind_for(FORWARD, key, 1023, cuda) == "fwd"  # decode and short prefill stay on fwd
+        assert op.kind_for(FORWARD, (4, 4, 96, 3, 128, "bf16"), 4096, cuda) == "fwd"  # shape it cannot take
+        assert op.kind_for(FORWARD, (*REPO_13B, "fp32"), 4096, cuda) == "fwd"
+        assert op.kind_for(FORWARD, key, 4096, torch.device("cpu")) == "fwd"
+        assert op.kernel_kinds(key, 4096, cuda) == {"forward": "fwd_ws", "dq": "bwd_dq_ws", "dkuv": "bwd_dkuv_ws"}
+        assert op.kernel_kinds(key, 64, cuda) == {"forward": "fwd", "dq": "bwd_dq", "dkuv": "bwd_dkuv_ws"}
+        monkeypatch.setattr(op, "DISABLED_KINDS", {"fwd_ws"})
+        assert op.kind_for(FORWARD, key, 4096, cuda) == "fwd"
+        monkeypatch.setattr(op, "DISABLED_KINDS", set())
         pretend_gpu(monkeypatch, op, "8.0")
-        assert op.forward_kind(key, 4096, cuda) == "fwd"  # an A100
+        assert op.kind_for(FORWARD, key, 4096, cuda) == "fwd"  # an A100
     finally:
-        dispatch.reset()
+        flashmhf_runtime.reset()
 
 
 def test_kinds_say_which_shapes_they_cannot_take():
@@ -117,10 +121,11 @@ def test_kinds_say_which_shapes_they_cannot_take():
 
 
 def test_tune_leaves_small_token_counts_to_fwd():
+    from flashmhf.codegen.arch import SM90
     from flashmhf.tuner.session import tunable_jobs
 
     spec = Spec("fwd_ws", *REPO_13B, "bf16")
-    assert tunable_jobs([spec], (1, 256, 1024, 16384)) == [(spec, 1024), (spec, 16384)]
+    assert tunable_jobs([spec], (1, 256, 1024, 16384), SM90) == [(spec, 1024), (spec, 16384)]
 
 
 @pytest.mark.gpu

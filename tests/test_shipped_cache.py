@@ -1,8 +1,11 @@
 """The tuned caches shipped inside the package: single files (a rollback journal, not WAL, so they
 read from a read-only site-packages) that pass `flashmhf cache verify`."""
 
+import json
 import sqlite3
+import warnings
 from pathlib import Path
+from unittest import mock
 
 from click.testing import CliRunner
 
@@ -42,3 +45,42 @@ def test_shipped_configs_were_tuned_on_the_current_templates():
         assert rows, path
         stale = [(kind, h) for kind, h in rows if h != template_hash(kind)]
         assert not stale, f"{path.name}: stale configs {stale}"
+
+
+def test_shipped_configs_stay_in_use_on_their_gpu_and_under_another_triton(tmp_path, monkeypatch):
+    # The runtime keys results by template hash and Triton version, not by the search space's hash
+    # (which changes with any edit of a kind's module): every shipped best row must be what the
+    # runtime picks on its GPU, and still under a newer Triton (with one note suggesting a re-tune).
+    from flashmhf.cache import lookup, paths
+    from flashmhf.cache.device import DeviceInfo
+    from flashmhf.codegen import Spec
+    from flashmhf.codegen.arch import SM90
+
+    monkeypatch.setenv("FLASHMHF_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FLASHMHF_CACHE", raising=False)
+    for path in SHIPPED:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = conn.execute(
+                "SELECT k.kind, k.n_heads, k.n_kv_heads, k.head_dim, k.n_experts, k.expert_dim, k.dtype, k.bucket, "
+                "k.device, k.capability, k.triton_version, b.median_ms, t.config FROM best b "
+                "JOIN result_keys k ON k.id = b.key_id JOIN trials t ON t.id = b.trial_id").fetchall()
+        finally:
+            conn.close()
+        monkeypatch.setattr(paths, "shipped_cache_paths", lambda path=path: [path])
+        fastest: dict[tuple, tuple[float, dict]] = {}  # per key but the space hash: the row the runtime picks
+        for *key, median, config in rows:
+            if tuple(key) not in fastest or median < fastest[tuple(key)][0]:
+                fastest[tuple(key)] = (median, json.loads(config))
+        for (*spec, bucket, device, capability, triton_version), (_, config) in fastest.items():
+            for running in (triton_version, "9.9.9"):
+                lookup.invalidate()
+                with warnings.catch_warnings(record=True) as said:
+                    warnings.simplefilter("always")
+                    found = lookup.find_config(Spec(*spec), bucket,
+                                               DeviceInfo(device, capability, running, "2.11.0"), SM90)
+                assert [str(w.message) for w in said if "tuned under Triton" in str(w.message)] == (
+                    [] if running == triton_version else [mock.ANY])
+                assert found is not None, (spec, bucket, running)
+                assert found[0] == config and f"bucket {bucket}" in found[1], (spec, bucket, found)
+    lookup.invalidate()

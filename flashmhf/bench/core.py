@@ -12,7 +12,7 @@ from flashmhf.checks import TORCH_DTYPES, core_inputs, reference_f64, reference_
 from flashmhf.codegen import Spec, format_config
 
 GRAPH_TOKENS = 64
-BACKWARD_KINDS = ("bwd_dq", "bwd_dkuv")
+BACKWARD_ROLES = ("dq", "dkuv")  # the op's backward: one kernel for dq, dr and one for dK, dU, dV
 
 
 @dataclass
@@ -28,7 +28,7 @@ class CoreRow:
     config_source: str
     peak_mib: float | None = None
     swiglu_peak_mib: float | None = None
-    backward_configs: dict[str, str] | None = None  # kind -> "config (source)", with backward
+    backward_configs: dict[str, str] | None = None  # role -> "kind: config (source)", with backward
 
     @property
     def flashmhf_tflops(self) -> float:
@@ -76,29 +76,27 @@ def bench_core(spec: Spec, d_ff: int, tokens: int, *, backward: bool, compile_sw
         compiled = torch.compile(swiglu)
         swc = (lambda: torch.autograd.grad(compiled(x, *w), (x, *w), dy)) if backward else (lambda: compiled(x, *w))
         sw_c = median_ms(swc)
-    kind = _kind_that_ran(spec, "fwd", tokens)
+    kind = _kind_that_ran(spec, "forward", tokens)
     config, source = _chosen(replace(spec, kind=kind), tokens)
     if kind != "fwd":
         config = f"{kind}: {config}"
     if not backward:
         return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, config, source)
-    bwd = {slot: _backward_choice(spec, slot, tokens) for slot in BACKWARD_KINDS}
+    bwd = {role: _backward_choice(spec, role, tokens) for role in BACKWARD_ROLES}
     return CoreRow(tokens, backward, ms, sw_ms, sw_c, flop, err, config, source, peak_mib(op), peak_mib(sw), bwd)
 
 
-def _kind_that_ran(spec: Spec, slot: str, tokens: int) -> str:
-    """The kind the op runs for one slot (fwd, bwd_dq, bwd_dkuv): on Hopper GPUs a warp-specialized one."""
+def _kind_that_ran(spec: Spec, role: str, tokens: int) -> str:
+    """The kind the op runs for one role (forward, dq, dkuv): on Hopper GPUs a warp-specialized one."""
     from flashmhf_runtime import op
 
-    return op.kernel_kinds(astuple(spec)[1:], tokens, torch.device("cuda", torch.cuda.current_device()))[slot]
+    return op.kernel_kinds(astuple(spec)[1:], tokens, torch.device("cuda", torch.cuda.current_device()))[role]
 
 
-def _backward_choice(spec: Spec, slot: str, tokens: int) -> str:
-    """Config (and source) of the kernel that ran for one backward slot; named when it is another
-    kind than the slot (a warp-specialized kind on Hopper GPUs)."""
-    kind = _kind_that_ran(spec, slot, tokens)
-    text = "{} ({})".format(*_chosen(replace(spec, kind=kind), tokens))
-    return text if kind == slot else f"{kind}: {text}"
+def _backward_choice(spec: Spec, role: str, tokens: int) -> str:
+    """Kind, config and source of the kernel that ran for one backward role."""
+    kind = _kind_that_ran(spec, role, tokens)
+    return "{}: {} ({})".format(kind, *_chosen(replace(spec, kind=kind), tokens))
 
 
 def _chosen(spec: Spec, tokens: int) -> tuple[str, str]:

@@ -7,6 +7,8 @@ import re
 from dataclasses import asdict, dataclass
 from functools import cache
 
+from flashmhf.codegen.arch import Arch, arch_for_capability, with_device_limits
+
 # Results measured under Triton's CPU interpreter carry this name, which no GPU can ever have.
 INTERPRETER_DEVICE_NAME = "triton-interpreter-cpu"
 
@@ -61,3 +63,23 @@ def device_info(index: int | None = None) -> DeviceInfo:
     major, minor = torch.cuda.get_device_capability(idx)
     name = normalise_device_name(torch.cuda.get_device_name(idx))
     return DeviceInfo(name, f"{major}.{minor}", triton_version, torch_version)
+
+
+@cache
+def device_arch(index: int | None = None) -> Arch:
+    """The architecture of CUDA device ``index`` (default: current), or the interpreter row under
+    ``TRITON_INTERPRET=1`` / without a GPU: the table's row for its compute capability with the
+    shared memory, SM count and registers the device reports about itself."""
+    info = device_info(index)
+    arch = arch_for_capability(info.cuda_capability)
+    if arch.is_interpreter:
+        return arch
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
+    return with_device_limits(
+        arch,
+        smem_per_block=getattr(props, "shared_memory_per_block_optin", None),
+        sm_count=getattr(props, "multi_processor_count", None),
+        regs_per_sm=getattr(props, "regs_per_multiprocessor", None),
+    )

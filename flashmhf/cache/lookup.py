@@ -3,12 +3,15 @@
 Order: the files of ``FLASHMHF_CACHE`` → the user's cache file → the shipped files. The first file
 that has a usable result for (kind, spec, device name, capability) answers, with the exact token
 bucket or else the nearest tuned bucket in log2 space (ties: the larger bucket). Usable means:
-measured under the running Triton version with the installed template hash, not demoted in this
-process, and accepted by the kind's ``check_config`` (for a nearest bucket, at the requested
-bucket's token count, so a tile too large for it is not borrowed). Results that exist only for
-another Triton version or template are not used; a one-time warning says so and names the
-`flashmhf tune` command. A file that cannot be read (corrupt, newer schema, not ours) is reported
-once and skipped. Each file's best rows are read once per process; :func:`invalidate` forgets them.
+measured with the installed template hash, not demoted in this process, and accepted by the kind's
+``check_config`` on the device's architecture (for a nearest bucket, at the requested bucket's
+token count, so a tile too large for it is not borrowed). Results measured under the running Triton
+version come first; only where no file has one, a result from another Triton version (e.g. the
+shipped results under a newer pip-installed Triton) is used, with a one-time warning that names
+the `flashmhf tune` command; if it then fails to compile, the runtime demotes it. Results for
+another template are not used (a one-time warning says so). A file that cannot be read (corrupt,
+newer schema, not ours) is reported once and skipped. Each file's best rows are read once per
+process; :func:`invalidate` forgets them.
 
 The runtime never writes to cache files: :func:`demote` is in-process only (a config that failed
 here may work after a driver update; re-tuning records real failures).
@@ -28,6 +31,7 @@ from flashmhf.cache.device import DeviceInfo
 from flashmhf.cache.notice import CacheWarning, plain
 from flashmhf.cache.paths import ROLE_OVERLAY, cache_files_in_effect
 from flashmhf.codegen import Config, Spec
+from flashmhf.codegen.arch import Arch, arch_for_capability
 
 log = logging.getLogger("flashmhf.cache")
 
@@ -152,20 +156,29 @@ def _stale_warning(spec: Spec, bucket: int, device: DeviceInfo, stale: list[tupl
     _warn_once(
         ("stale", _spec_device_key(spec, device)),
         f"flashmhf: tuned {spec.kind} configs for {spec.label()} on {device.name} in {role}:{path} were measured "
-        f"under Triton {row.triton_version} with template {row.template_hash} (running Triton "
-        f"{device.triton_version}, template {template_hash(spec.kind)}); they are not used. "
+        f"with template {row.template_hash} (installed template {template_hash(spec.kind)}); they are not used. "
         f"Re-tune with: {tune_command(spec, bucket)}",
     )
 
 
-def _pick(spec: Spec, bucket: int, rows: list[_Row], where: str) -> tuple[Config, str] | None:
-    """The exact bucket's config, else the nearest (log2 distance, ties to the larger) the kind accepts."""
+def _other_triton_note(spec: Spec, bucket: int, device: DeviceInfo, row_version: str, where: str) -> None:
+    from flashmhf_runtime.dispatch import tune_command
+
+    _warn_once(
+        ("other-triton", _spec_device_key(spec, device)),
+        f"flashmhf: using {spec.kind} configs for {spec.label()} tuned under Triton {row_version} ({where}); "
+        f"this is Triton {device.triton_version}. To tune for it: {tune_command(spec, bucket)}",
+    )
+
+
+def _pick(spec: Spec, bucket: int, rows: list[_Row], where: str, arch: Arch) -> _Row | None:
+    """The exact bucket's row, else the nearest (log2 distance, ties to the larger) the kind accepts."""
     from flashmhf.codegen import SpecError, get_kind
 
     kind = get_kind(spec.kind)
     for row in sorted(rows, key=lambda r: (abs(math.log2(r.bucket) - math.log2(bucket)), -r.bucket, r.median_ms)):
         try:
-            kind.check_config(spec, row.config, None if row.bucket == bucket else bucket)
+            kind.check_config(spec, row.config, None if row.bucket == bucket else bucket, arch)
         except SpecError as exc:
             if row.bucket == bucket:  # tuned for exactly this: a config the kind rejects is news
                 _warn_once(("rejected", where, spec, _config_id(row.config)),
@@ -174,45 +187,56 @@ def _pick(spec: Spec, bucket: int, rows: list[_Row], where: str) -> tuple[Config
                 log.info("flashmhf: cached config in %s skipped for %s bucket %d: %s", where, spec.label(), bucket,
                          exc)
             continue
-        return dict(row.config), f"{where} bucket {row.bucket}"
+        return row
     return None
 
 
-def _find(spec: Spec, bucket: int, device: DeviceInfo) -> tuple[Config, str] | None:
+def _find(spec: Spec, bucket: int, device: DeviceInfo, arch: Arch) -> tuple[Config, str] | None:
     from flashmhf.codegen import template_hash
 
     current = template_hash(spec.kind)
     spec_key = _spec_device_key(spec, device)
     stale: list[tuple[str, Path, _Row]] = []
-    result = None
+    same: list[tuple[str, list[_Row]]] = []  # per file: rows measured under the running Triton
+    other: list[tuple[str, list[_Row]]] = []  # per file: rows of other Triton versions
     for path, role in cache_files_in_effect():
         view = _view(path, role)
-        usable = []
-        for row in view.get(spec_key, []) if view else []:
-            if row.triton_version != device.triton_version or row.template_hash != current:
-                stale.append((role, path, row))
-            elif (spec_key, _config_id(row.config)) not in _demoted:
-                usable.append(row)
-        result = _pick(spec, bucket, usable, f"{role}:{path}")
-        if result is not None:
+        rows = [r for r in (view.get(spec_key, []) if view else []) if (spec_key, _config_id(r.config)) not in _demoted]
+        stale += [(role, path, r) for r in rows if r.template_hash != current]
+        rows = [r for r in rows if r.template_hash == current]
+        same.append((f"{role}:{path}", [r for r in rows if r.triton_version == device.triton_version]))
+        other.append((f"{role}:{path}", [r for r in rows if r.triton_version != device.triton_version]))
+    found, source = None, ""
+    for tier in (same, other):
+        for where, rows in tier:
+            found = _pick(spec, bucket, rows, where, arch)
+            if found is not None:
+                source = f"{where} bucket {found.bucket}"
+                break
+        if found is not None:
             break
-    if stale and (result is None or not result[1].endswith(f" bucket {bucket}")):
+    if found is not None and found.triton_version != device.triton_version:
+        _other_triton_note(spec, bucket, device, found.triton_version, source)
+        source += f" (Triton {found.triton_version})"
+    if stale and (found is None or found.bucket != bucket):
         _stale_warning(spec, bucket, device, stale)
-    return result
+    return None if found is None else (dict(found.config), source)
 
 
-def find_config(spec: Spec, bucket: int, device: DeviceInfo) -> tuple[Config, str] | None:
+def find_config(spec: Spec, bucket: int, device: DeviceInfo, arch: Arch | None = None) -> tuple[Config, str] | None:
     """Best cached config for (spec, token bucket, device) and where it came from, e.g.
     ``("…", "user:/home/me/.cache/flashmhf/tuned.sqlite bucket 64")``; None when nothing usable is cached.
+    ``arch`` (default: the table's row for the device's capability) is what configs are checked against.
 
     Never raises for a bad cache file (it is reported once and skipped).
     """
-    memo_key = (spec, bucket, device)
+    arch = arch or arch_for_capability(device.cuda_capability)
+    memo_key = (spec, bucket, device, arch)
     with _lock:
         if memo_key in _memo:
             hit = _memo[memo_key]
             return None if hit is None else (dict(hit[0]), hit[1])
-    result = _find(spec, bucket, device)
+    result = _find(spec, bucket, device, arch)
     with _lock:
         _memo[memo_key] = result
     return None if result is None else (dict(result[0]), result[1])

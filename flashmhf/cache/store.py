@@ -919,7 +919,7 @@ class TuningCache:
                 )
             elif triton_version != triton_now:
                 warnings.append(f"{n} {kind} key(s) tuned under Triton {triton_version} (running {triton_now}): "
-                                "not used by this installation")
+                                "used only where nothing is tuned under this Triton; re-tune to refresh them")
         spec_cols = ", ".join(f.name for f in fields(Spec))
         for row in self.conn.execute(f"SELECT {spec_cols}, template_hash, source, sha256 FROM kernel_sources"):
             spec, th, text, sha = Spec(*row[:7]), row[7], row[8], row[9]

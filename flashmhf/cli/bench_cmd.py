@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from flashmhf.bench.core import BACKWARD_KINDS, CoreRow
+from flashmhf.bench.core import BACKWARD_ROLES, CoreRow
 from flashmhf.bench.layer import LayerRow
 from flashmhf.cli.spec_options import dtype_option, shape_from_options, shape_options, with_shape
 from flashmhf.codegen import Spec
@@ -150,8 +150,8 @@ def _columns(backward: bool, compile_swiglu: bool) -> list[tuple[str, Callable[[
     columns.append(("rel err", lambda r: f"{r.rel_err:.1e}"))
     columns.append(("fwd config (source)", lambda r: f"{r.config} ({r.config_source})"))
     if backward:
-        for kind in BACKWARD_KINDS:
-            columns.append((f"{kind} config (source)", lambda r, kind=kind: r.backward_configs[kind]))
+        for role in BACKWARD_ROLES:
+            columns.append((f"{role} kernel (source)", lambda r, role=role: r.backward_configs[role]))
     return columns
 
 

@@ -12,7 +12,7 @@ from importlib import metadata
 import click
 from rich.table import Table
 
-from flashmhf.cache.device import device_info, interpreting
+from flashmhf.cache.device import device_arch, device_info, interpreting
 from flashmhf.cache.summary import TunedEntry, files_report, tuned_entries
 from flashmhf.cli.output import add_row, data_console, data_table, files_table
 
@@ -52,6 +52,22 @@ def _gpu_lines() -> list[str]:
     return lines
 
 
+def _arch_line() -> str:
+    """The architecture defaults and kinds are chosen for, and which kind runs each role (repo-1.3b)."""
+    from flashmhf.codegen import Spec, registry
+    from flashmhf.codegen.arch import FEATURES
+    from flashmhf_runtime.presets import get_preset
+
+    arch = device_arch()
+    features = ", ".join(FEATURES[f] for f in sorted(arch.features)) or "none of wgmma, TMA, Gluon"
+    p = get_preset("repo-1.3b")
+    shape = Spec("", p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16")
+    kinds = ", ".join(f"{role.name} {registry.choose(role, shape, 16384, arch)}" for role in registry.runtime_roles())
+    return (f"architecture: {arch.label()}, {arch.smem_per_block // 1024} KiB shared memory per block, "
+            f"{arch.sm_count} SMs, MMA v{arch.mma}, {features}{'' if arch.checked else ' (row on paper)'}; "
+            f"repo-1.3b bf16 at 16384 tokens runs {kinds}")
+
+
 def _buckets(entries: list[TunedEntry]) -> str:
     return " ".join(str(b) for b in sorted({e.key.bucket for e in entries})) or "-"
 
@@ -63,8 +79,9 @@ def _tuned_table(entries: list[TunedEntry]) -> Table:
     for e in entries:
         k = e.key
         by_shape[(k.n_heads, k.n_kv_heads, k.head_dim, k.n_experts, k.expert_dim)].append(e)
-    table = data_table("shape", "kind", "dtype", "tuned token buckets", "stale / not usable here",
-                       title="tuned for this device (usable = same Triton version and template hash)")
+    table = data_table("shape", "kind", "dtype", "tuned token buckets", "other template (unused) or Triton (fallback)",
+                       title="tuned for this device (first: installed template and running Triton; results of "
+                             "another Triton are used where the running one has none)")
     rows: list[tuple[str, list[TunedEntry]]] = []
     named = set()
     for p in PRESETS.values():
@@ -113,6 +130,7 @@ def doctor() -> None:
         click.echo(line)
     dev = device_info()
     click.echo(f"lookup device: {dev.name} (compute capability {dev.capability}), Triton {dev.triton_version}")
+    click.echo(_arch_line())
 
     console.print(files_table(files_report()))
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import click
 
 from flashmhf.cli.spec_options import dtype_option, kind_choices, shape_options, spec_from_options, with_shape
 from flashmhf.codegen import SpecError, format_config, get_kind, render
+from flashmhf.codegen.arch import arch_for_capability
+from flashmhf.codegen.spec import kernel_dims
 
 
 @click.command()
@@ -20,7 +23,8 @@ from flashmhf.codegen import SpecError, format_config, get_kind, render
               help="instead of the source: compile for a GPU (no GPU needed) and report registers, spills, "
                    "shared memory, tensor-core instructions and special-function (MUFU) instructions per kernel")
 @click.option("--capability", type=int, default=90, show_default=True,
-              help="with --resources: target compute capability (90 = H100/H200, 80 = A100)")
+              help="target compute capability: the default config and the checks are for it, and with "
+                   "--resources the compile (90 = H100/H200, 89 = L4/L40, 86 = A10, 80 = A100)")
 @with_shape
 def show(shape: dict, kind: str, dtype: str, config_json: str | None, tokens: int | None, resources: bool,
          capability: int) -> None:
@@ -29,8 +33,15 @@ def show(shape: dict, kind: str, dtype: str, config_json: str | None, tokens: in
     if tokens is not None and tokens <= 0:
         raise SpecError(f"--tokens must be a positive token count, got {tokens}")
     spec = spec_from_options(kind, dtype, **shape)
+    padded = replace(spec, **dict(zip(("head_dim", "expert_dim"), kernel_dims(spec.head_dim, spec.expert_dim))))
+    note = ""
+    if padded != spec:  # the kernel that runs this layer, on zero-padded tensors
+        note = (f"# the layer (d_h={spec.head_dim}, d_e={spec.expert_dim}) runs on this kernel for "
+                f"d_h={padded.head_dim}, d_e={padded.expert_dim}, its tensors zero-padded\n")
+        spec = padded
     source = render(spec)
     k = get_kind(kind)
+    arch = arch_for_capability(capability)
     if config_json:
         try:
             config = json.loads(config_json)
@@ -38,11 +49,11 @@ def show(shape: dict, kind: str, dtype: str, config_json: str | None, tokens: in
             raise SpecError(f"--config is not valid JSON: {exc.msg}") from None
         if not isinstance(config, dict):
             raise SpecError("--config must be a JSON object of config values")
-        k.check_config(spec, config, tokens)
-        note = f"# launch config (checked): {format_config(config)}\n"
+        k.check_config(spec, config, tokens, arch)
+        note += f"# launch config (checked for {arch.name}): {format_config(config)}\n"
     else:
-        config = k.default(spec, tokens or 1)
-        note = f"# default launch config at {tokens or 1} tokens: {format_config(config)}\n"
+        config = k.default(spec, tokens or 1, arch)
+        note += f"# default launch config at {tokens or 1} tokens on {arch.name}: {format_config(config)}\n"
     if resources:
         _print_resources(spec, config, tokens or 4096, capability)
         return

@@ -11,11 +11,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from flashmhf.cli.output import add_row, config_text, data_console, data_table
 from flashmhf.cli.spec_options import dtype_option, shape_from_options, shape_options, with_shape
-from flashmhf.codegen import DTYPES, KINDS, Spec, SpecError
+from flashmhf.codegen import DTYPES, KINDS, Spec, SpecError, registry
+from flashmhf.codegen.spec import kernel_dims
 
 GPU_TRIALS = 48
-DEFAULT_KINDS = ("fwd", "fwd_ws", "bwd_dq", "bwd_dq_ws", "bwd_dkuv", "bwd_dkuv_ws", "norm_router", "norm_router_bwd",
-                 "router", "router_bwd")
+DEFAULT_KINDS = tuple(registry.default_kinds())  # every kind of a role the runtime runs
 INTERPRETER_TRIALS = 8  # the interpreter is slow: enough to exercise the pipeline end to end
 
 
@@ -39,15 +39,15 @@ def _choices(text: str, allowed, what: str) -> list[str]:
 
 def _named_kinds(text: str | None) -> list[str] | None:
     """The kinds named by --kind (None: the defaults); one this machine cannot run is an error."""
-    from flashmhf.cache.device import device_info
+    from flashmhf.cache.device import device_arch
     from flashmhf.codegen import get_kind
 
     if text is None:
         return None
     kinds = _choices(text, list(KINDS), "--kind")
-    capability = device_info().cuda_capability
+    arch = device_arch()
     for name in kinds:
-        why = get_kind(name).unavailable(capability)
+        why = get_kind(name).unavailable(arch)
         if why:
             raise SpecError(f"--kind {name}: this machine cannot run it ({why})")
     return kinds
@@ -55,13 +55,13 @@ def _named_kinds(text: str | None) -> list[str] | None:
 
 def _default_kinds(console: Console) -> list[str]:
     """The default kinds, without those this machine cannot run (said, one line each)."""
-    from flashmhf.cache.device import device_info
+    from flashmhf.cache.device import device_arch
     from flashmhf.codegen import get_kind
 
-    capability = device_info().cuda_capability
+    arch = device_arch()
     kinds = []
     for name in DEFAULT_KINDS:
-        why = get_kind(name).unavailable(capability)
+        why = get_kind(name).unavailable(arch)
         if why:
             console.print(f"[dim]Skipping {name}: {why}.[/]")
         else:
@@ -71,11 +71,13 @@ def _default_kinds(console: Console) -> list[str]:
 
 def _fitting(specs: list[Spec], named: bool, console: Console) -> list[Spec]:
     """Drop the specs whose kind cannot take the layer shape (an error when the kind was named)."""
+    from flashmhf.cache.device import device_arch
     from flashmhf.codegen import get_kind
 
+    arch = device_arch()
     kept = []
     for s in specs:
-        why = get_kind(s.kind).shape_reason(s)
+        why = get_kind(s.kind).shape_reason(s, arch)
         if why and named:
             raise SpecError(why)
         if why:
@@ -111,8 +113,8 @@ def _use_interpreter_if_no_gpu(console: Console) -> bool:
 @click.option("--tokens", default=None, help="comma list of token counts (rounded up to power-of-two buckets) "
               "[default: 1,16,64,256,1024,4096,16384; 1,16 without a GPU]")
 @click.option("--kind", "kinds", default=None,
-              help=f"comma list of kernel kinds ({', '.join(KINDS)}) [default: {','.join(DEFAULT_KINDS)}, "
-              "without those this machine cannot run]")
+              help=f"comma list of kernel kinds ({', '.join(KINDS)}) [default: the kinds of the roles the "
+              "runtime runs, without those this machine cannot run]")
 @dtype_option(multiple=True)
 @click.option("--trials", type=int, default=None,
               help="distinct configs measured per (kind, bucket), earlier runs included [default: 48; 8 without a GPU]")
@@ -150,6 +152,10 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int | 
     if worker and not storage:
         raise SpecError("--worker joins existing studies: give the shared --storage URL too")
     h, h_kv, d_h, e, d_e, label = shape_from_options(**shape)
+    if kernel_dims(d_h, d_e) != (d_h, d_e):
+        d_h, d_e = kernel_dims(d_h, d_e)
+        console.print(f"[dim]The layer runs on kernels for d_h={d_h}, d_e={d_e} (its tensors zero-padded): "
+                      "tuning those.[/]")
     dtypes = _choices(dtype, DTYPES, "--dtype")
     token_counts = _int_list(tokens, "--tokens") if tokens else None
     named = _named_kinds(kinds)

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 from flashmhf.codegen.dtypes import DTYPE_TABLE
 from flashmhf.codegen.kinds import get_kind
-from flashmhf.codegen.kinds.base import is_pow2, next_pow2
+from flashmhf.codegen.kinds.base import next_pow2
 from flashmhf.codegen.spec import Spec, validate_spec
 
 
 @dataclass(frozen=True)
 class Plan:
     spec: Spec
-    d_pad: int  # head dim padded to a power of two (tl.arange / tl.dot need one)
+    d_pad: int  # head dim padded to a power of two of at least 16 (tl.arange / tl.dot need one)
     mask_d: bool  # whether loads and stores along d_h need a mask
     group: int  # query heads per kv head
     d_ff: int
@@ -46,11 +46,11 @@ def plan(spec: Spec) -> Plan:
 
     validate_spec(spec, tuple(KINDS))
     get_kind(spec.kind)
-    d_pad = next_pow2(spec.head_dim)
+    d_pad = max(16, next_pow2(spec.head_dim))  # an MMA's K side is at least 16
     return Plan(
         spec=spec,
         d_pad=d_pad,
-        mask_d=not is_pow2(spec.head_dim),
+        mask_d=d_pad != spec.head_dim,
         group=spec.group,
         d_ff=spec.d_ff,
         tl_dtype=DTYPE_TABLE[spec.dtype].triton,

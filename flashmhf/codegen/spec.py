@@ -6,6 +6,14 @@ from dataclasses import asdict, dataclass
 
 from flashmhf.codegen.dtypes import DTYPES
 
+# The widths the templates take: rows of K/U/V (d_h values) must be 16-byte multiples for tensor
+# descriptors, and a d_ff tile (inside one sub-network) has at least 16 rows, an MMA's K side. A
+# layer of other widths runs on kernels for the next larger ones (``kernel_dims``): the runtime pads
+# its tensors with zeros, which add nothing to any product.
+HEAD_DIM_MULTIPLE = 8
+EXPERT_DIM_MULTIPLE = 16
+MAX_HEAD_DIM = 256  # the widest head a tile holds (d_h padded to a power of two, at most 256)
+
 
 class SpecError(ValueError):
     """A spec or config that no template can serve; the message says why."""
@@ -46,6 +54,13 @@ class Spec:
         )
 
 
+def kernel_dims(head_dim: int, expert_dim: int) -> tuple[int, int]:
+    """(d_h, d_e) of the kernels that run a layer with these widths: each rounded up to a multiple
+    the templates take (unchanged when it already is one)."""
+    return -(-head_dim // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE, \
+        -(-expert_dim // EXPERT_DIM_MULTIPLE) * EXPERT_DIM_MULTIPLE
+
+
 def _positive(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise SpecError(f"{name} must be a positive integer, got {value!r}")
@@ -63,7 +78,12 @@ def validate_spec(spec: Spec, known_kinds: tuple[str, ...]) -> None:
         )
     if spec.dtype not in DTYPES:
         raise SpecError(f"dtype must be one of {', '.join(DTYPES)}, got {spec.dtype!r}")
-    if spec.head_dim % 16 or spec.head_dim > 256:
-        raise SpecError(f"head_dim must be a multiple of 16 and at most 256 (tensor-core tiles), got {spec.head_dim}")
-    if spec.expert_dim % 16:
-        raise SpecError(f"expert_dim must be a multiple of 16 (tensor-core tiles), got {spec.expert_dim}")
+    if spec.head_dim > MAX_HEAD_DIM:
+        raise SpecError(f"head_dim must be at most {MAX_HEAD_DIM} (one tile holds a head), got {spec.head_dim}")
+    if spec.head_dim % HEAD_DIM_MULTIPLE:
+        raise SpecError(f"head_dim must be a multiple of {HEAD_DIM_MULTIPLE} (16-byte rows), got {spec.head_dim}; "
+                        f"a layer of that width runs on kernels for head_dim={kernel_dims(spec.head_dim, 16)[0]}")
+    if spec.expert_dim % EXPERT_DIM_MULTIPLE:
+        raise SpecError(f"expert_dim must be a multiple of {EXPERT_DIM_MULTIPLE} (tensor-core tiles), got "
+                        f"{spec.expert_dim}; a layer of that width runs on kernels for "
+                        f"expert_dim={kernel_dims(8, spec.expert_dim)[1]}")

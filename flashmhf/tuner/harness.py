@@ -1,5 +1,6 @@
 """One tuning problem: fresh random inputs for a kernel kind at a token count, its float64 reference,
-and how to launch and check a config on them. Each kind registers a builder here."""
+and how to launch and check a config on them. Each role (``flashmhf.codegen.kinds.Role``) registers a
+builder here; every kind of the role launches on the same arguments and writes the same outputs."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from flashmhf.checks import (
     reference_norm_router_grads_f64,
     rel_error,
 )
-from flashmhf.codegen import Config, Spec, load
+from flashmhf.codegen import Config, Spec, get_kind, load
+from flashmhf.codegen.kinds import BACKWARD, DKUV, DQ, FORWARD, NORM_ROUTER, NORM_ROUTER_BWD, ROUTER, ROUTER_BWD, Role
 from flashmhf_runtime.reference import HEAD_NORM_EPS
 
 TOLERANCE = {"bf16": 1e-2, "fp16": 3e-3, "fp32": 1e-4}
@@ -35,8 +37,7 @@ class Problem:
 
     @property
     def tolerance(self) -> float:
-        table = TOLERANCE if self.spec.kind.startswith("fwd") else GRAD_TOLERANCE
-        return table[self.spec.dtype]
+        return (GRAD_TOLERANCE if get_kind(self.spec.kind).role.gradient else TOLERANCE)[self.spec.dtype]
 
     def run(self, config: Config) -> object:
         return load(self.spec).launch(*self.args, **config)
@@ -50,27 +51,28 @@ class Problem:
 
 
 Builder = Callable[[Spec, int, str, int, bool], Problem]
-BUILDERS: dict[str, Builder] = {}
+BUILDERS: dict[str, Builder] = {}  # role name -> builder
 
 
-def builder(kind: str) -> Callable[[Builder], Builder]:
+def builder(role: Role) -> Callable[[Builder], Builder]:
     def register(fn: Builder) -> Builder:
-        BUILDERS[kind] = fn
+        BUILDERS[role.name] = fn
         return fn
 
     return register
 
 
 def make_problem(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool = True) -> Problem:
+    role = get_kind(spec.kind).role
     try:
-        build = BUILDERS[spec.kind]
+        build = BUILDERS[role.name]
     except KeyError:
-        raise ValueError(f"kind: the tuner has no harness for {spec.kind!r} (known: {', '.join(BUILDERS)})") from None
+        raise ValueError(f"kind: the tuner has no harness for {spec.kind!r} (role {role.name}; roles with one: "
+                         f"{', '.join(BUILDERS)})") from None
     return build(spec, tokens, device, seed, with_reference)
 
 
-@builder("fwd_ws")
-@builder("fwd")
+@builder(FORWARD)
 def _fwd(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
     q, k, u, v, r = core_inputs(spec, tokens, TORCH_DTYPES[spec.dtype], device, seed)
     out = torch.full_like(q, float("nan"))
@@ -86,23 +88,21 @@ def _backward_inputs(spec: Spec, tokens: int, device: str, seed: int, with_refer
     return (q, k, u, v, r, ds), ref
 
 
-@builder("bwd_dq_ws")
-@builder("bwd_dq")
+@builder(DQ)
 def _bwd_dq(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
     (q, k, u, v, r, ds), ref = _backward_inputs(spec, tokens, device, seed, with_reference)
     dq, dr = torch.full_like(q, float("nan")), torch.full_like(r, float("nan"))
     return Problem(spec, tokens, (q, k, u, v, r, ds, dq, dr), [dq, dr], [ref[0], ref[4]] if ref else [])
 
 
-@builder("bwd_dkuv_ws")
-@builder("bwd_dkuv")
+@builder(DKUV)
 def _bwd_dkuv(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
     (q, k, u, v, r, ds), ref = _backward_inputs(spec, tokens, device, seed, with_reference)
     dk, du, dv = (torch.full_like(k, float("nan")) for _ in range(3))
     return Problem(spec, tokens, (q, k, u, v, r, ds, dk, du, dv), [dk, du, dv], list(ref[1:4]) if ref else [])
 
 
-@builder("bwd_fused")
+@builder(BACKWARD)
 def _bwd_fused(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
     (q, k, u, v, r, ds), ref = _backward_inputs(spec, tokens, device, seed, with_reference)
     dq, dr = torch.full_like(q, float("nan")), torch.full_like(r, float("nan"))
@@ -122,8 +122,8 @@ def _norm_router_inputs(spec: Spec, tokens: int, device: str, seed: int):
     return q, norm_w, w_r
 
 
-@builder("router")
-@builder("norm_router")
+@builder(ROUTER)
+@builder(NORM_ROUTER)
 def _norm_router(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
     q, norm_w, w_r = _norm_router_inputs(spec, tokens, device, seed)
     norm = spec.kind == "norm_router"
@@ -137,8 +137,8 @@ def _norm_router(spec: Spec, tokens: int, device: str, seed: int, with_reference
     return Problem(spec, tokens, (q, norm_w, w_r, qn if norm else q, r, HEAD_NORM_EPS), outputs, ref)
 
 
-@builder("router_bwd")
-@builder("norm_router_bwd")
+@builder(ROUTER_BWD)
+@builder(NORM_ROUTER_BWD)
 def _norm_router_bwd(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
     q, norm_w, w_r = _norm_router_inputs(spec, tokens, device, seed)
     norm = spec.kind == "norm_router_bwd"

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from flashmhf.codegen import Spec, get_kind, load
+from flashmhf.codegen.arch import arch_for_capability
 from flashmhf.tuner.harness import make_problem
 
 _TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
@@ -148,7 +149,7 @@ def _compile(launch: _Launch, capability: int) -> KernelReport:
         for major, warps, instr in re.findall(
             r"versionMajor = (\d+)[^>]*?warpsPerCTA = (\[[^\]]*\]), instrShape = (\[[^\]]*\])", compiled.asm["ttgir"])
     }))
-    arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"  # the a-variants have wgmma/tcgen05
     regs, spills = _ptxas_info(compiled.asm["ptx"], arch)
     return KernelReport(fn.__name__, regs, spills, compiled.metadata.shared, mma,
                         {fn.arg_names[i[0]]: v for i, v in constexprs.items()},
@@ -160,9 +161,9 @@ def kernel_resources(
 ) -> list[KernelReport]:
     """Compile every kernel one launch of ``spec`` with ``config`` runs, for compute capability
     ``capability`` (90 = H100/H200), and report each one's resources. Needs no GPU. ``check=False``
-    skips the kind's constraints (to see what a rejected config would really use)."""
+    skips the kind's constraints for that architecture (to see what a rejected config would really use)."""
     if check:
-        get_kind(spec.kind).check_config(spec, config)
+        get_kind(spec.kind).check_config(spec, config, None, arch_for_capability(capability))
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("resource reports compile real kernels: unset TRITON_INTERPRET")
     return [_compile(launch, capability) for launch in _capture_launches(spec, config, tokens)]

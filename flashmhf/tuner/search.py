@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 from flashmhf.cache.device import DeviceInfo
 from flashmhf.cache.store import ResultKey, Trial, TuningCache, canonical_config
 from flashmhf.codegen import Config, KernelKind, Spec, get_kind
+from flashmhf.codegen.arch import Arch, arch_for_capability
 from flashmhf.tuner.measure import Measurement
 from flashmhf.tuner.precompile import CompilePool
 from flashmhf.tuner.seeds import Space, neighbours, open_seed_caches, seed_cache_paths, transfer_seeds
@@ -123,11 +124,14 @@ class Search:
         batch: int | None = None,
         seed_caches: list[Path] | None = None,
         space: list[Config] | None = None,
+        arch: Arch | None = None,
     ) -> None:
         """``seed_caches``: cache files whose results seed the study besides ``cache`` (None: the files
         in effect, as the runtime reads them); ``space``: the configs to search (default: the kind's
         pruned space at ``bucket``; the offline replay passes the configs of a measured table)."""
         self.spec, self.bucket, self.device = spec, bucket, device
+        # What the space is pruned for and the default chosen for: the device's (its table row by default).
+        self.arch = arch or arch_for_capability(device.cuda_capability)
         self.kind = get_kind(spec.kind)
         self.key = ResultKey.for_spec(spec, bucket, device)
         self.cache, self.storage, self.worker = cache, storage, worker
@@ -147,7 +151,7 @@ class Search:
         self.worker_tag = os.environ.get("FLASHMHF_WORKER_TAG", "")
         self.claim_id = f"{self.worker_tag}|{self.worker_id}"
         self.seed_caches = seed_cache_paths() if seed_caches is None else list(seed_caches)
-        self.space = list(self.kind.space(spec, bucket)) if space is None else list(space)
+        self.space = list(self.kind.space(spec, bucket, self.arch)) if space is None else list(space)
         self.space_index = Space(self.kind, self.space)
         self.space_keys = self.space_index.keys
         self.measured: dict[str, Trial | Measurement] = {}
@@ -272,7 +276,8 @@ class Search:
 
     def _seeds(self) -> list[Config]:
         """The default, the given configs, then configs fast at other keys (at most a share of the budget)."""
-        seeds = [self.kind.default(self.spec, self.bucket), *(self.kind.complete(s) for s in self.extra_seeds)]
+        seeds = [self.kind.default(self.spec, self.bucket, self.arch),
+                 *(self.kind.complete(s) for s in self.extra_seeds)]
         limit = max(MIN_TRANSFER_SEEDS, int(self._goal() * TRANSFER_SHARE))
         others = open_seed_caches(self.seed_caches, exclude=self.cache.path)
         try:
@@ -408,7 +413,7 @@ class Search:
 
     def _result(self, n_before: int, brute: bool, wall: float) -> SearchResult:
         best = self.cache.best(self.key)
-        default = self.kind.default(self.spec, self.bucket)
+        default = self.kind.default(self.spec, self.bucket, self.arch)
         d = self.measured.get(canonical_config(default))
         default_ms = d.median_ms if d is not None and d.status == "ok" else None
         within = None

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import optuna
 
-from flashmhf.cache.device import device_info, interpreting
+from flashmhf.cache.device import device_arch, device_info, interpreting
 from flashmhf.cache.store import ResultKey, TuningCache
 from flashmhf.codegen import Spec, get_kind
+from flashmhf.codegen.arch import Arch
 from flashmhf.tuner.precompile import CompilePool
 from flashmhf.tuner.search import Search, SearchResult, study_name
 from flashmhf.tuner.worker import MeasureWorker
@@ -75,10 +76,10 @@ class Request:
     seed_caches: list[Path] | None = None  # files whose results seed the studies (None: the files in effect)
 
 
-def tunable_jobs(specs: list[Spec], buckets: tuple[int, ...]) -> list[tuple[Spec, int]]:
-    """Every (spec, bucket) whose kind has a config for that token count (fwd_ws, for one, leaves
-    small token counts to fwd): the rest have nothing to tune."""
-    return [(s, b) for s in specs for b in buckets if next(get_kind(s.kind).space(s, b), None) is not None]
+def tunable_jobs(specs: list[Spec], buckets: tuple[int, ...], arch: Arch) -> list[tuple[Spec, int]]:
+    """Every (spec, bucket) whose kind has a config for that token count on ``arch`` (fwd_ws, for one,
+    leaves small token counts to fwd): the rest have nothing to tune."""
+    return [(s, b) for s in specs for b in buckets if next(get_kind(s.kind).space(s, b, arch), None) is not None]
 
 
 ProgressFn = Callable[[str, int, int, float | None, float | None], None]
@@ -142,10 +143,10 @@ def run(request: Request, progress: ProgressFn | None = None, say: Callable[[str
         ) -> list[SearchResult]:
     """Tune every (spec, bucket) of ``request``; ``progress(label, done, goal, best_ms, best_tflops)``;
     ``say(line)`` for notes such as waiting for another tuner of the same key (default: stderr)."""
-    device = device_info()
+    device, arch = device_info(), device_arch()
     cache = TuningCache(request.cache_path)
     storage = open_storage(request.storage_url, request.cache_path)
-    jobs = tunable_jobs(request.specs, request.buckets)
+    jobs = tunable_jobs(request.specs, request.buckets, arch)
     deadline = time.monotonic() + (request.time_budget_s if request.time_budget_s else math.inf)
     pool = None
     if not interpreting() and request.compile_workers != 0:
@@ -175,6 +176,7 @@ def run(request: Request, progress: ProgressFn | None = None, say: Callable[[str
                     spec, bucket, device, cache, storage, worker, trials=request.trials,
                     deadline=now + share, seed=None if request.seed is None else request.seed + i,
                     shared=request.shared, on_measure=report, compile_pool=pool, seed_caches=request.seed_caches,
+                    arch=arch,
                 )
                 results.append(search.run())
             for spec in request.specs:

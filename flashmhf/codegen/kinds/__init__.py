@@ -1,8 +1,25 @@
-"""Registry of kernel kinds. Each kind lives in its own module next to its template's name."""
+"""Registry of kernel kinds. Each kind lives in its own module next to its template's name and
+declares its role, needs, minimum tokens and fallback there; adding a kind is its module, its
+template and one entry of ``_REGISTERED`` (``flashmhf.codegen.registry`` chooses among them)."""
 
 from __future__ import annotations
 
-from flashmhf.codegen.kinds.base import Config, KernelKind, Param, format_config
+from flashmhf.codegen.kinds.base import (
+    BACKWARD,
+    CORE_ROLES,
+    DKUV,
+    DQ,
+    FORWARD,
+    NORM_ROUTER,
+    NORM_ROUTER_BWD,
+    ROUTER,
+    ROUTER_BWD,
+    Config,
+    KernelKind,
+    Param,
+    Role,
+    format_config,
+)
 from flashmhf.codegen.kinds.bwd_dkuv import BWD_DKUV
 from flashmhf.codegen.kinds.bwd_dkuv_ws import BWD_DKUV_WS
 from flashmhf.codegen.kinds.bwd_dq import BWD_DQ
@@ -10,12 +27,13 @@ from flashmhf.codegen.kinds.bwd_dq_ws import BWD_DQ_WS
 from flashmhf.codegen.kinds.bwd_fused import BWD_FUSED
 from flashmhf.codegen.kinds.fwd import FWD
 from flashmhf.codegen.kinds.fwd_ws import FWD_WS
-from flashmhf.codegen.kinds.norm_router import NORM_ROUTER, NORM_ROUTER_BWD, ROUTER, ROUTER_BWD
+from flashmhf.codegen.kinds.norm_router import NORM_ROUTER_BWD_KIND, NORM_ROUTER_KIND, ROUTER_BWD_KIND, ROUTER_KIND
 
-KINDS: dict[str, KernelKind] = {
-    k.name: k for k in (FWD, FWD_WS, BWD_DQ, BWD_DQ_WS, BWD_DKUV, BWD_DKUV_WS, BWD_FUSED, NORM_ROUTER, ROUTER,
-                        NORM_ROUTER_BWD, ROUTER_BWD)
-}
+# Within a role the runtime prefers the kinds no other kind falls back to (in this order), then their
+# fallbacks.
+_REGISTERED = (FWD, FWD_WS, BWD_DQ, BWD_DQ_WS, BWD_DKUV, BWD_DKUV_WS, BWD_FUSED, NORM_ROUTER_KIND, ROUTER_KIND,
+               NORM_ROUTER_BWD_KIND, ROUTER_BWD_KIND)
+KINDS: dict[str, KernelKind] = {k.name: k for k in _REGISTERED}
 
 
 def get_kind(name: str) -> KernelKind:
@@ -27,4 +45,5 @@ def get_kind(name: str) -> KernelKind:
         raise SpecError(f"kind must be one of {', '.join(KINDS)}, got {name!r}") from None
 
 
-__all__ = ["KINDS", "Config", "KernelKind", "Param", "format_config", "get_kind"]
+__all__ = ["BACKWARD", "CORE_ROLES", "DKUV", "DQ", "FORWARD", "KINDS", "NORM_ROUTER", "NORM_ROUTER_BWD", "ROUTER",
+           "ROUTER_BWD", "Config", "KernelKind", "Param", "Role", "format_config", "get_kind"]

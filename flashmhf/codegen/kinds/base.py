@@ -1,4 +1,5 @@
-"""What every kernel kind declares: its template, config space, constraints and default."""
+"""What every kernel kind declares: its role, template, config space, constraints, default, what it
+needs of the GPU architecture, and the kind that runs what it cannot (its fallback)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,36 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from flashmhf.codegen.arch import DEFAULT_ARCH, Arch
 from flashmhf.codegen.dtypes import DTYPE_BYTES  # noqa: F401 - kinds import it from here
 from flashmhf.codegen.spec import Spec
 
-# Hopper: 227 KiB of shared memory per block, 64K 32-bit registers per SM.
-SMEM_BYTES = 232_448
-MAX_REGS_PER_THREAD = 255
-
 Config = dict[str, int]
+
+
+@dataclass(frozen=True)
+class Role:
+    """What a kind computes. The runtime runs, for each role it needs, the first kind of that role
+    that can run (see ``flashmhf.codegen.registry``); the tuner's harness builds one problem per role
+    (``flashmhf.tuner.harness.builder``), so a kind of a new role brings its role here and a builder."""
+
+    name: str
+    computes: str  # for help texts
+    gradient: bool = False  # its outputs are gradients: checked at the training tolerance
+    runs: bool = True  # the runtime runs kinds of this role (False: a kind for the tuner to weigh only)
+
+
+FORWARD = Role("forward", "s, the core's output")
+DQ = Role("dq", "dq and dr", gradient=True)
+DKUV = Role("dkuv", "dK, dU and dV", gradient=True)
+BACKWARD = Role("backward", "dq, dr, dK, dU and dV in one pass", gradient=True, runs=False)
+# The core op's roles; the layer op adds its head norm and router (a layer has the norm or not, so
+# the variants are roles of their own, not each other's fallbacks).
+CORE_ROLES = (FORWARD, DQ, DKUV)
+NORM_ROUTER = Role("norm_router", "the layer's head RMSNorm (qn) and router (r)")
+ROUTER = Role("router", "the layer's router (r), without a head norm")
+NORM_ROUTER_BWD = Role("norm_router_bwd", "the head RMSNorm's and router's dq, dW_r, dw_norm", gradient=True)
+ROUTER_BWD = Role("router_bwd", "the router's dq and dW_r", gradient=True)
 
 
 @dataclass(frozen=True)
@@ -30,30 +53,40 @@ class Param:
     absent: int | None = None  # a param added later: the value configs recorded before it ran with
 
 
+Reject = Callable[[Spec, Config, "int | None", Arch], "str | None"]
+Default = Callable[[Spec, int, Arch], Config]
+
+
 @dataclass(frozen=True)
 class KernelKind:
     """A kernel kind: one template plus the space of configs it can be launched with.
 
-    ``reject(spec, config, tokens)`` returns the reason a config cannot work (or ``None``); it is
-    the single place where the space is pruned, before anything compiles. ``tokens`` is ``None``
-    when the question is asked independently of a token count.
+    ``reject_fn(spec, config, tokens, arch)`` returns the reason a config cannot work on ``arch`` (or
+    ``None``); it is the single place where the space is pruned, before anything compiles. ``tokens``
+    is ``None`` when the question is asked independently of a token count. ``default_fn(spec, tokens,
+    arch)`` is the config to run untuned; it raises ``SpecError`` for a shape the kind cannot take.
+
+    ``needs`` names the architecture features (``flashmhf.codegen.arch``) the kind cannot run
+    without; below ``min_tokens`` tokens, or where it cannot run, ``fallback`` (a kind of the same
+    role) runs instead. The registry (``flashmhf.codegen.registry``) reads these to choose.
     """
 
     name: str
     template: str
     description: str
+    role: Role
     params: tuple[Param, ...]
-    reject: Callable[[Spec, Config, int | None], str | None]
-    default: Callable[[Spec, int], Config]
+    reject_fn: Reject
+    default_fn: Default
     flops: Callable[[Spec, int], float]
+    needs: frozenset[str] = frozenset()
+    min_tokens: int = 1
+    fallback: str | None = None
     extra_hash: tuple[str, ...] = field(default_factory=tuple)
-    # Why a device of compute capability (major, minor) -- None: no CUDA device -- cannot run the
-    # kind (None: it can). Unset: the kind runs wherever Triton does, the interpreter included.
-    device_reason: Callable[[tuple[int, int] | None], str | None] | None = None
 
-    def unavailable(self, capability: tuple[int, int] | None) -> str | None:
-        """Why this machine (``capability``; None: no CUDA device) cannot run the kind, or None."""
-        return self.device_reason(capability) if self.device_reason else None
+    def unavailable(self, arch: Arch) -> str | None:
+        """Why ``arch`` cannot run the kind at all (None: it can)."""
+        return arch.missing(self.needs)
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -62,22 +95,35 @@ class KernelKind:
     @cached_property
     def space_hash(self) -> str:
         """Hash of the declared values and the constraint code (the whole module that defines
-        ``reject``, so resource estimates and thresholds count too): results from another space differ."""
+        ``reject_fn``, so resource estimates and thresholds count too): results from another space
+        differ. The runtime does not look at it; the tuner starts a new study when it changes."""
         h = hashlib.sha256()
         for p in self.params:
             h.update(f"{p.name}={p.values};".encode())
-        h.update(inspect.getsource(inspect.getmodule(self.reject)).encode())
+        h.update(inspect.getsource(inspect.getmodule(self.reject_fn)).encode())
         for extra in self.extra_hash:
             h.update(extra.encode())
         return h.hexdigest()[:16]
 
-    def shape_reason(self, spec: Spec) -> str | None:
-        """Why the kind cannot take ``spec``'s layer shape and dtype with any config (None: it can).
-        A kind's ``default`` raises ``SpecError`` for exactly those shapes."""
-        from flashmhf.codegen.spec import SpecError
+    def reject(self, spec: Spec, config: Config, tokens: int | None = None, arch: Arch = DEFAULT_ARCH) -> str | None:
+        """Why ``config`` cannot run ``spec`` at ``tokens`` on ``arch`` (None: it can)."""
+        if tokens is not None and tokens < self.min_tokens:
+            return f"below {self.min_tokens} tokens {self.fallback or 'another kind'} is the one to run"
+        return self.reject_fn(spec, config, tokens, arch)
+
+    def default(self, spec: Spec, tokens: int, arch: Arch = DEFAULT_ARCH) -> Config:
+        """The config to run ``spec`` at ``tokens`` with on ``arch`` when nothing is tuned."""
+        return self.default_fn(spec, tokens, arch)
+
+    def shape_reason(self, spec: Spec, arch: Arch = DEFAULT_ARCH) -> str | None:
+        """Why the kind cannot take ``spec``'s layer shape and dtype on ``arch`` with any config (None:
+        it can): the code generator's checks, then the kind's ``default``, which raises ``SpecError``
+        for exactly the shapes no config fits."""
+        from flashmhf.codegen.spec import SpecError, validate_spec
 
         try:
-            self.default(spec, 1)
+            validate_spec(spec, (self.name,))
+            self.default(spec, 1, arch)
         except SpecError as exc:
             return str(exc)
         return None
@@ -88,8 +134,9 @@ class KernelKind:
         missing = {p.name: p.absent for p in self.params if p.name not in config and p.absent is not None}
         return {**config, **missing} if missing else config
 
-    def check_config(self, spec: Spec, config: Config, tokens: int | None = None) -> None:
-        """Raise ``SpecError`` if ``config`` is malformed or rejected for ``spec``."""
+    def check_config(self, spec: Spec, config: Config, tokens: int | None = None,
+                     arch: Arch = DEFAULT_ARCH) -> None:
+        """Raise ``SpecError`` if ``config`` is malformed or rejected for ``spec`` on ``arch``."""
         from flashmhf.codegen.spec import SpecError
 
         missing = [n for n in self.param_names if n not in config]
@@ -105,15 +152,15 @@ class KernelKind:
             lowest = 1 if p.log2 else 0  # tile sizes are positive; switches and depths may be 0
             if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
                 raise SpecError(f"config {p.name} must be an integer >= {lowest}, got {value!r}")
-        reason = self.reject(spec, config, tokens)
+        reason = self.reject(spec, config, tokens, arch)
         if reason:
-            raise SpecError(f"{format_config(config)} rejected for {spec.label()}: {reason}")
+            raise SpecError(f"{format_config(config)} rejected for {spec.label()} on {arch.name}: {reason}")
 
-    def space(self, spec: Spec, tokens: int | None = None) -> Iterator[Config]:
-        """Every declared config that the constraints accept, in a deterministic order."""
+    def space(self, spec: Spec, tokens: int | None = None, arch: Arch = DEFAULT_ARCH) -> Iterator[Config]:
+        """Every declared config that the constraints accept on ``arch``, in a deterministic order."""
         for values in itertools.product(*(p.values for p in self.params)):
             config = dict(zip(self.param_names, values))
-            if self.reject(spec, config, tokens) is None:
+            if self.reject(spec, config, tokens, arch) is None:
                 yield config
 
     def space_size(self) -> int:
@@ -123,16 +170,27 @@ class KernelKind:
         return n
 
 
-def first_accepted(
-    reject: Callable[[Spec, Config, int | None], str | None], spec: Spec, candidates: Iterable[Config]
-) -> Config:
-    """The first candidate the constraints accept: how each kind turns its preferences into a default."""
-    for c in candidates:
-        if reject(spec, c, None) is None:
-            return c
+def first_accepted(reject: Reject, spec: Spec, arch: Arch, candidates: Iterable[Config], kind: str = "") -> Config:
+    """The first candidate the constraints accept on ``arch``: how each kind turns its preferences
+    into a default. ``SpecError`` (naming the last reason) when none fits: the runtime then runs the
+    kind's fallback, or the reference."""
     from flashmhf.codegen.spec import SpecError
 
-    raise SpecError(f"no config of kind {spec.kind} fits {spec.label()}")
+    reason = "no candidates"
+    for c in candidates:
+        reason = reject(spec, c, None, arch)
+        if reason is None:
+            return c
+    raise SpecError(f"no {kind or spec.kind} config fits {spec.label()} on {arch.name}: {reason}")
+
+
+def resource_reason(smem: int, regs: int | None, arch: Arch) -> str | None:
+    """Why estimated shared memory (bytes per block) or registers (per thread) exceed ``arch``."""
+    if smem > arch.smem_per_block:
+        return f"needs ~{smem // 1024} KiB shared memory, more than {arch.smem_per_block // 1024} KiB on {arch.name}"
+    if regs is not None and regs > arch.regs_per_thread:
+        return f"needs ~{regs} registers per thread (> {arch.regs_per_thread}): would spill"
+    return None
 
 
 def format_config(config: Config) -> str:

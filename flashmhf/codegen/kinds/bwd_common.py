@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from flashmhf.codegen.kinds.base import MAX_REGS_PER_THREAD, SMEM_BYTES, Config, next_pow2
+from flashmhf.codegen.arch import Arch
+from flashmhf.codegen.kinds.base import Config, next_pow2, resource_reason
 from flashmhf.codegen.spec import Spec
 
 # Fixed per-thread register overhead (addresses, loop state, masks) on top of the tiles we count.
@@ -21,16 +22,15 @@ def row_tile(tokens: int, spec: Spec, cap: int) -> int:
 
 
 def common_reject(
-    spec: Spec, c: Config, tokens: int | None, smem: int, regs: int
+    spec: Spec, c: Config, tokens: int | None, smem: int, regs: int, arch: Arch
 ) -> str | None:
     """The checks every backward kind makes: tile inside a sub-network, resources, tile vs rows."""
     bf, bm = c["block_f"], c["block_m"]
     if spec.expert_dim % bf:
         return f"block_f={bf} does not divide expert_dim={spec.expert_dim} (a tile must stay in one sub-network)"
-    if smem > SMEM_BYTES:
-        return f"needs ~{smem // 1024} KiB shared memory, more than {SMEM_BYTES // 1024} KiB"
-    if regs > MAX_REGS_PER_THREAD:
-        return f"needs ~{regs} registers per thread (> {MAX_REGS_PER_THREAD}): would spill"
+    reason = resource_reason(smem, regs, arch)
+    if reason:
+        return reason
     if tokens is not None:
         rows = tokens * spec.group
         if bm > max(16, next_pow2(rows)):

@@ -6,15 +6,15 @@ and dn to a "grad" warp group through shared memory and accumulates dV; the grad
 and accumulates dK and dU; one warp issues the TMA loads. Each group holds at most two fp32
 accumulators, so a step covers 64 tokens instead of 16, and the two groups' products overlap.
 
-Needs an NVIDIA Hopper GPU (compute capability 9.x: warp-group MMA and TMA) and 16-bit inputs; it
-cannot run under Triton's interpreter (``hopper.device_reason`` says why a device cannot run it); the
-op then uses ``bwd_dkuv``.
+Needs an NVIDIA Hopper GPU (warp-group MMA and TMA: ``hopper.NEEDS``) and 16-bit inputs; it cannot
+run under Triton's interpreter. Where it cannot run, its fallback ``bwd_dkuv`` does.
 """
 
 from __future__ import annotations
 
+from flashmhf.codegen.arch import Arch
 from flashmhf.codegen.kinds import bwd_dkuv, hopper
-from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param
+from flashmhf.codegen.kinds.base import DKUV, DTYPE_BYTES, Config, KernelKind, Param
 from flashmhf.codegen.spec import Spec
 
 BLOCK_F = 64  # d_ff rows per program (the M side of one warp group's MMA)
@@ -33,24 +33,25 @@ def shape_reason(spec: Spec) -> str | None:
     return hopper.shape_reason(spec, "bwd_dkuv")
 
 
-def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
-    return hopper.reject(spec, "bwd_dkuv", estimate_smem(spec, c))
+def reject(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
+    return hopper.reject(spec, "bwd_dkuv", estimate_smem(spec, c), arch)
 
 
-def default(spec: Spec, tokens: int) -> Config:
+def default(spec: Spec, tokens: int, arch: Arch) -> Config:
     """64-token steps, a 2-slot q/ds ring, 16-bit coefficients.
 
     Measured on an H200 (repo-1.3b, T = 16384, bf16; docs/benchmarks/2026-11-29-fast-sigmoid.md):
     4.37 ms, 4.33-4.36 with 3 slots (tuned 4.21), against 6.50 ms for bwd_dkuv's best config."""
     candidates = ({"block_m": bm, "num_stages": stages, "coef_fp32": 0, "halves": 0} for bm in (64, 32)
                   for stages in (2, 3))
-    return hopper.default("bwd_dkuv_ws", spec, "bwd_dkuv", reject, candidates)
+    return hopper.default("bwd_dkuv_ws", spec, "bwd_dkuv", reject, arch, candidates)
 
 
 BWD_DKUV_WS = KernelKind(
     name="bwd_dkuv_ws",
     template="bwd_dkuv_ws.py.jinja",
     description="backward dK, dU, dV for Hopper: warp-specialized (gate/grad warp groups + TMA warp), Gluon",
+    role=DKUV,
     params=(
         Param("block_m", (32, 64), help="tokens per step"),
         Param("num_stages", (2, 3, 4), log2=False, help="slots of the q/ds ring"),
@@ -58,8 +59,9 @@ BWD_DKUV_WS = KernelKind(
         Param("halves", (0, 1), log2=False, help="1: each partition works in two half steps, overlapping its "
               "MMAs with its elementwise work"),
     ),
-    reject=reject,
-    default=default,
+    reject_fn=reject,
+    default_fn=default,
     flops=bwd_dkuv.flops,
-    device_reason=hopper.device_reason,
+    needs=hopper.NEEDS,
+    fallback="bwd_dkuv",
 )

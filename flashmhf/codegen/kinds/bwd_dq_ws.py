@@ -10,8 +10,9 @@ Needs an NVIDIA Hopper GPU and 16-bit inputs (``hopper``).
 
 from __future__ import annotations
 
+from flashmhf.codegen.arch import Arch
 from flashmhf.codegen.kinds import bwd_dq, hopper
-from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param
+from flashmhf.codegen.kinds.base import DQ, DTYPE_BYTES, Config, KernelKind, Param
 from flashmhf.codegen.spec import Spec
 
 ROWS, TILE = 64, hopper.TILE  # rows per warp group (a program covers two) and d_ff columns per step
@@ -24,28 +25,32 @@ def estimate_smem(spec: Spec, c: Config) -> int:
     return 4 * ROWS * d * b + c["num_stages"] * 3 * TILE * d * b + 1024
 
 
-def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
-    return hopper.reject(spec, "bwd_dq", estimate_smem(spec, c), tokens, hopper.MIN_TOKENS)
+def reject(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
+    return hopper.reject(spec, "bwd_dq", estimate_smem(spec, c), arch)
 
 
-def default(spec: Spec, tokens: int) -> Config:
+def default(spec: Spec, tokens: int, arch: Arch) -> Config:
     """A 3-slot K/U/V ring where it fits, else 2; ping-pong.
 
     Measured on an H200 (repo-1.3b, bf16, T = 16384; docs/benchmarks/2026-11-29-fast-sigmoid.md):
     3.00 ms, 3.04 without ping-pong in the same run; bwd_dq's best config 3.44-3.50."""
-    return hopper.default("bwd_dq_ws", spec, "bwd_dq", reject, ({"num_stages": n, "pingpong": 1} for n in (3, 2)))
+    return hopper.default("bwd_dq_ws", spec, "bwd_dq", reject, arch,
+                          ({"num_stages": n, "pingpong": 1} for n in (3, 2)))
 
 
 BWD_DQ_WS = KernelKind(
     name="bwd_dq_ws",
     template="bwd_dq_ws.py.jinja",
     description="backward dq, dr for Hopper: warp-specialized (two 64-row warp groups + TMA warp), Gluon",
+    role=DQ,
     params=(
         Param("num_stages", (2, 3, 4), log2=False, help="slots of the K/U/V ring"),
         Param("pingpong", (0, 1), log2=False, help="1: the two row groups take turns to issue their products"),
     ),
-    reject=reject,
-    default=default,
+    reject_fn=reject,
+    default_fn=default,
     flops=bwd_dq.flops,
-    device_reason=hopper.device_reason,
+    needs=hopper.NEEDS,
+    min_tokens=hopper.MIN_TOKENS,
+    fallback="bwd_dq",
 )

@@ -10,8 +10,9 @@ Needs an NVIDIA Hopper GPU and 16-bit inputs (``hopper``).
 
 from __future__ import annotations
 
+from flashmhf.codegen.arch import Arch
 from flashmhf.codegen.kinds import fwd, hopper
-from flashmhf.codegen.kinds.base import DTYPE_BYTES, Config, KernelKind, Param
+from flashmhf.codegen.kinds.base import DTYPE_BYTES, FORWARD, Config, KernelKind, Param
 from flashmhf.codegen.spec import Spec
 
 ROWS = 64  # rows per warp group; a program covers two groups
@@ -29,33 +30,36 @@ def shape_reason(spec: Spec) -> str | None:
     return hopper.shape_reason(spec, "fwd")
 
 
-def reject(spec: Spec, c: Config, tokens: int | None) -> str | None:
+def reject(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
     bf = c["block_f"]
     if spec.expert_dim % bf and not shape_reason(spec):
         return f"block_f={bf} does not divide expert_dim={spec.expert_dim} (a tile must stay in one sub-network)"
-    return hopper.reject(spec, "fwd", estimate_smem(spec, c), tokens, hopper.MIN_TOKENS)
+    return hopper.reject(spec, "fwd", estimate_smem(spec, c), arch)
 
 
-def default(spec: Spec, tokens: int) -> Config:
+def default(spec: Spec, tokens: int, arch: Arch) -> Config:
     """128-wide d_ff tiles in a 2-slot ring where d_e allows, else 64-wide ones in 3 slots.
 
     Measured on an H200 (repo-1.3b, bf16, T = 16384; docs/benchmarks/2026-11-29-fast-sigmoid.md):
     1.83 ms, 64-wide tiles in 3 slots 1.80 (the tuner's pick); before the fast sigmoid 2.02 against
     2.27 for fwd's best config."""
     candidates = ({"block_f": bf, "num_stages": stages} for bf, stages in ((128, 2), (64, 3), (64, 2)))
-    return hopper.default("fwd_ws", spec, "fwd", reject, candidates)
+    return hopper.default("fwd_ws", spec, "fwd", reject, arch, candidates)
 
 
 FWD_WS = KernelKind(
     name="fwd_ws",
     template="fwd_ws.py.jinja",
     description="forward core for Hopper: warp-specialized (two 64-row warp groups + TMA warp), Gluon",
+    role=FORWARD,
     params=(
         Param("block_f", (64, 128), help="d_ff columns per loop step (64: q is held in registers)"),
         Param("num_stages", (2, 3, 4), log2=False, help="slots of the K/U/V ring"),
     ),
-    reject=reject,
-    default=default,
+    reject_fn=reject,
+    default_fn=default,
     flops=fwd.flops,
-    device_reason=hopper.device_reason,
+    needs=hopper.NEEDS,
+    min_tokens=hopper.MIN_TOKENS,
+    fallback="fwd",
 )

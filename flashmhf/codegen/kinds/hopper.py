@@ -1,16 +1,17 @@
-"""What the warp-specialized Gluon kinds (fwd_ws, bwd_dq_ws, bwd_dkuv_ws) need of a shape and a
-device: 16-bit inputs, power-of-two head dims, 64-wide tiles inside one sub-network, and a Hopper GPU
-with Gluon. Each names the plain Triton kind that runs what it cannot."""
+"""What the warp-specialized Gluon kinds (fwd_ws, bwd_dq_ws, bwd_dkuv_ws) need of a shape and an
+architecture: 16-bit inputs, power-of-two head dims, 64-wide tiles inside one sub-network, and a GPU
+with warp-group MMA, TMA and Gluon (``NEEDS``: Hopper). Each names the plain Triton kind that runs
+what it cannot (its ``fallback``)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-from flashmhf.codegen.kinds.base import SMEM_BYTES, Config, first_accepted
+from flashmhf.codegen.arch import GLUON, TMA, WGMMA, Arch
+from flashmhf.codegen.kinds.base import Config, Reject, first_accepted, resource_reason
 from flashmhf.codegen.spec import Spec, SpecError
 
+NEEDS = frozenset({WGMMA, TMA, GLUON})
 HEAD_DIMS = (32, 64, 128)  # power-of-two tiles; the largest that the register budgets were checked at is 128
 TILE = 64  # d_ff tile of every warp-specialized kind: one warp group's MMA side
 # Below this many tokens fwd_ws and bwd_dq_ws leave the work to fwd and bwd_dq (decode sizes: fwd's
@@ -29,38 +30,17 @@ def shape_reason(spec: Spec, plain_kind: str) -> str | None:
     return None
 
 
-def device_reason(capability: tuple[int, int] | None) -> str | None:
-    """Why a device of this compute capability cannot run a warp-specialized kind (``None`` = it can).
-    ``capability`` is ``None`` for no CUDA device."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "Triton's interpreter cannot run Gluon kernels"
-    if capability is None:
-        return "needs an NVIDIA GPU"
-    if capability[0] != 9:
-        return f"needs a Hopper GPU (compute capability 9.x), this one is {capability[0]}.{capability[1]}"
-    if importlib.util.find_spec("triton.experimental.gluon") is None:
-        return "this Triton has no Gluon (triton.experimental.gluon)"
-    return None
+def reject(spec: Spec, plain_kind: str, smem: int, arch: Arch) -> str | None:
+    """What every warp-specialized kind checks of a config: the shape and its shared memory
+    estimate ``smem`` on ``arch`` (the register budget is fixed in the templates)."""
+    return shape_reason(spec, plain_kind) or resource_reason(smem, None, arch)
 
 
-def reject(spec: Spec, plain_kind: str, smem: int, tokens: int | None = None, min_tokens: int = 0) -> str | None:
-    """What every warp-specialized kind checks of a config: the shape, its shared memory estimate
-    ``smem``, and (for kinds that serve large token counts only) ``tokens >= min_tokens``."""
-    reason = shape_reason(spec, plain_kind)
-    if reason:
-        return reason
-    if smem > SMEM_BYTES:
-        return f"needs ~{smem // 1024} KiB shared memory, more than {SMEM_BYTES // 1024} KiB"
-    if tokens is not None and tokens < min_tokens:
-        return f"below {min_tokens} tokens the plain kernel ({plain_kind}) is the one to run"
-    return None
-
-
-def default(name: str, spec: Spec, plain_kind: str, reject_config: Callable[[Spec, Config, int | None], str | None],
+def default(name: str, spec: Spec, plain_kind: str, reject_config: Reject, arch: Arch,
             candidates: Iterable[Config]) -> Config:
     """The first of ``candidates`` that ``reject_config`` accepts; ``SpecError`` for a shape the kind
     ``name`` cannot take at all (the op then runs ``plain_kind``)."""
     reason = shape_reason(spec, plain_kind)
     if reason:
         raise SpecError(f"{name} cannot run {spec.label()}: {reason}")
-    return first_accepted(reject_config, spec, candidates)
+    return first_accepted(reject_config, spec, arch, candidates, name)

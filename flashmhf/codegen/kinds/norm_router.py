@@ -14,23 +14,26 @@ H_kv nor d_e, which are in the spec only because every kind shares the layer's k
 
 from __future__ import annotations
 
+from flashmhf.codegen.arch import Arch
 from flashmhf.codegen.kinds.base import (
     DTYPE_BYTES,
-    MAX_REGS_PER_THREAD,
+    NORM_ROUTER,
+    NORM_ROUTER_BWD,
+    ROUTER,
+    ROUTER_BWD,
     Config,
     KernelKind,
     Param,
+    Role,
+    cdiv,
     first_accepted,
     next_pow2,
+    resource_reason,
 )
 from flashmhf.codegen.spec import Spec
 
-# Programs that fill a large GPU twice (an H200 has 132 SMs): the backward's default split aims here.
-TARGET_PROGRAMS = 264
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+# The backward's default split aims at this many programs per SM (264 on an H200's 132 SMs).
+PROGRAMS_PER_SM = 2
 
 
 def e_pad(spec: Spec) -> int:
@@ -47,41 +50,41 @@ def estimate_regs(spec: Spec, c: Config, backward: bool) -> int:
     return tiles // (c["num_warps"] * 32) + 32
 
 
-def _reject(spec: Spec, c: Config, tokens: int | None, backward: bool) -> str | None:
-    if (regs := estimate_regs(spec, c, backward)) > MAX_REGS_PER_THREAD:
-        return f"needs ~{regs} registers per thread (> {MAX_REGS_PER_THREAD}): would spill"
+def _reject(spec: Spec, c: Config, tokens: int | None, arch: Arch, backward: bool) -> str | None:
+    if reason := resource_reason(0, estimate_regs(spec, c, backward), arch):
+        return reason
     if tokens is not None:
         if c["block_t"] > max(16, next_pow2(tokens)):
             return f"block_t={c['block_t']} is larger than the {tokens} tokens it would cover"
-        if backward and c["split"] > _cdiv(tokens, c["block_t"]):
-            return f"split={c['split']} exceeds the {_cdiv(tokens, c['block_t'])} token blocks"
+        if backward and c["split"] > cdiv(tokens, c["block_t"]):
+            return f"split={c['split']} exceeds the {cdiv(tokens, c['block_t'])} token blocks"
     return None
 
 
-def reject_forward(spec: Spec, c: Config, tokens: int | None) -> str | None:
-    return _reject(spec, c, tokens, backward=False)
+def reject_forward(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
+    return _reject(spec, c, tokens, arch, backward=False)
 
 
-def reject_backward(spec: Spec, c: Config, tokens: int | None) -> str | None:
-    return _reject(spec, c, tokens, backward=True)
+def reject_backward(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
+    return _reject(spec, c, tokens, arch, backward=True)
 
 
-def default_forward(spec: Spec, tokens: int) -> Config:
+def default_forward(spec: Spec, tokens: int, arch: Arch) -> Config:
     """64-token blocks (fewer at decode sizes), 4 warps."""
     block_t = min(64, max(16, next_pow2(tokens)))
     candidates = [{"block_t": bt, "num_warps": w} for bt in (block_t, 32, 16) for w in (4, 8)]
-    return first_accepted(reject_forward, spec, candidates)
+    return first_accepted(reject_forward, spec, arch, candidates, spec.kind)
 
 
-def default_backward(spec: Spec, tokens: int) -> Config:
+def default_backward(spec: Spec, tokens: int, arch: Arch) -> Config:
     """64-token blocks and enough programs per head to fill the GPU twice over."""
     block_t = min(64, max(16, next_pow2(tokens)))
-    blocks = _cdiv(max(tokens, 1), block_t)
+    blocks = cdiv(max(tokens, 1), block_t)
     split = 1
-    while split * 2 <= blocks and split * 2 * spec.n_heads <= TARGET_PROGRAMS:
+    while split * 2 <= blocks and split * 2 * spec.n_heads <= PROGRAMS_PER_SM * arch.sm_count:
         split *= 2
     candidates = [{"block_t": bt, "split": split, "num_warps": w} for bt in (block_t, 32, 16) for w in (4, 8)]
-    return first_accepted(reject_backward, spec, candidates)
+    return first_accepted(reject_backward, spec, arch, candidates, spec.kind)
 
 
 def flops_forward(spec: Spec, tokens: int) -> float:
@@ -111,21 +114,23 @@ _BACKWARD_PARAMS = (
 )
 
 
-def _forward_kind(name: str, what: str) -> KernelKind:
+def _forward_kind(name: str, role: Role, what: str) -> KernelKind:
     return KernelKind(
-        name=name, template="norm_router.py.jinja", description=what, params=_FORWARD_PARAMS,
-        reject=reject_forward, default=default_forward, flops=flops_forward,
+        name=name, template="norm_router.py.jinja", description=what, role=role, params=_FORWARD_PARAMS,
+        reject_fn=reject_forward, default_fn=default_forward, flops=flops_forward,
     )
 
 
-def _backward_kind(name: str, what: str) -> KernelKind:
+def _backward_kind(name: str, role: Role, what: str) -> KernelKind:
     return KernelKind(
-        name=name, template="norm_router_bwd.py.jinja", description=what, params=_BACKWARD_PARAMS,
-        reject=reject_backward, default=default_backward, flops=flops_backward,
+        name=name, template="norm_router_bwd.py.jinja", description=what, role=role, params=_BACKWARD_PARAMS,
+        reject_fn=reject_backward, default_fn=default_backward, flops=flops_backward,
     )
 
 
-NORM_ROUTER = _forward_kind("norm_router", "layer: head RMSNorm of q, then r = normalise(sigmoid(qn W_r)) (fp32)")
-ROUTER = _forward_kind("router", "layer without head norm: r = normalise(sigmoid(q W_r)) (fp32)")
-NORM_ROUTER_BWD = _backward_kind("norm_router_bwd", "layer backward: router and head RMSNorm, dq, dW_r, dw_norm")
-ROUTER_BWD = _backward_kind("router_bwd", "layer backward without head norm: router, dq, dW_r")
+NORM_ROUTER_KIND = _forward_kind("norm_router", NORM_ROUTER,
+                                 "layer: head RMSNorm of q, then r = normalise(sigmoid(qn W_r)) (fp32)")
+ROUTER_KIND = _forward_kind("router", ROUTER, "layer without head norm: r = normalise(sigmoid(q W_r)) (fp32)")
+NORM_ROUTER_BWD_KIND = _backward_kind("norm_router_bwd", NORM_ROUTER_BWD,
+                                      "layer backward: router and head RMSNorm, dq, dW_r, dw_norm")
+ROUTER_BWD_KIND = _backward_kind("router_bwd", ROUTER_BWD, "layer backward without head norm: router, dq, dW_r")
