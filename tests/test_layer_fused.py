@@ -275,3 +275,23 @@ def test_head_parallel_dtensors_run_the_kernels_on_local_shards(tmp_path):
     finally:
         dist.destroy_process_group()
 
+
+
+@pytest.mark.parametrize("d_model,n_heads,d_ff,n_experts", [(40, 2, 34, 2), (48, 2, 51, 3)],
+                         ids=["dh20-de17", "dh24-de17"])
+def test_odd_widths_run_and_match_float64(d_model, n_heads, d_ff, n_experts):
+    """d_h = 20 (no norm/router kernel: PyTorch ops around the padded core) and d_h = 24 (the kernels
+    with a masked head dim); d_e = 17 pads the core's sub-networks."""
+    torch.manual_seed(0)
+    layer = fm.FlashMHF(d_model, n_heads, d_ff, n_experts, head_norm=True)
+    x = torch.randn(5, d_model, requires_grad=True)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    want, want_grads = float64_layer_and_grads(layer, x, dy)
+    assert rel_error(y, want) <= 1e-4
+    got = {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    for name, g in got.items():
+        assert rel_error(g, want_grads[name]) <= 1e-4, name
+    assert (layer_op._shape_key((n_heads, n_heads, d_model // n_heads, n_experts, d_ff // n_experts),
+                                torch.float32) is None) == (d_model // n_heads == 20)
