@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import argument_parser
 from flashmhf.codegen import format_config
 from flashmhf.codegen.arch import ARCHS, CHECKED_ARCHS
 from flashmhf.codegen.spec import kernel_dims
@@ -30,17 +30,19 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-@click.command()
-@click.option("--preset", "presets", default=",".join(PRESETS), show_default=True, help="comma list of presets")
-@click.option("--arch", "archs", default=",".join(a.name for a in CHECKED_ARCHS), show_default=True,
-              help=f"comma list of {', '.join(ARCHS)}")
-@click.option("--dtype", "dtypes", default="bf16", show_default=True, help="comma list of bf16, fp16, fp32")
-@click.option("--tokens", default=",".join(map(str, BUCKETS)), show_default=True, help="comma list of token buckets")
-def main(presets: str, archs: str, dtypes: str, tokens: str) -> None:
+def main(argv: list[str] | None = None) -> None:
+    ap = argument_parser(__spec__.name, __doc__)
+    ap.add_argument("--preset", dest="presets", default=",".join(PRESETS), help="comma list of presets")
+    ap.add_argument("--arch", dest="archs", default=",".join(a.name for a in CHECKED_ARCHS),
+                    help=f"comma list of {', '.join(ARCHS)}")
+    ap.add_argument("--dtype", dest="dtypes", default="bf16", help="comma list of bf16, fp16, fp32")
+    ap.add_argument("--tokens", default=",".join(map(str, BUCKETS)), help="comma list of token buckets")
+    args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # real compiles (read when a kernel module loads), not the interpreter
+    presets, archs, dtypes, tokens = args.presets, args.archs, args.dtypes, args.tokens
     unknown = [a for a in _names(archs) if a not in ARCHS]
     if unknown:
-        raise click.BadParameter(f"unknown arch {', '.join(unknown)} (known: {', '.join(ARCHS)})", param_hint="--arch")
+        ap.error(f"--arch: unknown arch {', '.join(unknown)} (known: {', '.join(ARCHS)})")
     buckets = tuple(int(t) for t in _names(tokens))
     console = Console(width=max(140, Console().width))
     table = Table("arch", "spec", "T", "default config", "spills B", "shared KiB", "ok")
