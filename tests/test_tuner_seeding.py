@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from flashmhf.cache.portable import export_json
+
 pytest.importorskip("optuna")
 
 from flashmhf.cache.device import DeviceInfo  # noqa: E402
@@ -111,7 +113,7 @@ def test_tables_load_from_a_cache_export_and_from_the_gpu_scripts_json(tmp_path,
                            median_ms=0.03)
         cache.record_trial(key, _cfg(64, 32, 4, 3, split=8), "ok", median_ms=0.04)
         cache.record_trial(key, _cfg(64, 16, 4, 3, split=8), "compile-error", error="x")
-        cache.export_json(tmp_path / "export.json")
+        export_json(cache, tmp_path / "export.json")
     [exported] = rp.load_tables(tmp_path / "export.json")
     assert exported.tokens == 64 and len(exported.configs) == 2
     assert canonical_config(_cfg(64, 64, 4, 3, split=8)) in exported.times  # completed with tma=0

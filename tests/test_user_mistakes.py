@@ -67,14 +67,6 @@ def test_layer_input_checks():
         assert layer(torch.randn(2, 64, dtype=torch.bfloat16)).shape == (2, 64)
 
 
-@pytest.mark.parametrize("d_h,d_e", [(32, 17), (24, 32)])
-def test_a_shape_the_kernels_cannot_take_is_a_value_error(d_h, d_e):
-    q, k, u, v, r = core_inputs(4, 2, 2, d_h, 2, d_e, torch.float32, seed=0)
-    with pytest.raises(ValueError, match="q, k: the generated kernels cannot take this layer shape") as info:
-        fm.flash_mhf(q, k, u, v, r)
-    assert not isinstance(info.value, AssertionError)
-
-
 def test_no_assert_statement_in_code_the_public_api_runs():
     # `assert` disappears under -O and gives no reason: the runtime, codegen and cache raise instead.
     offenders = []

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from flashmhf.codegen import Config, Spec, get_kind, registry
 from flashmhf.codegen.arch import Arch
+from flashmhf.codegen.kinds import Role
 from flashmhf.tuner.resources import KernelReport, kernel_resources
 
 BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384)
@@ -45,11 +46,14 @@ class DefaultReport:
             and all(k.spill_bytes is not None for k in self.kernels)
 
 
-def runtime_specs(shape: tuple, dtype: str, arch: Arch, buckets: Iterable[int] = BUCKETS) -> list[Spec]:
+def runtime_specs(shape: tuple, dtype: str, arch: Arch, buckets: Iterable[int] = BUCKETS,
+                  roles: Iterable[Role] | None = None) -> list[Spec]:
     """The specs of every kind the runtime would run for ``shape`` = (H, H_kv, d_h, E, d_e) in
-    ``dtype`` on ``arch`` at some of ``buckets`` (for each role, each kind the registry picks)."""
+    ``dtype`` on ``arch`` at some of ``buckets`` (for each of ``roles``, default every role the
+    runtime runs, each kind the registry picks)."""
     base = Spec("", *shape, dtype)
-    kinds = {registry.choose(role, base, b, arch) for role in registry.runtime_roles() for b in buckets}
+    roles = registry.runtime_roles() if roles is None else list(roles)
+    kinds = {registry.choose(role, base, b, arch) for role in roles for b in buckets}
     return [Spec(k, *shape, dtype) for k in sorted(kinds - {None})]
 
 
