@@ -40,21 +40,23 @@ def e_pad(spec: Spec) -> int:
     return max(16, next_pow2(spec.n_experts))
 
 
-def estimate_regs(spec: Spec, c: Config, backward: bool) -> int:
-    """fp32 values per thread: copies of the (BLOCK_T x d_h) tile alive at once (forward: q, its
-    fp32 form, the normalised and the stored qn; backward: those plus q_hat, dqn, gw and dq), the
-    logits-sized tiles, the backward's dW_r accumulator, plus fixed overhead. Calibrated on ptxas
-    reports (``flashmhf show --resources``) for sm_80 and sm_90: at 64 x 128 the forward needs 8 warps
-    and the backward 32-token blocks to compile without spills."""
+def estimate_regs(spec: Spec, c: Config, backward: bool, strict: bool = False) -> int:
+    """fp32 values per thread: copies of the (BLOCK_T x d_h) tile alive at once, the logits-sized
+    tiles, the backward's dW_r accumulator, plus fixed overhead. ``strict`` counts every copy the
+    compiler may keep (forward: q, its fp32 form, the normalised and the stored qn; backward: those
+    plus q_hat, dqn, gw and dq): calibrated on ptxas reports (``flashmhf show --resources``, sm_80 and
+    sm_90), it picks defaults that compile without spills. The lenient count prunes the tuner's
+    space only of what cannot be fast: measured winners on the H200 spill a few bytes or none."""
     d_pad, ep = next_pow2(spec.head_dim), e_pad(spec)
-    tiles = c["block_t"] * d_pad * (8 if backward else 4) + c["block_t"] * ep * (4 if backward else 2)
+    copies, logit_tiles = ((8, 4) if backward else (4, 2)) if strict else ((4, 3) if backward else (2, 2))
+    tiles = c["block_t"] * d_pad * copies + c["block_t"] * ep * logit_tiles
     if backward:
         tiles += d_pad * ep
     return tiles // (c["num_warps"] * 32) + 32
 
 
-def _reject(spec: Spec, c: Config, tokens: int | None, arch: Arch, backward: bool) -> str | None:
-    if reason := resource_reason(0, estimate_regs(spec, c, backward), arch):
+def _reject(spec: Spec, c: Config, tokens: int | None, arch: Arch, backward: bool, strict: bool = False) -> str | None:
+    if reason := resource_reason(0, estimate_regs(spec, c, backward, strict), arch):
         return reason
     if tokens is not None:
         if c["block_t"] > max(16, next_pow2(tokens)):
@@ -72,11 +74,19 @@ def reject_backward(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> st
     return _reject(spec, c, tokens, arch, backward=True)
 
 
+def _safe_forward(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
+    return _reject(spec, c, tokens, arch, backward=False, strict=True)
+
+
+def _safe_backward(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
+    return _reject(spec, c, tokens, arch, backward=True, strict=True)
+
+
 def default_forward(spec: Spec, tokens: int, arch: Arch) -> Config:
     """64-token blocks (fewer at decode sizes), 4 warps."""
     block_t = min(64, max(16, next_pow2(tokens)))
     candidates = [{"block_t": bt, "num_warps": w} for bt in (block_t, 32, 16) for w in (4, 8)]
-    return first_accepted(reject_forward, spec, arch, candidates, spec.kind)
+    return first_accepted(_safe_forward, spec, arch, candidates, spec.kind)
 
 
 def default_backward(spec: Spec, tokens: int, arch: Arch) -> Config:
@@ -87,7 +97,7 @@ def default_backward(spec: Spec, tokens: int, arch: Arch) -> Config:
     while split * 2 <= blocks and split * 2 * spec.n_heads <= PROGRAMS_PER_SM * arch.sm_count:
         split *= 2
     candidates = [{"block_t": bt, "split": split, "num_warps": w} for bt in (block_t, 32, 16) for w in (4, 8)]
-    return first_accepted(reject_backward, spec, arch, candidates, spec.kind)
+    return first_accepted(_safe_backward, spec, arch, candidates, spec.kind)
 
 
 def flops_forward(spec: Spec, tokens: int) -> float:
