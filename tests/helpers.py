@@ -70,3 +70,16 @@ def pretend_gpu(monkeypatch, op_module, capability: str) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(op_module, "device_arch", lambda index: arch_for_capability(capability))
     flashmhf_runtime.reset()
+
+
+def isolated_caches(tmp_path, monkeypatch):
+    """For an autouse fixture (``yield from``): an empty user cache folder, no overlay, no shipped
+    files, and the runtime's memos cleared before and after the test."""
+    from flashmhf.cache import paths
+
+    monkeypatch.setenv("FLASHMHF_CACHE_DIR", str(tmp_path / "user"))
+    monkeypatch.delenv("FLASHMHF_CACHE", raising=False)
+    monkeypatch.setattr(paths, "shipped_cache_paths", lambda: [])
+    flashmhf_runtime.reset()
+    yield
+    flashmhf_runtime.reset()

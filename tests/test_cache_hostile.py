@@ -20,23 +20,18 @@ import torch
 from click.testing import CliRunner
 
 import flashmhf_runtime
-from flashmhf.cache import paths, portable, store
+from flashmhf.cache import portable, store
 from flashmhf.cache.device import device_info
 from flashmhf.cache.lookup import CacheWarning, find_config
 from flashmhf.cache.store import TuningCache
 from flashmhf.cli.app import main
-from tests.helpers import core_inputs, reference_core, rel_error
+from tests.helpers import core_inputs, isolated_caches, reference_core, rel_error
 from tests.test_cache_store import SPEC, cfg, key, plant
 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLASHMHF_CACHE_DIR", str(tmp_path / "user"))
-    monkeypatch.delenv("FLASHMHF_CACHE", raising=False)
-    monkeypatch.setattr(paths, "shipped_cache_paths", lambda: [])
-    flashmhf_runtime.reset()
-    yield
-    flashmhf_runtime.reset()
+    yield from isolated_caches(tmp_path, monkeypatch)
 
 
 def run(*args: str, input: str | None = None):

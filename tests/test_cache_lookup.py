@@ -12,18 +12,13 @@ from flashmhf.cache.device import device_info
 from flashmhf.cache.lookup import CacheWarning, demote, find_config
 from flashmhf.cache.store import TuningCache
 from flashmhf_runtime import dispatch
+from tests.helpers import isolated_caches
 from tests.test_cache_store import SPEC, cfg, key, make_bad_files, plant
 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """Empty user cache dir, no overlay, no shipped files; lookup and dispatch memos cleared."""
-    monkeypatch.setenv("FLASHMHF_CACHE_DIR", str(tmp_path / "user"))
-    monkeypatch.delenv("FLASHMHF_CACHE", raising=False)
-    monkeypatch.setattr(paths, "shipped_cache_paths", lambda: [])
-    flashmhf_runtime.reset()
-    yield
-    flashmhf_runtime.reset()
+    yield from isolated_caches(tmp_path, monkeypatch)
 
 
 def write(path, *rows) -> None:

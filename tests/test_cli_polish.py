@@ -7,22 +7,19 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-import flashmhf_runtime
-from flashmhf.cache import paths
 from flashmhf.cache.store import TuningCache
 from flashmhf.cli import cache_cmd, doctor_cmd
 from flashmhf.cli.app import main
+from tests.helpers import isolated_caches
 from tests.test_cache_store import cfg, key
 
 SHAPE = ["--d-model", "64", "--heads", "2", "--d-ff", "64", "--experts", "2"]
 
 
+
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLASHMHF_CACHE_DIR", str(tmp_path / "user"))
-    monkeypatch.delenv("FLASHMHF_CACHE", raising=False)
-    monkeypatch.setattr(paths, "shipped_cache_paths", lambda: [])
-    flashmhf_runtime.reset()
+    yield from isolated_caches(tmp_path, monkeypatch)
 
 
 def run(*args: str):

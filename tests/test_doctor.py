@@ -5,21 +5,18 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-import flashmhf_runtime
 from flashmhf.cache import paths
 from flashmhf.cache.store import TuningCache
 from flashmhf.cli.app import main
 from flashmhf.codegen import Spec
 from flashmhf_runtime.presets import get_preset
+from tests.helpers import isolated_caches
 from tests.test_cache_store import cfg, key, make_bad_files
 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLASHMHF_CACHE_DIR", str(tmp_path / "user"))
-    monkeypatch.delenv("FLASHMHF_CACHE", raising=False)
-    monkeypatch.setattr(paths, "shipped_cache_paths", lambda: [])
-    flashmhf_runtime.reset()
+    yield from isolated_caches(tmp_path, monkeypatch)
 
 
 def preset_spec(name: str, kind: str = "fwd", dtype: str = "bf16") -> Spec:
