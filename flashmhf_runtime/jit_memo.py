@@ -97,9 +97,6 @@ def install(module: ModuleType) -> ModuleType:
 
 
 def runtime_load(spec: Spec) -> ModuleType:
-    """``codegen.load`` with the module's kernels wrapped by ``install``."""
-    module = load(spec)
-    if not getattr(module, "_flashmhf_memo", False):
-        install(module)
-        module._flashmhf_memo = True
-    return module
+    """``codegen.load`` with the module's kernels wrapped by ``install`` (idempotent, so a module
+    loaded again, e.g. for another token count, is left as it is)."""
+    return install(load(spec))

@@ -298,17 +298,19 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, u, v, r)  # only the inputs: backward recomputes q K^T and q U^T
 
 
-def _backward(ctx, ds):
-    q, k, u, v, r = ctx.saved_tensors
-    need_q, need_k, need_u, need_v, need_r = ctx.needs_input_grad[:5]
-    need_dq_dr, need_dkuv = need_q or need_r, need_k or need_u or need_v
+def _gradients(ctx, ds, run) -> tuple:
+    """The gradients autograd asked for (None for the rest and for the config), computed by ``run``:
+    the custom op ``core_bwd_op`` (traced) or ``core_backward`` (eager)."""
+    needs = ctx.needs_input_grad[:5]  # q, k, u, v, r
+    need_dq_dr, need_dkuv = needs[0] or needs[4], any(needs[1:4])
     if not (need_dq_dr or need_dkuv):
-        return None, None, None, None, None, None
-    dq, dk, du, dv, dr = core_bwd_op(q, k, u, v, r, ds, need_dq_dr, need_dkuv)
-    return (
-        dq if need_q else None, dk if need_k else None, du if need_u else None, dv if need_v else None,
-        dr if need_r else None, None,
-    )
+        return (None,) * 6
+    grads = run(*ctx.saved_tensors, ds, need_dq_dr, need_dkuv)
+    return (*(g if need else None for g, need in zip(grads, needs)), None)
+
+
+def _backward(ctx, ds):
+    return _gradients(ctx, ds, core_bwd_op)
 
 
 core_op.register_autograd(_backward, setup_context=_setup_context)
@@ -325,10 +327,7 @@ class _Core(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, ds):
-        need_q, need_k, need_u, need_v, need_r = ctx.needs_input_grad[:5]
-        need_dq_dr, need_dkuv = need_q or need_r, need_k or need_u or need_v
-        grads = core_backward(*ctx.saved_tensors, ds, need_dq_dr, need_dkuv)
-        return (*(g if need else None for g, need in zip(grads, (need_q, need_k, need_u, need_v, need_r))), None)
+        return _gradients(ctx, ds, core_backward)
 
 
 # Inference fast path. Everything core_forward checks is a function of this signature, so after
