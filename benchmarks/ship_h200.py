@@ -49,10 +49,11 @@ def main(argv: list[str] | None = None) -> None:
             if extra.exists():
                 print(f"merged {cache.merge_from(extra)[0]} trials from {extra.name}")
         for key, best in cache.best_rows(template_hash=[template_hash(k) for k in KINDS]):
-            print(f"{key.kind:8s} H{key.n_heads} E{key.n_experts}x{key.expert_dim} T={key.bucket:6d} "
+            s = key.spec
+            print(f"{s.kind:8s} H{s.n_heads} E{s.n_experts}x{s.expert_dim} T={key.bucket:6d} "
                   f"{best.median_ms:.4f} ms  {format_config(best.config)}  ({len(cache.trials(key))} trials)")
         current = {key.template_hash for key, _ in cache.best_rows()
-                   if key.template_hash == template_hash(key.kind)}
+                   if key.template_hash == template_hash(key.spec.kind)}
         cache.copy_to(args.out, template_hash=sorted(current))  # ship only results for these templates
     print(f"tuning wall time: forward {t_fwd:.0f} s, total {t_all:.0f} s")
 

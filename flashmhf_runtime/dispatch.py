@@ -23,7 +23,8 @@ log = logging.getLogger("flashmhf.dispatch")
 
 Launcher = Callable[..., object]
 
-# (kind, H, H_kv, d_h, E, d_e, dtype, token bucket, device index) -> launcher with its config bound
+# (*Spec.as_tuple(), token bucket, device index) -> launcher with its config bound: a plain tuple, the
+# per-call dict hit of ``launch``
 _launchers: dict[tuple, Launcher] = {}
 _chosen: dict[tuple, tuple[Config, str]] = {}
 _warned: set[tuple] = set()
@@ -90,7 +91,7 @@ def _first_launch(key: tuple, spec: Spec, tokens: int, device_index: int | None,
 
 
 def launch(spec_key: tuple, tokens: int, device_index: int | None, *args) -> object:
-    """Launch the kernel for ``spec_key`` = (kind, H, H_kv, d_h, E, d_e, dtype) on ``args``."""
+    """Launch the kernel for ``spec_key`` = ``Spec.as_tuple()`` on ``args``."""
     key = (*spec_key, token_bucket(tokens), device_index)
     launcher = _launchers.get(key)
     if launcher is not None:
@@ -126,9 +127,7 @@ def launch_with_config(spec_key: tuple, config: Config, *args, arch: Arch = DEFA
 
 def chosen_config(spec: Spec, tokens: int, device_index: int | None) -> tuple[Config, str] | None:
     """The config this process launched for ``spec`` at ``tokens`` on that device, and where it came from."""
-    key = (spec.kind, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.n_experts, spec.expert_dim, spec.dtype,
-           token_bucket(tokens), device_index)
-    return _chosen.get(key)
+    return _chosen.get((*spec.as_tuple(), token_bucket(tokens), device_index))
 
 
 _reset_hooks: list[Callable[[], None]] = []

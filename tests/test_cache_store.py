@@ -41,7 +41,11 @@ def cfg(block_m: int = 16, block_f: int = 16, num_warps: int = 4, num_stages: in
 
 
 def key(bucket: int = 64, spec: Spec = SPEC, **replace) -> ResultKey:
-    return dataclasses.replace(ResultKey.for_spec(spec, bucket, device_info()), **replace)
+    """The key of ``spec`` at ``bucket`` here, with fields replaced (a spec field replaces it in the spec)."""
+    spec_fields = {f.name for f in dataclasses.fields(Spec)}
+    spec = dataclasses.replace(spec, **{k: v for k, v in replace.items() if k in spec_fields})
+    rest = {k: v for k, v in replace.items() if k not in spec_fields}
+    return dataclasses.replace(ResultKey.for_spec(spec, bucket, device_info()), **rest)
 
 
 def plant(path: Path, rows: list[tuple[dict, object, str, object]]) -> None:
@@ -104,10 +108,19 @@ def test_readonly_missing_file(tmp_path):
 
 def test_result_key_for_spec_and_validation():
     k = key(128)
-    assert (k.kind, k.n_heads, k.head_dim, k.bucket, k.device) == ("fwd", 2, 32, 128, device_info().name)
-    assert k.spec == SPEC and len(k.template_hash) == 16 and len(k.space_hash) == 16
+    assert (k.spec, k.bucket, k.device) == (SPEC, 128, device_info().name)
+    assert len(k.template_hash) == 16 and len(k.space_hash) == 16
     with pytest.raises(ValueError, match="power of two"):
         ResultKey.for_spec(SPEC, 100, device_info())
+    with pytest.raises(ValueError, match=r"ResultKey\.n_heads must be a positive integer"):
+        key(128, n_heads=0).validate()
+    # The flat row (SQL columns, export objects) is the spec's fields, then the rest, and reads back.
+    from flashmhf.cache.store import KEY_FIELDS
+
+    assert KEY_FIELDS[:7] == ("kind", "n_heads", "n_kv_heads", "head_dim", "n_experts", "expert_dim", "dtype")
+    assert k.to_dict()["n_heads"] == 2 and list(k.to_dict()) == list(KEY_FIELDS)
+    assert ResultKey.from_dict(k.to_dict()) == k and ResultKey.from_columns(k.columns()) == k
+    assert sorted([key(256), key(64), key(128, dtype="bf16")]) == [key(128, dtype="bf16"), key(64), key(256)]
 
 
 def test_record_and_best_selection(tmp_path):

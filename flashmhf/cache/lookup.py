@@ -45,7 +45,7 @@ class _Row:
     median_ms: float
 
 
-# (kind, H, H_kv, d_h, E, d_e, dtype, device name, capability) -> best rows of that spec on that device
+# (spec, device name, capability) -> best rows of that spec on that device
 _View = dict[tuple, list[_Row]]
 
 _views: dict[Path, _View | None] = {}
@@ -63,9 +63,8 @@ def _warn_once(tag: tuple, message: str) -> None:
     warnings.warn(plain(message), CacheWarning, stacklevel=5)
 
 
-def _spec_device_key(spec: Spec, device: DeviceInfo) -> tuple:
-    return (spec.kind, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.n_experts, spec.expert_dim, spec.dtype,
-            device.name, device.capability)
+def _spec_device_key(spec: Spec, device: DeviceInfo) -> tuple[Spec, str, str]:
+    return spec, device.name, device.capability
 
 
 def _trial_problem(key, trial) -> str | None:
@@ -75,7 +74,7 @@ def _trial_problem(key, trial) -> str | None:
         key.validate()
     except ValueError as exc:
         return str(exc)
-    return trial_problem(key.kind, {"config": trial.config, "status": trial.status, "median_ms": trial.median_ms,
+    return trial_problem(key.spec.kind, {"config": trial.config, "status": trial.status, "median_ms": trial.median_ms,
                                     "p20_ms": trial.p20_ms, "p80_ms": trial.p80_ms})
 
 
@@ -102,13 +101,11 @@ def _read_file(path: Path, role: str) -> _View:
             raise CacheFileError(f"{path}: damaged file ({damage})")
         for key, trial in cache.best_rows():
             if problem := _trial_problem(key, trial):
-                problems.append(f"{key.kind} bucket {key.bucket!r}: {problem}")
+                problems.append(f"{key.spec.kind} bucket {key.bucket!r}: {problem}")
                 trial = None if problem.startswith("ResultKey") else _next_best(cache, key)
                 if trial is None:
                     continue
-            spec_key = (key.kind, key.n_heads, key.n_kv_heads, key.head_dim, key.n_experts, key.expert_dim,
-                        key.dtype, key.device, key.capability)
-            view.setdefault(spec_key, []).append(
+            view.setdefault((key.spec, key.device, key.capability), []).append(
                 _Row(key.bucket, key.triton_version, key.template_hash, trial.config, trial.median_ms)
             )
     if problems:

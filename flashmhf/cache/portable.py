@@ -94,7 +94,7 @@ def parse_document(doc: Any, name: str) -> Iterator[tuple[ResultKey, dict]]:
         kd = result["key"]
         if set(kd) != set(KEY_FIELDS):
             raise ValueError(f"{where}.key: must have exactly the fields {', '.join(KEY_FIELDS)}")
-        key = ResultKey(**kd)
+        key = ResultKey.from_dict(kd)
         try:
             key.validate()
         except ValueError as exc:
@@ -103,7 +103,7 @@ def parse_document(doc: Any, name: str) -> Iterator[tuple[ResultKey, dict]]:
         if not isinstance(trials, list):
             raise ValueError(f"{where}.trials: must be a list")
         for j, t in enumerate(trials):
-            yield key, parse_trial(t, key.kind, f"{where}.trials[{j}]")
+            yield key, parse_trial(t, key.spec.kind, f"{where}.trials[{j}]")
 
 
 def parse_trial(t: Any, kind: str, where: str) -> dict:

@@ -33,9 +33,9 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -72,15 +72,12 @@ class CacheLockedError(CacheFileError):
 
 @dataclass(frozen=True, order=True)
 class ResultKey:
-    """What a tuning result is valid for. ``bucket`` is the token count rounded up to a power of two."""
+    """What a tuning result is valid for: one kernel's spec (kind, layer shape, dtype) at a token
+    ``bucket`` (the token count rounded up to a power of two) on a device, for a Triton version,
+    template and search space. A ``result_keys`` row holds it flat: the spec's fields, then the
+    rest (:data:`KEY_FIELDS`); so do exported documents and the filters of the read methods."""
 
-    kind: str
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    n_experts: int
-    expert_dim: int
-    dtype: str
+    spec: Spec
     bucket: int
     device: str
     capability: str
@@ -93,39 +90,52 @@ class ResultKey:
         """The key of ``spec`` at ``bucket`` on ``device`` for the installed templates and search space."""
         from flashmhf.codegen import get_kind, template_hash
 
-        key = cls(
-            spec.kind, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.n_experts, spec.expert_dim, spec.dtype,
-            bucket, device.name, device.capability, device.triton_version,
-            template_hash(spec.kind), get_kind(spec.kind).space_hash,
-        )
+        key = cls(spec, bucket, device.name, device.capability, device.triton_version, template_hash(spec.kind),
+                  get_kind(spec.kind).space_hash)
         key.validate()
         return key
 
-    @property
-    def spec(self) -> Spec:
-        return Spec(self.kind, self.n_heads, self.n_kv_heads, self.head_dim, self.n_experts, self.expert_dim,
-                    self.dtype)
+    @classmethod
+    def from_columns(cls, values: Sequence[Any]) -> ResultKey:
+        """The key of a flat row in :data:`KEY_FIELDS` order (unchecked: see :meth:`validate`)."""
+        n = len(SPEC_FIELDS)
+        return cls(Spec(*values[:n]), *values[n:])
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ResultKey:
+        """The key of a flat dict with every field of :data:`KEY_FIELDS` (unchecked)."""
+        return cls.from_columns([values[f] for f in KEY_FIELDS])
+
+    def columns(self) -> tuple:
+        """The flat row, in :data:`KEY_FIELDS` order."""
+        return (*self.spec.as_tuple(), self.bucket, self.device, self.capability, self.triton_version,
+                self.template_hash, self.space_hash)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The flat row as a dict (an export's ``key`` object; filters for the read methods)."""
+        return dict(zip(KEY_FIELDS, self.columns()))
 
     def label(self) -> str:
         return f"{self.spec.label()} T<={self.bucket} on {self.device} (sm {self.capability})"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field if this key cannot be stored."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type == "int":
+        if not isinstance(self.spec, Spec):
+            raise ValueError(f"ResultKey.spec must be a Spec, got {self.spec!r}")
+        for name, value in zip(KEY_FIELDS, self.columns()):
+            if name in _INT_FIELDS:
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                    raise ValueError(f"ResultKey.{f.name} must be a positive integer, got {value!r}")
+                    raise ValueError(f"ResultKey.{name} must be a positive integer, got {value!r}")
             elif not isinstance(value, str) or not value:
-                raise ValueError(f"ResultKey.{f.name} must be a non-empty string, got {value!r}")
+                raise ValueError(f"ResultKey.{name} must be a non-empty string, got {value!r}")
         if self.bucket & (self.bucket - 1):
             raise ValueError(f"ResultKey.bucket must be a power of two (token bucket), got {self.bucket}")
 
 
-KEY_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ResultKey))
+# The columns of a key: the spec's fields, then the rest of the key's.
+SPEC_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Spec))
+KEY_FIELDS: tuple[str, ...] = SPEC_FIELDS + tuple(f.name for f in fields(ResultKey) if f.name != "spec")
+_INT_FIELDS = frozenset(f.name for f in fields(Spec) if f.type == "int") | {"bucket"}
 
 
 @dataclass(frozen=True)
@@ -193,7 +203,7 @@ def stored_trial_problem(key: ResultKey, row: dict) -> str | None:
         key.validate()
     except ValueError as exc:
         return f"key: {exc}"
-    return stored_row_problem(key.kind, row)
+    return stored_row_problem(key.spec.kind, row)
 
 
 def stored_row_problem(kind: str, row: dict) -> str | None:
@@ -524,7 +534,7 @@ class TuningCache:
     # ---- writes --------------------------------------------------------------------------------
 
     def _key_id(self, conn: sqlite3.Connection, key: ResultKey) -> int:
-        values = [getattr(key, f) for f in KEY_FIELDS]
+        values = list(key.columns())
         conn.execute(
             f"INSERT OR IGNORE INTO result_keys ({', '.join(KEY_FIELDS)}) VALUES ({', '.join('?' * len(values))})",
             values,
@@ -561,7 +571,7 @@ class TuningCache:
         A trial that cannot be written because another writer holds the lock for too long is kept
         and written with the next one, or on :meth:`close` (see the module's docstring)."""
         key.validate()
-        problem = trial_problem(key.kind, {"config": config, "status": status, "median_ms": median_ms,
+        problem = trial_problem(key.spec.kind, {"config": config, "status": status, "median_ms": median_ms,
                                            "p20_ms": p20_ms, "p80_ms": p80_ms})
         if problem:
             raise ValueError(problem)
@@ -723,9 +733,8 @@ class TuningCache:
         if dest.exists():
             raise ValueError(f"{dest}: already exists (copy_to writes a new file)")
         rows = list(self.matching_rows(**filters))
-        specs = {tuple(k.spec.to_dict().values()) for k, _ in rows}
-        spec_cols = [f.name for f in fields(Spec)]
-        sources = [r for r in self.db["kernel_sources"].rows if tuple(r[c] for c in spec_cols) in specs]
+        specs = {k.spec for k, _ in rows}
+        sources = [r for r in self.db["kernel_sources"].rows if Spec(*(r[c] for c in SPEC_FIELDS)) in specs]
         with TuningCache(dest) as out:
             n = out.add_trials(rows)
             if sources:
@@ -749,7 +758,7 @@ class TuningCache:
                f"ORDER BY k.id, t.id")
         n = len(KEY_FIELDS)
         for r in self.conn.execute(sql, params or []):
-            yield ResultKey(*r[:n]), {**dict(zip(_TRIAL_CONTENT, r[n:-1])), "id": r[-1]}
+            yield ResultKey.from_columns(r[:n]), {**dict(zip(_TRIAL_CONTENT, r[n:-1])), "id": r[-1]}
 
     @staticmethod
     def _trial(key: ResultKey, row: dict) -> Trial:
@@ -784,7 +793,7 @@ class TuningCache:
         n = len(KEY_FIELDS)
         out = []
         for r in self.conn.execute(sql, params):
-            key = ResultKey(*r[:n])
+            key = ResultKey.from_columns(r[:n])
             out.append((key, self._trial(key, {**dict(zip(_TRIAL_CONTENT, r[n:-1])), "id": r[-1]})))
         return out
 
@@ -818,7 +827,7 @@ class TuningCache:
         """Every key matching ``filters`` (key fields: a value, or a list of values), sorted."""
         cond, params = _where(filters)
         rows = self.conn.execute(f"SELECT {', '.join(KEY_FIELDS)} FROM result_keys WHERE {cond}", params)
-        return sorted(ResultKey(*r) for r in rows)
+        return sorted(ResultKey.from_columns(r) for r in rows)
 
     def quick_check(self) -> str | None:
         """The first problem SQLite's ``quick_check`` finds in the file's pages, or None. A file whose
@@ -871,12 +880,12 @@ class TuningCache:
         errors = []
         for key_id, *values in self.conn.execute(f"SELECT id, {', '.join(KEY_FIELDS)} FROM result_keys"):
             try:
-                ResultKey(*values).validate()
+                ResultKey.from_columns(values).validate()
             except ValueError as exc:
                 errors.append(f"key {key_id}: {exc}")
         for key, row in self.trial_rows():
-            if problem := stored_row_problem(key.kind, row):
-                errors.append(f"trial {row['id']} ({key.kind}, bucket {key.bucket!r}): {problem}")
+            if problem := stored_row_problem(key.spec.kind, row):
+                errors.append(f"trial {row['id']} ({key.spec.kind}, bucket {key.bucket!r}): {problem}")
         return errors
 
     def _check_best(self) -> list[str]:
@@ -901,7 +910,7 @@ class TuningCache:
 
     def _check_provenance(self) -> tuple[list[str], list[str]]:
         """Stale template hashes and other Triton versions (warnings); stored sources vs a fresh render."""
-        from flashmhf.codegen import KINDS, Spec, SpecError, render, template_hash
+        from flashmhf.codegen import KINDS, SpecError, render, template_hash
 
         errors, warnings = [], []
         from flashmhf.cache.device import _versions
@@ -920,9 +929,9 @@ class TuningCache:
             elif triton_version != triton_now:
                 warnings.append(f"{n} {kind} key(s) tuned under Triton {triton_version} (running {triton_now}): "
                                 "used only where nothing is tuned under this Triton; re-tune to refresh them")
-        spec_cols = ", ".join(f.name for f in fields(Spec))
+        n, spec_cols = len(SPEC_FIELDS), ", ".join(SPEC_FIELDS)
         for row in self.conn.execute(f"SELECT {spec_cols}, template_hash, source, sha256 FROM kernel_sources"):
-            spec, th, text, sha = Spec(*row[:7]), row[7], row[8], row[9]
+            spec, (th, text, sha) = Spec(*row[:n]), row[n:]
             if hashlib.sha256(text.encode()).hexdigest() != sha:
                 errors.append(f"stored source of {spec.label()} (template {th}): checksum mismatch")
                 continue

@@ -74,10 +74,11 @@ def staleness(key: ResultKey, triton_version: str) -> str | None:
     """Why a result cannot be used by this installation under ``triton_version``, or None if it can."""
     from flashmhf.codegen import KINDS, template_hash
 
-    if key.kind not in KINDS:
-        return f"unknown kind {key.kind}"
-    if key.template_hash != template_hash(key.kind):
-        return f"template {key.template_hash} (installed {template_hash(key.kind)})"
+    kind = key.spec.kind
+    if kind not in KINDS:
+        return f"unknown kind {kind}"
+    if key.template_hash != template_hash(kind):
+        return f"template {key.template_hash} (installed {template_hash(kind)})"
     if key.triton_version != triton_version:
         return f"Triton {key.triton_version} (running {triton_version})"
     return None

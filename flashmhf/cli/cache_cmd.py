@@ -71,8 +71,9 @@ def _open(path: Path | None, *, readonly: bool) -> TuningCache:
 
 
 def _shape(key: ResultKey) -> str:
-    kv = f"/{key.n_kv_heads}" if key.n_kv_heads != key.n_heads else ""
-    return f"H{key.n_heads}{kv} d_h{key.head_dim} E{key.n_experts}x{key.expert_dim}"
+    s = key.spec
+    kv = f"/{s.n_kv_heads}" if s.n_kv_heads != s.n_heads else ""
+    return f"H{s.n_heads}{kv} d_h{s.head_dim} E{s.n_experts}x{s.expert_dim}"
 
 
 def _ms(value: float | None) -> str:
@@ -118,7 +119,7 @@ def ls(cache_path: Path | None, filters: dict) -> None:
     for i, (key, n) in enumerate(counts.items(), 1):
         best = bests.get(key)
         stale = _stale(key)
-        add_row(table, i, key.kind, _shape(key), key.dtype, key.bucket, key.device, key.capability,
+        add_row(table, i, key.spec.kind, _shape(key), key.spec.dtype, key.bucket, key.device, key.capability,
                 key.triton_version, key.template_hash + (" (stale)" if stale else ""), n,
                 _ms(best.median_ms) if best else "")
         configs.append(f"#{i} best config: {_config(best) if best else '-'}")

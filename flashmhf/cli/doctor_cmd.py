@@ -77,8 +77,7 @@ def _tuned_table(entries: list[TunedEntry]) -> Table:
 
     by_shape: dict[tuple, list[TunedEntry]] = defaultdict(list)
     for e in entries:
-        k = e.key
-        by_shape[(k.n_heads, k.n_kv_heads, k.head_dim, k.n_experts, k.expert_dim)].append(e)
+        by_shape[e.key.spec.as_tuple()[1:6]].append(e)
     table = data_table("shape", "kind", "dtype", "tuned token buckets", "other template (unused) or Triton (fallback)",
                        title="tuned for this device (first: installed template and running Triton; results of "
                              "another Triton are used where the running one has none)")
@@ -98,7 +97,7 @@ def _tuned_table(entries: list[TunedEntry]) -> Table:
             continue
         groups: dict[tuple[str, str], list[TunedEntry]] = defaultdict(list)
         for e in es:
-            groups[(e.key.kind, e.key.dtype)].append(e)
+            groups[(e.key.spec.kind, e.key.spec.dtype)].append(e)
         for (kind, dtype), ge in sorted(groups.items()):
             usable = [e for e in ge if e.stale is None]
             stale = [e for e in ge if e.stale is not None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -186,8 +187,7 @@ def tune(shape: dict, tokens: str | None, kinds: str, dtype: str, trials: int | 
         if "bf16" in dtypes:
             console.print("[yellow]Triton 3.6's interpreter cannot compute bf16 (it multiplies raw bit patterns): "
                           "the miniature is tuned in fp16 instead.[/]")
-            specs = [Spec(s.kind, s.n_heads, s.n_kv_heads, s.head_dim, s.n_experts, s.expert_dim,
-                          "fp16" if s.dtype == "bf16" else s.dtype) for s in specs]
+            specs = [replace(s, dtype="fp16") if s.dtype == "bf16" else s for s in specs]
             specs = list(dict.fromkeys(specs))
         specs = [session.miniature(s) for s in specs]
         label += " (miniature: " + specs[0].label().split(" ", 1)[1] + ")"
@@ -232,10 +232,8 @@ def _print_cache_results(specs: list[Spec], cache_path: Path) -> None:
     table = data_table("kind", "dtype", "T", "best config", "ms", "trials", config_columns=["best config"])
     with TuningCache(cache_path, readonly=True) as cache:
         for s in specs:
-            for key, best in cache.best_rows(kind=s.kind, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads,
-                                             head_dim=s.head_dim, n_experts=s.n_experts, expert_dim=s.expert_dim,
-                                             dtype=s.dtype, device=dev.name):
-                add_row(table, key.kind, key.dtype, key.bucket, config_text(best.config), f"{best.median_ms:.4f}",
+            for key, best in cache.best_rows(**s.to_dict(), device=dev.name):
+                add_row(table, s.kind, s.dtype, key.bucket, config_text(best.config), f"{best.median_ms:.4f}",
                         len(cache.trials(key)))
     data_console().print(table)
 
@@ -247,13 +245,13 @@ def _print_results(results, interpreter: bool) -> None:
     table = data_table("kind", "dtype", "T", "best config", unit, "TFLOP/s", "× default", "measured", "space",
                        config_columns=["best config"])
     for r in results:
-        k = r.key
+        k, s = r.key, r.key.spec
         if r.best is None:
-            add_row(table, k.kind, k.dtype, k.bucket, "no config passed", "", "", "", r.measured_total, r.space_size)
+            add_row(table, s.kind, s.dtype, k.bucket, "no config passed", "", "", "", r.measured_total, r.space_size)
             continue
-        flop = get_kind(k.kind).flops(k.spec, k.bucket)
+        flop = get_kind(s.kind).flops(s, k.bucket)
         tf = "—" if interpreter else f"{flop / (r.best.median_ms * 1e-3) / 1e12:.0f}"
         speed = f"{r.speedup_over_default:.2f}" if r.speedup_over_default else "—"
-        add_row(table, k.kind, k.dtype, k.bucket, config_text(r.best.config), f"{r.best.median_ms:.4f}", tf,
+        add_row(table, s.kind, s.dtype, k.bucket, config_text(r.best.config), f"{r.best.median_ms:.4f}", tf,
                 speed, r.measured_total, str(r.space_size) + (" (all)" if r.brute_force else ""))
     data_console().print(table)

@@ -19,7 +19,7 @@ class SpecError(ValueError):
     """A spec or config that no template can serve; the message says why."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Spec:
     """Everything a template is specialised on. Token count is not here: it is a runtime value."""
 
@@ -45,6 +45,13 @@ class Spec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def as_tuple(self) -> tuple:
+        """(kind, H, H_kv, d_h, E, d_e, dtype), the fields in order; ``Spec(*t)`` is the inverse. The
+        runtime's per-call memo keys are such tuples: a tuple hashes about three times faster than a
+        dataclass."""
+        return (self.kind, self.n_heads, self.n_kv_heads, self.head_dim, self.n_experts, self.expert_dim,
+                self.dtype)
 
     def label(self) -> str:
         """Short human-readable name, e.g. ``fwd H16/16 d_h128 E22x256 bf16``."""

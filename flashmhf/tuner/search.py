@@ -72,9 +72,10 @@ def from_params(kind: KernelKind, params: dict[str, int]) -> Config:
 
 
 def study_name(key: ResultKey) -> str:
+    s = key.spec
     return (
-        f"flashmhf:{key.kind}:H{key.n_heads}-{key.n_kv_heads}:dh{key.head_dim}:E{key.n_experts}x{key.expert_dim}:"
-        f"{key.dtype}:T{key.bucket}:{key.device}:sm{key.capability}:triton{key.triton_version}:"
+        f"flashmhf:{s.kind}:H{s.n_heads}-{s.n_kv_heads}:dh{s.head_dim}:E{s.n_experts}x{s.expert_dim}:"
+        f"{s.dtype}:T{key.bucket}:{key.device}:sm{key.capability}:triton{key.triton_version}:"
         f"{key.template_hash}:{key.space_hash}"
     )
 

@@ -89,7 +89,7 @@ def _key_distance(other: ResultKey, key: ResultKey) -> tuple[float, float]:
     """(bucket doublings plus a shape penalty, the shape penalty): smaller is likelier to share a best."""
     if other.spec == key.spec:
         shape = 0.0
-    elif (other.head_dim, other.dtype) == (key.head_dim, key.dtype):
+    elif (other.spec.head_dim, other.spec.dtype) == (key.spec.head_dim, key.spec.dtype):
         shape = OTHER_SHAPE_PENALTY
     else:
         shape = UNLIKE_SHAPE_PENALTY
@@ -102,7 +102,7 @@ def ranked_configs(caches: Iterable[TuningCache], key: ResultKey) -> list[list[C
     Triton version or space (stale timings, likely winners)."""
     best_of: dict[ResultKey, list[tuple[float, Config]]] = {}
     for cache in caches:
-        for trial in cache.find_trials(kind=key.kind, device=key.device):
+        for trial in cache.find_trials(kind=key.spec.kind, device=key.device):
             if trial.key == key or not trial.ok:
                 continue
             best_of.setdefault(trial.key, []).append((trial.median_ms, trial.config))
