@@ -20,10 +20,12 @@ a token count. Off CUDA (without ``TRITON_INTERPRET=1``) the same maths runs in 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
 from flashmhf.codegen import Spec, get_kind
+from flashmhf.codegen.arch import Arch
 from flashmhf.codegen.kinds import FORWARD
 from flashmhf.codegen.spec import kernel_dims
 from flashmhf_runtime import dispatch, op
@@ -126,18 +128,30 @@ def _fp32(*tensors) -> tuple:
 
 
 @functools.cache
-def _shape_key(dims: tuple, dtype: torch.dtype) -> tuple | None:
-    """(H, H_kv, d_h, E, d_e, dtype) of the norm/router kinds for a layer of ``dims``, or None where
-    they cannot take it. They read q with its real d_h (masked to a power of two) and do not use d_e,
-    which only has to be a width the code generator accepts; a d_h the templates do not take (not a
-    multiple of 8, or over 256) leaves the norm and router to PyTorch ops around the core's kernels."""
+def _shape_key(dims: tuple, dtype: torch.dtype, arch: Arch, kinds: tuple[str, ...]) -> tuple | None:
+    """(H, H_kv, d_h, E, d_e, dtype) of the norm/router ``kinds`` for a layer of ``dims`` on ``arch``,
+    or None where one of them cannot take it. They read q with its real d_h (masked to a power of
+    two) and do not use d_e, which only has to be a width the code generator accepts. A d_h the
+    templates do not take (not a multiple of 8, or over 256), or a kind no config of which fits the
+    architecture (its default says so), leaves the norm and router to PyTorch ops around the core's
+    kernels (for the backward only, where only the backward's kind does not fit)."""
     n_heads, n_kv, head_dim, n_exp, d_e = dims
     d_h_k, d_e_k = kernel_dims(head_dim, d_e)
     key = (n_heads, n_kv, head_dim, n_exp, d_e_k, DTYPE_NAMES[dtype])
     if d_h_k != head_dim:
         return None
-    kinds = ("norm_router", "norm_router_bwd", "router", "router_bwd")
-    return None if any(get_kind(k).shape_reason(Spec(k, *key)) for k in kinds) else key
+    reasons = [(k, r) for k in kinds if (r := get_kind(k).shape_reason(Spec(k, *key), arch))]
+    if reasons:
+        kind, reason = reasons[0]
+        warnings.warn(f"flashmhf: no {kind} kernel for H={n_heads} d_h={head_dim} E={n_exp} {key[-1]} on {arch.name} "
+                      f"({reason}); the head norm and router run as PyTorch ops there (slower)", stacklevel=4)
+    return None if reasons else key
+
+
+def _kinds(norm_w: torch.Tensor | None, backward: bool) -> tuple[str, ...]:
+    """The norm/router kinds a pass runs (the backward recomputes with the forward's kind)."""
+    forward = "router" if norm_w is None else "norm_router"
+    return (forward, f"{forward}_bwd") if backward else (forward,)
 
 
 def _rows(x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -193,7 +207,7 @@ def layer_core_forward(q, norm_w, w_r, k, u, v, eps: float = HEAD_NORM_EPS) -> t
         return op.core_forward(qn, k, u, v, r, None).reshape(q.shape)
     if op._widened_in_interpreter(q):  # the interpreter's bf16 is wrong: run fp32, cast back
         return layer_core_forward(*_fp32(q, norm_w, w_r, k, u, v), eps).to(q.dtype)
-    shape_key = _shape_key(dims, q.dtype)
+    shape_key = _shape_key(dims, q.dtype, op.arch_of(q.device), _kinds(norm_w, backward=False))
     if shape_key is None:  # norm and router as PyTorch ops, the core's kernels
         qn, r, *_ = _norm_router_reference(q.unflatten(-1, (n_heads, head_dim)), norm_w, w_r, eps)
         with torch.no_grad():
@@ -243,7 +257,7 @@ def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS,
     if op._widened_in_interpreter(q):  # the interpreter's bf16 is wrong: run fp32, cast back
         grads = layer_core_backward(*_fp32(q, norm_w, w_r, k, u, v, ds), eps, need_q_side, need_dkuv)
         return tuple(g.to(q.dtype) for g in grads)
-    shape_key = _shape_key(dims, q.dtype)
+    shape_key = _shape_key(dims, q.dtype, op.arch_of(q.device), _kinds(norm_w, backward=True))
     if shape_key is None:  # norm and router as PyTorch ops, the core's kernels
         return _reference_backward(q, norm_w, w_r, k, u, v, ds, eps, need_q_side, need_dkuv, dims)
     q3, ds3 = _rows(q, n_heads, head_dim), _rows(ds, n_heads, head_dim)
@@ -254,7 +268,7 @@ def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS,
         dq, dw_r = torch.empty_like(q3), torch.empty_like(w_r)
         if norm_w is not None:
             dnorm_w = torch.empty_like(norm_w)
-        kind = "router_bwd" if norm_w is None else "norm_router_bwd"
+        kind = _kinds(norm_w, backward=True)[1]
         _launch((kind, *shape_key), q3.shape[0], q.device.index, eps, q3, w_r if norm_w is None else norm_w, w_r,
                 dqn, dr, dq, dw_r, dw_r if norm_w is None else dnorm_w)
         dq = dq.view(q.shape)

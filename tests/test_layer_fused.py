@@ -6,12 +6,15 @@ TRITON_INTERPRET get (the same op in plain PyTorch). Everything is compared with
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import flashmhf_runtime as fm
 from flashmhf.bench.layer import saved_bytes_by_dtype
 from flashmhf.codegen import Spec, get_kind, render
+from flashmhf.codegen.arch import INTERPRETER, SM80
 from flashmhf.tuner.harness import make_problem
 from flashmhf_runtime import layer_op, op, reference
 from tests.helpers import rel_error
@@ -293,5 +296,35 @@ def test_odd_widths_run_and_match_float64(d_model, n_heads, d_ff, n_experts):
     got = {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
     for name, g in got.items():
         assert rel_error(g, want_grads[name]) <= 1e-4, name
-    assert (layer_op._shape_key((n_heads, n_heads, d_model // n_heads, n_experts, d_ff // n_experts),
-                                torch.float32) is None) == (d_model // n_heads == 20)
+    dims = (n_heads, n_heads, d_model // n_heads, n_experts, d_ff // n_experts)
+    assert (layer_op._shape_key(dims, torch.float32, INTERPRETER, ("norm_router", "norm_router_bwd")) is None) \
+        == (d_model // n_heads == 20)
+
+
+def test_a_backward_kind_no_config_of_which_fits_the_gpu_leaves_the_norm_to_pytorch(monkeypatch):
+    """Before Hopper (mma.sync) no norm_router_bwd config of a 128-wide head compiles without spills:
+    the forward keeps its kernel, the backward runs the norm and router as PyTorch ops (said once),
+    and every gradient stays right. router_bwd fits there and keeps running."""
+    shape = (1, 1, 128, 2, 16, "fp32")
+    assert "would spill" in get_kind("norm_router_bwd").shape_reason(Spec("norm_router_bwd", *shape), SM80)
+    assert get_kind("router_bwd").shape_reason(Spec("router_bwd", *shape), SM80) is None
+    monkeypatch.setattr(op, "arch_of", lambda device: SM80)
+    launched = []
+    real_launch = layer_op._launch
+    monkeypatch.setattr(layer_op, "_launch", lambda key, *a: launched.append(key[0]) or real_launch(key, *a))
+    for head_norm in (True, False):
+        torch.manual_seed(0)
+        layer = fm.FlashMHF(128, 1, 32, 2, head_norm=head_norm)
+        x = torch.randn(3, 128, requires_grad=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = layer(x)
+            dy = torch.randn_like(y)
+            y.backward(dy)
+        said = [str(w.message) for w in caught if "no norm_router_bwd kernel" in str(w.message)]
+        assert len(said) == head_norm and all("sm_80" in m for m in said), said
+        want, want_grads = float64_layer_and_grads(layer, x, dy)
+        assert rel_error(y, want) <= 1e-4
+        for name, g in {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}.items():
+            assert rel_error(g, want_grads[name]) <= 1e-4, name
+    assert launched == ["norm_router", "router", "router", "router_bwd"], launched

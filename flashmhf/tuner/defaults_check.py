@@ -57,6 +57,16 @@ def runtime_specs(shape: tuple, dtype: str, arch: Arch, buckets: Iterable[int] =
     return [Spec(k, *shape, dtype) for k in sorted(kinds - {None})]
 
 
+def roles_without_kernel(shape: tuple, dtype: str, arch: Arch, buckets: Iterable[int] = BUCKETS,
+                         roles: Iterable[Role] | None = None) -> list[tuple[Role, str]]:
+    """(role, why) for each of ``roles`` (default every role the runtime runs) that no kind runs for
+    ``shape`` in ``dtype`` on ``arch`` at any of ``buckets``: the caller runs PyTorch there."""
+    base = Spec("", *shape, dtype)
+    roles = registry.runtime_roles() if roles is None else list(roles)
+    return [(role, registry.reason(role, base, arch)) for role in roles
+            if all(registry.choose(role, base, b, arch) is None for b in buckets)]
+
+
 def _configs_by_default(spec: Spec, arch: Arch, buckets: Iterable[int]) -> list[tuple[Config, tuple[int, ...]]]:
     kind = get_kind(spec.kind)
     grouped: dict[tuple, tuple[Config, list[int]]] = {}

@@ -40,23 +40,43 @@ def e_pad(spec: Spec) -> int:
     return max(16, next_pow2(spec.n_experts))
 
 
-def estimate_regs(spec: Spec, c: Config, backward: bool, strict: bool = False) -> int:
+# The backward before Hopper (mma.sync): a warp's MMA tile has at least 16 token rows, so with
+# fewer rows per warp each warp also holds copies of the rows it does not own; the norm's backward
+# also keeps the weights whole per warp. (Row copies, weight copies) by head norm, calibrated on
+# ptxas reports for sm_80 and sm_86 at 4 and 8 warps (``flashmhf show --resources --capability``).
+_MMA_SYNC_COPIES = {False: (1, 0.0), True: (4, 0.375)}
+
+
+def _mma_sync_regs(spec: Spec, c: Config) -> int:
+    """What a mma.sync backward holds per thread beyond the strict count: replicated token rows and
+    per-warp weights."""
+    d_pad, ep = next_pow2(spec.head_dim), e_pad(spec)
+    rows_owned = c["block_t"] / c["num_warps"]
+    row_copies, weight_copies = _MMA_SYNC_COPIES[spec.kind.startswith("norm_")]
+    return int(row_copies * (max(16, rows_owned) - rows_owned) * d_pad / 32 + weight_copies * d_pad * ep / 32)
+
+
+def estimate_regs(spec: Spec, c: Config, backward: bool, strict: bool = False, arch: Arch | None = None) -> int:
     """fp32 values per thread: copies of the (BLOCK_T x d_h) tile alive at once, the logits-sized
     tiles, the backward's dW_r accumulator, plus fixed overhead. ``strict`` counts every copy the
     compiler may keep (forward: q, its fp32 form, the normalised and the stored qn; backward: those
-    plus q_hat, dqn, gw and dq): calibrated on ptxas reports (``flashmhf show --resources``, sm_80 and
-    sm_90), it picks defaults that compile without spills. The lenient count prunes the tuner's
-    space only of what cannot be fast: measured winners on the H200 spill a few bytes or none."""
+    plus q_hat, dqn, gw and dq), and for a backward on a mma.sync ``arch`` (before Hopper) what
+    :func:`_mma_sync_regs` adds: calibrated on ptxas reports (``flashmhf show --resources``, sm_80,
+    sm_86 and sm_90), it picks defaults that compile without spills. The lenient count prunes the
+    tuner's space only of what cannot be fast: measured winners on the H200 spill a few bytes or none."""
     d_pad, ep = next_pow2(spec.head_dim), e_pad(spec)
     copies, logit_tiles = ((8, 4) if backward else (4, 2)) if strict else ((4, 3) if backward else (2, 2))
     tiles = c["block_t"] * d_pad * copies + c["block_t"] * ep * logit_tiles
     if backward:
         tiles += d_pad * ep
-    return tiles // (c["num_warps"] * 32) + 32
+    regs = tiles // (c["num_warps"] * 32) + 32
+    if strict and backward and arch is not None and arch.mma == 2:
+        regs += _mma_sync_regs(spec, c)
+    return regs
 
 
 def _reject(spec: Spec, c: Config, tokens: int | None, arch: Arch, backward: bool, strict: bool = False) -> str | None:
-    if reason := resource_reason(0, estimate_regs(spec, c, backward, strict), arch):
+    if reason := resource_reason(0, estimate_regs(spec, c, backward, strict, arch), arch):
         return reason
     if tokens is not None:
         if c["block_t"] > max(16, next_pow2(tokens)):
