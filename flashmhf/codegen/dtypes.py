@@ -11,12 +11,15 @@ class DType:
     torch_name: str  # attribute of the torch module, e.g. "bfloat16"
     triton: str  # as written in a template, e.g. "tl.bfloat16"
     bytes: int
+    # Products multiplied exactly (tl.dot's input_precision="ieee"): FMA instructions, not tensor
+    # cores, which hold far more per thread (the kinds' register counts know it).
+    exact: bool = False
 
 
 DTYPE_TABLE: dict[str, DType] = {d.name: d for d in (
     DType("bf16", "bfloat16", "tl.bfloat16", 2),
     DType("fp16", "float16", "tl.float16", 2),
-    DType("fp32", "float32", "tl.float32", 4),
+    DType("fp32", "float32", "tl.float32", 4, exact=True),
 )}
 DTYPES: tuple[str, ...] = tuple(DTYPE_TABLE)
 DTYPE_BYTES: dict[str, int] = {n: d.bytes for n, d in DTYPE_TABLE.items()}

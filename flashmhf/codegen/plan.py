@@ -54,5 +54,5 @@ def plan(spec: Spec) -> Plan:
         group=spec.group,
         d_ff=spec.d_ff,
         tl_dtype=DTYPE_TABLE[spec.dtype].triton,
-        dot_precision="ieee" if spec.dtype == "fp32" else "tf32",
+        dot_precision="ieee" if DTYPE_TABLE[spec.dtype].exact else "tf32",
     )

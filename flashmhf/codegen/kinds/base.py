@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from flashmhf.codegen.arch import DEFAULT_ARCH, Arch
-from flashmhf.codegen.dtypes import DTYPE_BYTES  # noqa: F401 - kinds import it from here
+from flashmhf.codegen.dtypes import DTYPE_BYTES, DTYPE_TABLE  # noqa: F401 - kinds import DTYPE_BYTES from here
 from flashmhf.codegen.spec import Spec
 
 Config = dict[str, int]
@@ -191,6 +191,20 @@ def resource_reason(smem: int, regs: int | None, arch: Arch) -> str | None:
     if regs is not None and regs > arch.regs_per_thread:
         return f"needs ~{regs} registers per thread (> {arch.regs_per_thread}): would spill"
     return None
+
+
+def fma_products(spec: Spec) -> bool:
+    """Whether ``spec``'s products are exact FMA loops (fp32 inputs) rather than tensor-core MMAs."""
+    return DTYPE_TABLE[spec.dtype].exact
+
+
+def fma_product_regs(rows: int, cols: int, depth: int, warps: int) -> int:
+    """Per-thread registers of an exact (FMA) product of a (rows x depth) by a (depth x cols) tile:
+    each thread keeps both operands along the whole depth for its share of the outputs. Calibrated
+    on ptxas reports (sm_80, sm_86, sm_90; fp32 fwd, bwd_dq, bwd_dkuv and the norm/router backward
+    at d_h 96 and 128): a count below 255 with this term compiles without spills, and tiles of
+    twice its size spill."""
+    return rows * cols * depth // (32 * warps)
 
 
 def format_config(config: Config) -> str:

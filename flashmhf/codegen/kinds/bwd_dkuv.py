@@ -16,7 +16,17 @@ import inspect
 
 from flashmhf.codegen.arch import Arch
 from flashmhf.codegen.kinds import bwd_common
-from flashmhf.codegen.kinds.base import DKUV, DTYPE_BYTES, Config, KernelKind, Param, first_accepted, next_pow2
+from flashmhf.codegen.kinds.base import (
+    DKUV,
+    DTYPE_BYTES,
+    Config,
+    KernelKind,
+    Param,
+    first_accepted,
+    fma_product_regs,
+    fma_products,
+    next_pow2,
+)
 from flashmhf.codegen.kinds.bwd_common import block_f_choices, common_reject
 from flashmhf.codegen.spec import Spec
 
@@ -49,14 +59,18 @@ def estimate_smem(spec: Spec, c: Config) -> int:
 
 def estimate_regs(spec: Spec, c: Config, arch: Arch) -> int:
     """Largest pass: its fp32 (d_ff-tile x d_h) accumulators plus the (d_ff-tile x rows) products
-    m, n (and da for dK/dU) it keeps live; with mma.sync see ``estimate_regs_mma_v2``."""
+    m, n (and da for dK/dU) it keeps live; with mma.sync see ``estimate_regs_mma_v2``; with exact
+    (fp32) products the FMA operands instead."""
     d_pad = next_pow2(spec.head_dim)
     bm, bf = c["block_m"], c["block_f"]
     tiles = max(((2 * dku + dv) * bf * d_pad + (2 + dku) * bf * bm) // (c["num_warps"] * 32)
                 for dku, dv in _passes(c))
+    masked = MASKED_D_REGS if d_pad != spec.head_dim else 0
+    if fma_products(spec):
+        return tiles + REG_OVERHEAD + masked + fma_product_regs(bf, bm, d_pad, c["num_warps"])
     if arch.mma == 2:
         return tiles + estimate_regs_mma_v2(spec, c)
-    return tiles + REG_OVERHEAD + (MASKED_D_REGS if d_pad != spec.head_dim else 0)
+    return tiles + REG_OVERHEAD + masked
 
 
 def estimate_regs_mma_v2(spec: Spec, c: Config) -> int:

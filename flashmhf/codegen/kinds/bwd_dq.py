@@ -10,13 +10,26 @@ from __future__ import annotations
 
 import inspect
 
-from flashmhf.codegen.arch import Arch
+from flashmhf.codegen.arch import TMA, Arch
 from flashmhf.codegen.kinds import bwd_common
-from flashmhf.codegen.kinds.base import DQ, DTYPE_BYTES, Config, KernelKind, Param, first_accepted, next_pow2
+from flashmhf.codegen.kinds.base import (
+    DQ,
+    DTYPE_BYTES,
+    Config,
+    KernelKind,
+    Param,
+    first_accepted,
+    fma_product_regs,
+    fma_products,
+    next_pow2,
+)
 from flashmhf.codegen.kinds.bwd_common import REG_OVERHEAD, block_f_choices, common_reject, row_tile
 from flashmhf.codegen.spec import Spec
 
 REG_OVERHEAD_MMA_V2 = 20
+# Exact (fp32) products without TMA (before Hopper): each pipeline stage beyond the first holds this
+# many more. 16 x 16 tiles, 8 warps on sm_80 and sm_86: 2 stages compile without spills, 3 spill.
+FMA_STAGE_REGS = 40
 
 
 def estimate_smem(spec: Spec, c: Config) -> int:
@@ -31,10 +44,13 @@ def estimate_smem(spec: Spec, c: Config) -> int:
 
 def estimate_regs(spec: Spec, c: Config, arch: Arch) -> int:
     """fp32 dq accumulator plus the three (rows x d_ff-tile) products m, n, da, per thread; with
-    mma.sync see ``estimate_regs_mma_v2``."""
+    mma.sync see ``estimate_regs_mma_v2``; with exact (fp32) products the FMA operands instead."""
     d_pad = next_pow2(spec.head_dim)
     bm, bf = c["block_m"], c["block_f"]
     tiles = (bm * d_pad + 3 * bm * bf) // (c["num_warps"] * 32)
+    if fma_products(spec):
+        stages = 0 if TMA in arch.features else FMA_STAGE_REGS * (max(c["num_stages"], 1) - 1)
+        return tiles + REG_OVERHEAD + fma_product_regs(bm, bf, d_pad, c["num_warps"]) + stages
     if arch.mma == 2:
         return tiles + estimate_regs_mma_v2(spec, c)
     return tiles + REG_OVERHEAD

@@ -16,6 +16,8 @@ from flashmhf.codegen.kinds.base import (
     Param,
     cdiv,
     first_accepted,
+    fma_product_regs,
+    fma_products,
     next_pow2,
     resource_reason,
 )
@@ -51,10 +53,13 @@ def estimate_smem(spec: Spec, c: Config) -> int:
 
 def estimate_regs(spec: Spec, c: Config, arch: Arch) -> int:
     """fp32 accumulator plus the two (rows x d_ff-tile) products, per thread, plus fixed overhead;
-    with mma.sync also the operand tiles that every warp holds whole."""
+    with mma.sync also the operand tiles that every warp holds whole; with exact (fp32) products the
+    FMA operands instead, on every architecture."""
     d_pad = next_pow2(spec.head_dim)
     values = c["block_m"] * d_pad + 2 * c["block_m"] * c["block_f"]
     regs = values // (c["num_warps"] * 32)
+    if fma_products(spec):
+        return regs + REG_OVERHEAD + fma_product_regs(c["block_m"], c["block_f"], d_pad, c["num_warps"])
     if arch.mma != 2:
         return regs + REG_OVERHEAD
     whole = 3 * c["block_f"] if c["block_m"] >= WARPS_ALONG_M_ROWS else c["block_m"]

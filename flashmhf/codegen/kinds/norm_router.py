@@ -27,6 +27,8 @@ from flashmhf.codegen.kinds.base import (
     Role,
     cdiv,
     first_accepted,
+    fma_product_regs,
+    fma_products,
     next_pow2,
     resource_reason,
 )
@@ -47,6 +49,11 @@ def e_pad(spec: Spec) -> int:
 _MMA_SYNC_COPIES = {False: (1, 0.0), True: (4, 0.375)}
 
 
+# The forward's one exact product (q W_r) holds a quarter of what ``fma_product_regs`` counts for
+# the backward's three (ptxas, fp32, sm_80 and sm_90, d_h 96 and 128, E 8 and 22).
+FMA_FORWARD_SHARE = 4
+
+
 def _mma_sync_regs(spec: Spec, c: Config) -> int:
     """What a mma.sync backward holds per thread beyond the strict count: replicated token rows and
     per-warp weights."""
@@ -60,17 +67,21 @@ def estimate_regs(spec: Spec, c: Config, backward: bool, strict: bool = False, a
     """fp32 values per thread: copies of the (BLOCK_T x d_h) tile alive at once, the logits-sized
     tiles, the backward's dW_r accumulator, plus fixed overhead. ``strict`` counts every copy the
     compiler may keep (forward: q, its fp32 form, the normalised and the stored qn; backward: those
-    plus q_hat, dqn, gw and dq), and for a backward on a mma.sync ``arch`` (before Hopper) what
-    :func:`_mma_sync_regs` adds: calibrated on ptxas reports (``flashmhf show --resources``, sm_80,
-    sm_86 and sm_90), it picks defaults that compile without spills. The lenient count prunes the
-    tuner's space only of what cannot be fast: measured winners on the H200 spill a few bytes or none."""
+    plus q_hat, dqn, gw and dq), and for a backward with exact (fp32) products their FMA operands,
+    else on a mma.sync ``arch`` (before Hopper) what :func:`_mma_sync_regs` adds: calibrated on
+    ptxas reports (``flashmhf show --resources``, sm_80, sm_86 and sm_90), it picks defaults that
+    compile without spills. The lenient count prunes the tuner's space only of what cannot be fast:
+    measured winners on the H200 spill a few bytes or none."""
     d_pad, ep = next_pow2(spec.head_dim), e_pad(spec)
     copies, logit_tiles = ((8, 4) if backward else (4, 2)) if strict else ((4, 3) if backward else (2, 2))
     tiles = c["block_t"] * d_pad * copies + c["block_t"] * ep * logit_tiles
     if backward:
         tiles += d_pad * ep
     regs = tiles // (c["num_warps"] * 32) + 32
-    if strict and backward and arch is not None and arch.mma == 2:
+    if strict and fma_products(spec):
+        product = fma_product_regs(c["block_t"], ep, d_pad, c["num_warps"])
+        regs += product if backward else product // FMA_FORWARD_SHARE
+    elif strict and backward and arch is not None and arch.mma == 2:
         regs += _mma_sync_regs(spec, c)
     return regs
 
@@ -103,9 +114,13 @@ def _safe_backward(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str
 
 
 def default_forward(spec: Spec, tokens: int, arch: Arch) -> Config:
-    """64-token blocks (fewer at decode sizes), 4 warps."""
+    """64-token blocks (fewer at decode sizes), 4 warps. With exact (fp32) products 8 warps and at
+    least 32-token blocks: at E > 16 every 16-token config spills there (ptxas, sm_80 to sm_90)."""
     block_t = min(64, max(16, next_pow2(tokens)))
-    candidates = [{"block_t": bt, "num_warps": w} for bt in (block_t, 32, 16) for w in (4, 8)]
+    warps = (4, 8)
+    if fma_products(spec):
+        block_t, warps = max(32, block_t), (8, 4)
+    candidates = [{"block_t": bt, "num_warps": w} for bt in (block_t, 32, 16) for w in warps]
     return first_accepted(_safe_forward, spec, arch, candidates, spec.kind)
 
 
