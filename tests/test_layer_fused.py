@@ -14,7 +14,7 @@ import torch
 import flashmhf_runtime as fm
 from flashmhf.bench.layer import saved_bytes_by_dtype
 from flashmhf.codegen import Spec, get_kind, render
-from flashmhf.codegen.arch import INTERPRETER, SM80
+from flashmhf.codegen.arch import INTERPRETER, SM80, SM90
 from flashmhf.tuner.harness import make_problem
 from flashmhf_runtime import layer_op, op, reference
 from tests.helpers import rel_error
@@ -301,30 +301,42 @@ def test_odd_widths_run_and_match_float64(d_model, n_heads, d_ff, n_experts):
         == (d_model // n_heads == 20)
 
 
-def test_a_backward_kind_no_config_of_which_fits_the_gpu_leaves_the_norm_to_pytorch(monkeypatch):
-    """Before Hopper (mma.sync) no norm_router_bwd config of a 128-wide head compiles without spills:
-    the forward keeps its kernel, the backward runs the norm and router as PyTorch ops (said once),
-    and every gradient stays right. router_bwd fits there and keeps running."""
-    shape = (1, 1, 128, 2, 16, "fp32")
-    assert "would spill" in get_kind("norm_router_bwd").shape_reason(Spec("norm_router_bwd", *shape), SM80)
-    assert get_kind("router_bwd").shape_reason(Spec("router_bwd", *shape), SM80) is None
-    monkeypatch.setattr(op, "arch_of", lambda device: SM80)
+def test_norm_router_kinds_are_picked_per_architecture():
+    """Before Hopper (mma.sync) no norm_router_bwd config of a 128-wide head compiles without spills
+    (16-bit inputs): the layer's backward leaves the norm and router to PyTorch there; router_bwd and
+    the forward kinds fit and run, and on Hopper every kind does."""
+    dims, norm, plain = (16, 16, 128, 22, 256), ("norm_router", "norm_router_bwd"), ("router", "router_bwd")
+    assert "would spill" in get_kind("norm_router_bwd").shape_reason(Spec("norm_router_bwd", *dims, "bf16"), SM80)
+    layer_op._shape_key.cache_clear()  # its warning comes with the first answer
+    with pytest.warns(UserWarning, match="no norm_router_bwd kernel .* on sm_80 .*PyTorch"):
+        assert layer_op._shape_key(dims, torch.bfloat16, SM80, norm) is None
+    for arch, kinds in ((SM80, norm[:1]), (SM80, plain), (SM90, norm), (SM90, plain)):
+        assert layer_op._shape_key(dims, torch.bfloat16, arch, kinds) == (*dims, "bf16"), (arch.name, kinds)
+
+
+def test_a_backward_kind_no_config_of_which_fits_leaves_the_norm_to_pytorch():
+    """fp32 products are exact FMA loops: with E > 16 no norm_router_bwd or router_bwd config compiles
+    without spills on any target, so the forward keeps its kernel, the backward runs the norm and
+    router as PyTorch ops (said once), and every gradient stays right."""
     launched = []
     real_launch = layer_op._launch
-    monkeypatch.setattr(layer_op, "_launch", lambda key, *a: launched.append(key[0]) or real_launch(key, *a))
-    for head_norm in (True, False):
-        torch.manual_seed(0)
-        layer = fm.FlashMHF(128, 1, 32, 2, head_norm=head_norm)
-        x = torch.randn(3, 128, requires_grad=True)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            y = layer(x)
-            dy = torch.randn_like(y)
-            y.backward(dy)
-        said = [str(w.message) for w in caught if "no norm_router_bwd kernel" in str(w.message)]
-        assert len(said) == head_norm and all("sm_80" in m for m in said), said
-        want, want_grads = float64_layer_and_grads(layer, x, dy)
-        assert rel_error(y, want) <= 1e-4
-        for name, g in {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}.items():
-            assert rel_error(g, want_grads[name]) <= 1e-4, name
-    assert launched == ["norm_router", "router", "router", "router_bwd"], launched
+    layer_op._shape_key.cache_clear()  # its warning comes with the first answer
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layer_op, "_launch", lambda key, *a: launched.append(key[0]) or real_launch(key, *a))
+        for head_norm in (True, False):
+            torch.manual_seed(0)
+            layer = fm.FlashMHF(128, 1, 17 * 16, 17, head_norm=head_norm)
+            x = torch.randn(3, 128, requires_grad=True)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                y = layer(x)
+                dy = torch.randn_like(y)
+                y.backward(dy)
+            kind = "norm_router_bwd" if head_norm else "router_bwd"
+            said = [str(w.message) for w in caught if f"no {kind} kernel" in str(w.message)]
+            assert len(said) == 1 and "would spill" in said[0], [str(w.message) for w in caught]
+            want, want_grads = float64_layer_and_grads(layer, x, dy)
+            assert rel_error(y, want) <= 1e-4
+            for name, g in {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}.items():
+                assert rel_error(g, want_grads[name]) <= 1e-4, name
+    assert launched == ["norm_router", "router"], launched

@@ -26,6 +26,7 @@ from flashmhf.codegen.kinds.base import (
     fma_product_regs,
     fma_products,
     next_pow2,
+    resource_reason,
 )
 from flashmhf.codegen.kinds.bwd_common import block_f_choices, common_reject
 from flashmhf.codegen.spec import Spec
@@ -59,18 +60,28 @@ def estimate_smem(spec: Spec, c: Config) -> int:
 
 def estimate_regs(spec: Spec, c: Config, arch: Arch) -> int:
     """Largest pass: its fp32 (d_ff-tile x d_h) accumulators plus the (d_ff-tile x rows) products
-    m, n (and da for dK/dU) it keeps live; with mma.sync see ``estimate_regs_mma_v2``; with exact
-    (fp32) products the FMA operands instead."""
-    d_pad = next_pow2(spec.head_dim)
-    bm, bf = c["block_m"], c["block_f"]
-    tiles = max(((2 * dku + dv) * bf * d_pad + (2 + dku) * bf * bm) // (c["num_warps"] * 32)
-                for dku, dv in _passes(c))
-    masked = MASKED_D_REGS if d_pad != spec.head_dim else 0
-    if fma_products(spec):
-        return tiles + REG_OVERHEAD + masked + fma_product_regs(bf, bm, d_pad, c["num_warps"])
+    m, n (and da for dK/dU) it keeps live; with mma.sync see ``estimate_regs_mma_v2``."""
+    tiles = _tile_regs(spec, c)
     if arch.mma == 2:
         return tiles + estimate_regs_mma_v2(spec, c)
-    return tiles + REG_OVERHEAD + masked
+    return tiles + REG_OVERHEAD + _masked_regs(spec)
+
+
+def _tile_regs(spec: Spec, c: Config) -> int:
+    d_pad = next_pow2(spec.head_dim)
+    bm, bf = c["block_m"], c["block_f"]
+    return max(((2 * dku + dv) * bf * d_pad + (2 + dku) * bf * bm) // (c["num_warps"] * 32) for dku, dv in _passes(c))
+
+
+def _masked_regs(spec: Spec) -> int:
+    return MASKED_D_REGS if next_pow2(spec.head_dim) != spec.head_dim else 0
+
+
+def estimate_regs_fma(spec: Spec, c: Config) -> int:
+    """Per thread with exact (fp32) products, on every architecture: the counted tiles and the FMA
+    operands in place of MMA fragments."""
+    fma = fma_product_regs(c["block_f"], c["block_m"], next_pow2(spec.head_dim), c["num_warps"])
+    return _tile_regs(spec, c) + REG_OVERHEAD + _masked_regs(spec) + fma
 
 
 def estimate_regs_mma_v2(spec: Spec, c: Config) -> int:
@@ -87,6 +98,14 @@ def reject(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
     return common_reject(spec, c, tokens, estimate_smem(spec, c), estimate_regs(spec, c, arch), arch)
 
 
+def reject_default(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
+    """``reject``, and with exact (fp32) products the configs whose FMA operands would spill: the
+    defaults compile without spills; the tuner still measures such configs."""
+    if fma_products(spec) and (reason := resource_reason(0, estimate_regs_fma(spec, c), arch)):
+        return reason
+    return reject(spec, c, tokens, arch)
+
+
 def default(spec: Spec, tokens: int, arch: Arch) -> Config:
     """One kernel, 64-wide d_ff tiles (a Hopper warpgroup MMA's M side), 16 tokens per step, 4 warps,
     4 stages; narrower or split forms only where d_e or the resources need them.
@@ -95,7 +114,7 @@ def default(spec: Spec, tokens: int, arch: Arch) -> Config:
     6.49 ms, against 7.27 ms for the best split form (64x32) and 7.64 ms for the tuned
     pointer-load kernel this template replaced."""
     widths = sorted(block_f_choices(spec), key=lambda bf: (bf != 64, -bf))
-    return first_accepted(reject, spec, arch, (
+    return first_accepted(reject_default, spec, arch, (
         {"block_f": bf, "block_m": bm, "num_warps": warps, "num_stages": stages, "split_dv": split,
          "rows_major": 0}
         for bf in widths

@@ -22,6 +22,7 @@ from flashmhf.codegen.kinds.base import (
     fma_product_regs,
     fma_products,
     next_pow2,
+    resource_reason,
 )
 from flashmhf.codegen.kinds.bwd_common import REG_OVERHEAD, block_f_choices, common_reject, row_tile
 from flashmhf.codegen.spec import Spec
@@ -44,13 +45,10 @@ def estimate_smem(spec: Spec, c: Config) -> int:
 
 def estimate_regs(spec: Spec, c: Config, arch: Arch) -> int:
     """fp32 dq accumulator plus the three (rows x d_ff-tile) products m, n, da, per thread; with
-    mma.sync see ``estimate_regs_mma_v2``; with exact (fp32) products the FMA operands instead."""
+    mma.sync see ``estimate_regs_mma_v2``."""
     d_pad = next_pow2(spec.head_dim)
     bm, bf = c["block_m"], c["block_f"]
     tiles = (bm * d_pad + 3 * bm * bf) // (c["num_warps"] * 32)
-    if fma_products(spec):
-        stages = 0 if TMA in arch.features else FMA_STAGE_REGS * (max(c["num_stages"], 1) - 1)
-        return tiles + REG_OVERHEAD + fma_product_regs(bm, bf, d_pad, c["num_warps"]) + stages
     if arch.mma == 2:
         return tiles + estimate_regs_mma_v2(spec, c)
     return tiles + REG_OVERHEAD
@@ -67,8 +65,26 @@ def estimate_regs_mma_v2(spec: Spec, c: Config) -> int:
     return 2 * bm * words // 32 + 10 * bf * words // (32 * warps) + REG_OVERHEAD_MMA_V2
 
 
+def estimate_regs_fma(spec: Spec, c: Config, arch: Arch) -> int:
+    """Per thread with exact (fp32) products, on every architecture: the counted tiles, the FMA
+    operands in place of MMA fragments and, without TMA, the pipeline's stages."""
+    d_pad = next_pow2(spec.head_dim)
+    bm, bf = c["block_m"], c["block_f"]
+    tiles = (bm * d_pad + 3 * bm * bf) // (c["num_warps"] * 32)
+    stages = 0 if TMA in arch.features else FMA_STAGE_REGS * (max(c["num_stages"], 1) - 1)
+    return tiles + REG_OVERHEAD + fma_product_regs(bm, bf, d_pad, c["num_warps"]) + stages
+
+
 def reject(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
     return common_reject(spec, c, tokens, estimate_smem(spec, c), estimate_regs(spec, c, arch), arch)
+
+
+def reject_default(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
+    """``reject``, and with exact (fp32) products the configs whose FMA operands would spill: the
+    defaults compile without spills; the tuner still measures such configs."""
+    if fma_products(spec) and (reason := resource_reason(0, estimate_regs_fma(spec, c, arch), arch)):
+        return reason
+    return reject(spec, c, tokens, arch)
 
 
 def default(spec: Spec, tokens: int, arch: Arch) -> Config:
@@ -85,7 +101,7 @@ def default(spec: Spec, tokens: int, arch: Arch) -> Config:
                     yield {"block_m": bm, "block_f": bf, "num_warps": warps if first_choice else 12 - warps,
                            "num_stages": stages}
 
-    return first_accepted(reject, spec, arch, (*candidates(True), *candidates(False)), "bwd_dq")
+    return first_accepted(reject_default, spec, arch, (*candidates(True), *candidates(False)), "bwd_dq")
 
 
 def flops(spec: Spec, tokens: int) -> float:

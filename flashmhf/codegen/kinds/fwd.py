@@ -53,17 +53,23 @@ def estimate_smem(spec: Spec, c: Config) -> int:
 
 def estimate_regs(spec: Spec, c: Config, arch: Arch) -> int:
     """fp32 accumulator plus the two (rows x d_ff-tile) products, per thread, plus fixed overhead;
-    with mma.sync also the operand tiles that every warp holds whole; with exact (fp32) products the
-    FMA operands instead, on every architecture."""
+    with mma.sync also the operand tiles that every warp holds whole."""
     d_pad = next_pow2(spec.head_dim)
     values = c["block_m"] * d_pad + 2 * c["block_m"] * c["block_f"]
     regs = values // (c["num_warps"] * 32)
-    if fma_products(spec):
-        return regs + REG_OVERHEAD + fma_product_regs(c["block_m"], c["block_f"], d_pad, c["num_warps"])
     if arch.mma != 2:
         return regs + REG_OVERHEAD
     whole = 3 * c["block_f"] if c["block_m"] >= WARPS_ALONG_M_ROWS else c["block_m"]
     return regs + whole * d_pad * DTYPE_BYTES[spec.dtype] // (4 * 32) + REG_OVERHEAD_MMA_V2
+
+
+def estimate_regs_fma(spec: Spec, c: Config) -> int:
+    """Per thread with exact (fp32) products, on every architecture: the counted tiles and the FMA
+    operands in place of MMA fragments."""
+    d_pad = next_pow2(spec.head_dim)
+    values = c["block_m"] * d_pad + 2 * c["block_m"] * c["block_f"]
+    return values // (c["num_warps"] * 32) + REG_OVERHEAD + \
+        fma_product_regs(c["block_m"], c["block_f"], d_pad, c["num_warps"])
 
 
 def split_target(arch: Arch) -> int:
@@ -95,6 +101,14 @@ def reject(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
     return None
 
 
+def reject_default(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
+    """``reject``, and with exact (fp32) products the configs whose FMA operands would spill: the
+    defaults compile without spills; the tuner still measures such configs."""
+    if fma_products(spec) and (reason := resource_reason(0, estimate_regs_fma(spec, c), arch)):
+        return reason
+    return reject(spec, c, tokens, arch)
+
+
 def default(spec: Spec, tokens: int, arch: Arch) -> Config:
     """A safe heuristic from the measured bests: at large T, 128 x 64 tiles through TMA descriptors
     (where the arch has them); below that, pointer loads of up to 64 rows, and split d_ff at small T.
@@ -124,7 +138,7 @@ def default(spec: Spec, tokens: int, arch: Arch) -> Config:
                 for tma in ((1, 0) if tokens >= TMA_MIN_TOKENS else (0,))
                 for s in (3, 2, 1)
             ]
-    return first_accepted(reject, spec, arch, candidates, "fwd")
+    return first_accepted(reject_default, spec, arch, candidates, "fwd")
 
 
 def flops(spec: Spec, tokens: int) -> float:

@@ -86,11 +86,18 @@ def estimate_regs(spec: Spec, c: Config, backward: bool, strict: bool = False, a
     return regs
 
 
+def _smallest_block_t(spec: Spec, backward: bool) -> int:
+    """The token block that decode sizes get: 16 (a tensor-core tile's side), but 32 for the forward
+    with exact (fp32) products at E > 16, where every 16-token config spills (ptxas, sm_80 to sm_90)
+    and 32 tokens with 8 warps do not."""
+    return 32 if not backward and fma_products(spec) and e_pad(spec) > 16 else 16
+
+
 def _reject(spec: Spec, c: Config, tokens: int | None, arch: Arch, backward: bool, strict: bool = False) -> str | None:
     if reason := resource_reason(0, estimate_regs(spec, c, backward, strict, arch), arch):
         return reason
     if tokens is not None:
-        if c["block_t"] > max(16, next_pow2(tokens)):
+        if c["block_t"] > max(_smallest_block_t(spec, backward), next_pow2(tokens)):
             return f"block_t={c['block_t']} is larger than the {tokens} tokens it would cover"
         if backward and c["split"] > cdiv(tokens, c["block_t"]):
             return f"split={c['split']} exceeds the {cdiv(tokens, c['block_t'])} token blocks"
@@ -114,13 +121,12 @@ def _safe_backward(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str
 
 
 def default_forward(spec: Spec, tokens: int, arch: Arch) -> Config:
-    """64-token blocks (fewer at decode sizes), 4 warps. With exact (fp32) products 8 warps and at
-    least 32-token blocks: at E > 16 every 16-token config spills there (ptxas, sm_80 to sm_90)."""
-    block_t = min(64, max(16, next_pow2(tokens)))
-    warps = (4, 8)
-    if fma_products(spec):
-        block_t, warps = max(32, block_t), (8, 4)
-    candidates = [{"block_t": bt, "num_warps": w} for bt in (block_t, 32, 16) for w in warps]
+    """64-token blocks (fewer at decode sizes, down to ``_smallest_block_t``), 4 warps; 8 first with
+    exact (fp32) products."""
+    smallest = _smallest_block_t(spec, backward=False)
+    block_t = min(64, max(smallest, next_pow2(tokens)))
+    warps = (8, 4) if fma_products(spec) else (4, 8)
+    candidates = [{"block_t": bt, "num_warps": w} for bt in (block_t, 32, 16) if bt >= smallest for w in warps]
     return first_accepted(_safe_forward, spec, arch, candidates, spec.kind)
 
 
