@@ -201,9 +201,9 @@ def fma_products(spec: Spec) -> bool:
 def fma_product_regs(rows: int, cols: int, depth: int, warps: int) -> int:
     """Per-thread registers of an exact (FMA) product of a (rows x depth) by a (depth x cols) tile:
     each thread keeps both operands along the whole depth for its share of the outputs. Calibrated
-    on ptxas reports (sm_80, sm_86, sm_90; fp32 fwd, bwd_dq, bwd_dkuv and the norm/router backward
-    at d_h 96 and 128): a count below 255 with this term compiles without spills, and tiles of
-    twice its size spill."""
+    on ptxas reports (sm_80, sm_86, sm_90; fp32 fwd, bwd_dq, bwd_dkuv and the norm/router kinds at
+    d_h 96 and 128): every config whose count with this term stays within the registers compiled
+    without spills; most with twice the tile spill (often by kilobytes: ptxas gives up)."""
     return rows * cols * depth // (32 * warps)
 
 
