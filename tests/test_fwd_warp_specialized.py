@@ -147,7 +147,7 @@ def test_kinds_say_which_shapes_they_cannot_take():
 
     assert get_kind("fwd_ws").shape_reason(Spec("fwd_ws", *REPO_13B, "bf16")) is None
     assert "16-bit" in get_kind("fwd_ws").shape_reason(Spec("fwd_ws", *REPO_13B, "fp32"))
-    assert "head_dim=96" in get_kind("bwd_dq_ws").shape_reason(Spec("bwd_dq_ws", 4, 4, 96, 3, 128, "bf16"))
+    assert "head_dim=96" in get_kind("bwd_dkuv_ws").shape_reason(Spec("bwd_dkuv_ws", 4, 4, 96, 3, 128, "bf16"))
     assert get_kind("fwd").shape_reason(Spec("fwd", 4, 4, 96, 3, 128, "fp32")) is None  # fwd takes every shape
 
 
