@@ -49,6 +49,7 @@ def misaligned(t: torch.Tensor) -> torch.Tensor:
 
 # Shapes the warp-specialized (Hopper) kinds are checked at on a GPU: (tokens, H, H_kv, d_h, E, d_e, dtype).
 REPO_13B = (16, 16, 128, 22, 256)
+REPO_128M = (8, 8, 96, 8, 256)  # d_h = 96: fwd_ws only, in column parts of 64 + 32
 WS_GPU_CASES = [
     (77, *REPO_13B, torch.bfloat16),
     (1, *REPO_13B, torch.bfloat16),

@@ -1,8 +1,8 @@
 """fwd_ws: the warp-specialized (Gluon) forward kernel for Hopper GPUs at large token counts.
 
 On CPU: which shapes and configs it takes and that it renders. On a GPU (marker ``gpu``): its
-output against the float64 reference at odd token counts, shared kv heads, small head dims and
-fp16, for every kind of config."""
+output against the float64 reference at odd token counts, shared kv heads, small head dims, d_h = 96
+(column parts of 64 + 32) and fp16, for every kind of config."""
 
 import pytest
 import torch
@@ -11,22 +11,23 @@ from click.testing import CliRunner
 import flashmhf_runtime
 from flashmhf.checks import reference_f64, rel_error
 from flashmhf.cli.app import main as cli
-from flashmhf.codegen import Spec, SpecError, get_kind
+from flashmhf.codegen import Spec, SpecError, get_kind, render
 from flashmhf.codegen.kinds import fwd_ws
 from flashmhf_runtime import dispatch
-from tests.helpers import REPO_13B, WS_GPU_CASES, core_inputs, pretend_gpu, ws_case_id
+from tests.helpers import REPO_13B, REPO_128M, WS_GPU_CASES, core_inputs, pretend_gpu, ws_case_id
 
 KIND = get_kind("fwd_ws")
 
 
-def test_takes_16_bit_power_of_two_head_dims_and_64_wide_tiles():
+def test_takes_16_bit_power_of_two_head_dims_or_96_and_64_wide_tiles():
     assert fwd_ws.shape_reason(Spec("fwd_ws", *REPO_13B, "bf16")) is None
     assert fwd_ws.shape_reason(Spec("fwd_ws", 4, 2, 64, 3, 384, "fp16")) is None  # d_e = 384
+    assert fwd_ws.shape_reason(Spec("fwd_ws", *REPO_128M, "bf16")) is None  # d_h = 96: 64 + 32
     assert "16-bit" in fwd_ws.shape_reason(Spec("fwd_ws", *REPO_13B, "fp32"))
-    assert "head_dim=96" in fwd_ws.shape_reason(Spec("fwd_ws", 4, 4, 96, 3, 128, "bf16"))
+    assert "head_dim=48" in fwd_ws.shape_reason(Spec("fwd_ws", 4, 4, 48, 3, 128, "bf16"))
     assert "multiple of 64" in fwd_ws.shape_reason(Spec("fwd_ws", 4, 4, 64, 3, 96, "bf16"))
-    with pytest.raises(SpecError, match="head_dim=96"):
-        KIND.default(Spec("fwd_ws", 4, 4, 96, 3, 128, "bf16"), 4096)
+    with pytest.raises(SpecError, match="head_dim=48"):
+        KIND.default(Spec("fwd_ws", 4, 4, 48, 3, 128, "bf16"), 4096)
 
 
 def test_space_respects_shared_memory_and_token_counts():
@@ -41,6 +42,27 @@ def test_space_respects_shared_memory_and_token_counts():
     small = Spec("fwd_ws", 4, 4, 64, 3, 64, "bf16")
     assert "expert_dim" in KIND.reject(small, {"block_f": 128, "num_stages": 2}, None)
     assert KIND.default(small, 4096) == {"block_f": 64, "num_stages": 3}
+
+
+def test_head_dim_96_space_and_shared_memory():
+    # q tiles and ring slots as wide as the head (64 + 32 columns): 128-wide tiles fit 2 slots.
+    spec = Spec("fwd_ws", *REPO_128M, "bf16")
+    assert KIND.default(spec, 16384) == {"block_f": 128, "num_stages": 2}
+    q_tiles, ring = 2 * 64 * 96 * 2, 2 * 3 * 128 * 96 * 2
+    assert fwd_ws.estimate_smem(spec, {"block_f": 128, "num_stages": 2}) == q_tiles + ring + 1024
+    assert list(KIND.space(spec)) == [{"block_f": 64, "num_stages": s} for s in (2, 3, 4)] + [
+        {"block_f": 128, "num_stages": 2}]
+    assert "shared memory" in KIND.reject(spec, {"block_f": 128, "num_stages": 3}, None)
+
+
+def test_head_dim_96_renders_in_column_parts_and_powers_of_two_in_one():
+    split = render(Spec("fwd_ws", *REPO_128M, "bf16"))
+    assert "_D_H_PARTS = (64, 32)" in split
+    # m over K = 96 as two chained MMAs; s in two accumulators (N = 64 and 32).
+    assert "m = warpgroup_mma(q1, k_bufs[1].index(s).permute((1, 0)), m, is_async=True)" in split
+    assert "acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))" in split
+    whole = render(Spec("fwd_ws", *REPO_13B, "bf16"))
+    assert "_D_H_PARTS" not in whole and "acc = warpgroup_mma(a, v_bufs.index(s), acc, is_async=True)" in whole
 
 
 def test_shares_the_hopper_requirements_of_the_backward_kind():
@@ -65,9 +87,16 @@ def _spec(case) -> Spec:
     return Spec("fwd_ws", h, h_kv, d_h, e, d_e, "bf16" if dtype == torch.bfloat16 else "fp16")
 
 
+# d_h = 96 (column parts of 64 + 32): fwd_ws only; odd token counts, shared kv heads, fp16 with d_e = 64.
+DH96_GPU_CASES = [
+    (77, *REPO_128M, torch.bfloat16),
+    (1100, 8, 2, 96, 8, 256, torch.bfloat16),
+    (300, 4, 4, 96, 3, 64, torch.float16),
+]
+
 # Each case with the configs of the space that fit its shape (128-wide tiles of d_e = 64 do not).
 _GPU_RUNS = [pytest.param(case, config, id=f"{ws_case_id(case)}-bf{config['block_f']}-s{config['num_stages']}")
-             for case in WS_GPU_CASES
+             for case in WS_GPU_CASES + DH96_GPU_CASES
              for config in ({"block_f": 64, "num_stages": 3}, {"block_f": 64, "num_stages": 2},
                             {"block_f": 128, "num_stages": 2})
              if KIND.reject(_spec(case), config, None) is None]
@@ -97,7 +126,9 @@ def test_op_runs_it_from_1024_tokens_on_hopper_only(monkeypatch):
     try:
         assert op.kind_for(FORWARD, key, 1024, cuda) == "fwd_ws"
         assert op.kind_for(FORWARD, key, 1023, cuda) == "fwd"  # decode and short prefill stay on fwd
-        assert op.kind_for(FORWARD, (4, 4, 96, 3, 128, "bf16"), 4096, cuda) == "fwd"  # shape it cannot take
+        assert op.kind_for(FORWARD, (4, 4, 48, 3, 128, "bf16"), 4096, cuda) == "fwd"  # shape it cannot take
+        assert op.kind_for(FORWARD, (*REPO_128M, "bf16"), 4096, cuda) == "fwd_ws"  # d_h = 96
+        assert op.kind_for(FORWARD, (*REPO_128M, "bf16"), 1023, cuda) == "fwd"
         assert op.kind_for(FORWARD, (*REPO_13B, "fp32"), 4096, cuda) == "fwd"
         assert op.kind_for(FORWARD, key, 4096, torch.device("cpu")) == "fwd"
         assert op.kernel_kinds(key, 4096, cuda) == {"forward": "fwd_ws", "dq": "bwd_dq_ws", "dkuv": "bwd_dkuv_ws"}
@@ -116,7 +147,7 @@ def test_kinds_say_which_shapes_they_cannot_take():
 
     assert get_kind("fwd_ws").shape_reason(Spec("fwd_ws", *REPO_13B, "bf16")) is None
     assert "16-bit" in get_kind("fwd_ws").shape_reason(Spec("fwd_ws", *REPO_13B, "fp32"))
-    assert "head_dim=96" in get_kind("bwd_dq_ws").shape_reason(Spec("bwd_dq_ws", 4, 4, 96, 3, 128, "bf16"))
+    assert "head_dim=96" in get_kind("bwd_dkuv_ws").shape_reason(Spec("bwd_dkuv_ws", 4, 4, 96, 3, 128, "bf16"))
     assert get_kind("fwd").shape_reason(Spec("fwd", 4, 4, 96, 3, 128, "fp32")) is None  # fwd takes every shape
 
 

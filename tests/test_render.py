@@ -1,8 +1,12 @@
-"""Rendering: template hashes cover exactly the files a template is made of."""
+"""Rendering: template hashes cover exactly the files a template is made of; the planned constants."""
 
 import importlib
 
+import pytest
+
+from flashmhf.codegen import Spec, plan
 from flashmhf.codegen.kinds import KINDS
+from flashmhf.codegen.plan import power_of_two_parts
 from flashmhf.codegen.render import _partials, template_hash
 
 
@@ -26,3 +30,11 @@ def test_hashes_are_distinct_per_template_and_cover_the_gluon_helpers(monkeypatc
     finally:
         template_hash.cache_clear()
     assert changed == {"fwd_ws", "bwd_dq_ws", "bwd_dkuv_ws"}
+
+
+def test_head_dims_split_into_power_of_two_parts():
+    assert power_of_two_parts(96) == (64, 32) and power_of_two_parts(128) == (128,)
+    assert power_of_two_parts(112) == (64, 32, 16) and sum(power_of_two_parts(200)) == 200
+    assert plan(Spec("fwd_ws", 8, 8, 96, 8, 256, "bf16")).template_vars()["D_H_PARTS"] == [64, 32]
+    with pytest.raises(ValueError, match="n must be positive"):
+        power_of_two_parts(0)

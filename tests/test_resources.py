@@ -104,19 +104,29 @@ def _assert_fast_sigmoid(kernel: dict) -> None:
     assert set(kernel["special"]) == {"tanh.approx"}, kernel["special"]
 
 
+_REPO_13B, _REPO_128M = [16, 16, 128, 22, 256], [8, 8, 96, 8, 256]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, config", [
-    ("fwd_ws", None), ("fwd_ws", dict(block_f=64, num_stages=4)),  # q held in registers
-    ("bwd_dq_ws", None), ("bwd_dq_ws", dict(num_stages=2, pingpong=0)),
+@pytest.mark.parametrize("kind, shape, config", [
+    ("fwd_ws", _REPO_13B, None), ("fwd_ws", _REPO_13B, dict(block_f=64, num_stages=4)),  # q held in registers
+    ("fwd_ws", _REPO_128M, None), ("fwd_ws", _REPO_128M, dict(block_f=64, num_stages=4)),  # d_h 96: 64 + 32
+    ("bwd_dq_ws", _REPO_13B, None), ("bwd_dq_ws", _REPO_13B, dict(num_stages=2, pingpong=0)),
+    ("bwd_dq_ws", _REPO_128M, None), ("bwd_dq_ws", _REPO_128M, dict(num_stages=4, pingpong=0)),
 ])
-def test_warp_specialized_forward_and_dq_compile_for_hopper_without_spills(kind, config):
-    # Each row group holds a (64, 128) fp32 accumulator and its tile's products in registers.
-    [kernel] = _report([kind, 16, 16, 128, 22, 256, "bf16"], config)
+def test_warp_specialized_forward_and_dq_compile_for_hopper_without_spills(kind, shape, config):
+    # Each row group holds a (64, d_h) fp32 accumulator (d_h = 96: two, of 64 and 32 columns) and its
+    # tile's products in registers.
+    [kernel] = _report([kind, *shape, "bf16"], config)
     assert kernel["name"] == f"flashmhf_{kind}"
     assert kernel["mma"] and not kernel["v2"], kernel["mma"]
     assert kernel["spills"] == 0 and kernel["registers"] == 168, kernel  # the kernel-wide budget
     assert 0 < kernel["shared"] <= 232_448
     _assert_fast_sigmoid(kernel)
+    if shape[2] == 96:  # s in accumulators of 64 and 32 columns: no MMA padded to 128 columns of d_h
+        assert any("instr [16, 32, 16]" in m for m in kernel["mma"]), kernel["mma"]
+        if kind == "bwd_dq_ws" or config:  # 64-wide d_ff tiles: every MMA has N = 64 or 32
+            assert all("[16, 64, 16]" in m or "[16, 32, 16]" in m for m in kernel["mma"]), kernel["mma"]
 
 
 _DEFAULTS_SCRIPT = """

@@ -5,7 +5,8 @@ each recompute m, n, da and accumulate dq on their own rows, sharing a ring of K
 TMA warp fills; while one group computes its elementwise terms, the other's products keep the tensor
 cores busy. For large token counts (training); below ``hopper.MIN_TOKENS`` the op runs ``bwd_dq``.
 
-Needs an NVIDIA Hopper GPU and 16-bit inputs (``hopper``).
+Needs an NVIDIA Hopper GPU and 16-bit inputs (``hopper``). Takes d_h = 96 as column parts of 64 and 32,
+as ``fwd_ws`` does (m, n and da as chained MMAs over K = 64 and 32, dq in two accumulators).
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ ROWS, TILE = 64, hopper.TILE  # rows per warp group (a program covers two) and d
 
 
 def estimate_smem(spec: Spec, c: Config) -> int:
-    """Two q and two ds tiles, the K/U/V ring, and the barriers."""
+    """Two q and two ds tiles, the K/U/V ring, and the barriers (d_h = 96: one buffer per column part,
+    together as wide as the head)."""
     b = DTYPE_BYTES[spec.dtype]
     d = spec.head_dim
     return 4 * ROWS * d * b + c["num_stages"] * 3 * TILE * d * b + 1024
 
 
 def reject(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
-    return hopper.reject(spec, "bwd_dq", estimate_smem(spec, c), arch)
+    return hopper.reject(spec, "bwd_dq", estimate_smem(spec, c), arch, hopper.SPLIT_HEAD_DIMS)
 
 
 def default(spec: Spec, tokens: int, arch: Arch) -> Config:
@@ -35,7 +37,7 @@ def default(spec: Spec, tokens: int, arch: Arch) -> Config:
     Measured on an H200 (repo-1.3b, bf16, T = 16384; docs/benchmarks/2026-11-29-fast-sigmoid.md):
     3.00 ms, 3.04 without ping-pong in the same run; bwd_dq's best config 3.44-3.50."""
     return hopper.default("bwd_dq_ws", spec, "bwd_dq", reject, arch,
-                          ({"num_stages": n, "pingpong": 1} for n in (3, 2)))
+                          ({"num_stages": n, "pingpong": 1} for n in (3, 2)), hopper.SPLIT_HEAD_DIMS)
 
 
 BWD_DQ_WS = KernelKind(

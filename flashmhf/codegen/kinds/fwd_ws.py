@@ -5,7 +5,9 @@ each compute m, n, the gate and s += a V on their own rows, sharing a ring of K/
 TMA warp fills; while one group computes its gate the other's products keep the tensor cores busy.
 For large token counts (training, prefill); decode sizes stay on ``fwd`` (split d_ff, direct launch).
 
-Needs an NVIDIA Hopper GPU and 16-bit inputs (``hopper``).
+Needs an NVIDIA Hopper GPU and 16-bit inputs (``hopper``). Takes d_h = 96 as well as the powers of
+two: as column parts of 64 and 32 (two TMA boxes and buffers per tile, m and n as two chained MMAs
+over K = 64 and 32, s in two accumulators of N = 64 and 32), so no tensor-core work is padded.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ ROWS = 64  # rows per warp group; a program covers two groups
 
 
 def estimate_smem(spec: Spec, c: Config) -> int:
-    """Two q tiles, the K/U/V ring, and the barriers."""
+    """Two q tiles, the K/U/V ring, and the barriers. A head split into column parts (d_h = 96) has
+    one buffer per part, together exactly as wide as the head: the same bytes."""
     b = DTYPE_BYTES[spec.dtype]
     d = spec.head_dim
     return 2 * ROWS * d * b + c["num_stages"] * 3 * c["block_f"] * d * b + 1024
@@ -27,14 +30,14 @@ def estimate_smem(spec: Spec, c: Config) -> int:
 
 def shape_reason(spec: Spec) -> str | None:
     """Why the kind cannot take this layer shape and dtype at all (``None`` = it can)."""
-    return hopper.shape_reason(spec, "fwd")
+    return hopper.shape_reason(spec, "fwd", hopper.SPLIT_HEAD_DIMS)
 
 
 def reject(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str | None:
     bf = c["block_f"]
     if spec.expert_dim % bf and not shape_reason(spec):
         return f"block_f={bf} does not divide expert_dim={spec.expert_dim} (a tile must stay in one sub-network)"
-    return hopper.reject(spec, "fwd", estimate_smem(spec, c), arch)
+    return hopper.reject(spec, "fwd", estimate_smem(spec, c), arch, hopper.SPLIT_HEAD_DIMS)
 
 
 def default(spec: Spec, tokens: int, arch: Arch) -> Config:
@@ -44,7 +47,7 @@ def default(spec: Spec, tokens: int, arch: Arch) -> Config:
     1.83 ms, 64-wide tiles in 3 slots 1.80 (the tuner's pick); before the fast sigmoid 2.02 against
     2.27 for fwd's best config."""
     candidates = ({"block_f": bf, "num_stages": stages} for bf, stages in ((128, 2), (64, 3), (64, 2)))
-    return hopper.default("fwd_ws", spec, "fwd", reject, arch, candidates)
+    return hopper.default("fwd_ws", spec, "fwd", reject, arch, candidates, hopper.SPLIT_HEAD_DIMS)
 
 
 FWD_WS = KernelKind(
