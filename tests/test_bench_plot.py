@@ -24,16 +24,19 @@ D_MODEL, D_FF = 2048, 5632
 
 
 def _core(tokens: int, ms: float, backward: bool = False) -> CoreRow:
+    trained = {"peak_mib": 100.0, "swiglu_peak_mib": 300.0, "backward_configs": {"dq": "x", "dkuv": "y"}}
     return CoreRow(tokens=tokens, backward=backward, flashmhf_ms=ms, swiglu_ms=2 * ms, swiglu_compiled_ms=1.5 * ms,
                    flop=ffn_flop(tokens, 3 * D_MODEL * D_FF, backward), rel_err=1e-3, config="block_m=128",
-                   config_source="default")
+                   config_source="default", **(trained if backward else {}))
 
 
 def _layer(tokens: int, ms: float, compiled: float | None, backward: bool = False) -> LayerRow:
     return LayerRow(tokens=tokens, backward=backward, flashmhf_ms=ms, swiglu_ms=ms / 2, swiglu_compiled_ms=ms / 3,
                     rel_err=1e-3, flashmhf_params=10, swiglu_params=3 * D_MODEL * D_FF, flashmhf_compiled_ms=compiled,
                     flashmhf_graph_ms=ms / 1.5, swiglu_graph_ms=ms / 2.5, flashmhf_host_ms=0.1, swiglu_host_ms=0.05,
-                    flop=ffn_flop(tokens, 3 * D_MODEL * D_FF, backward))
+                    flop=ffn_flop(tokens, 3 * D_MODEL * D_FF, backward),
+                    **({"flashmhf_peak_mib": 50.0, "swiglu_peak_mib": 90.0, "swiglu_compiled_peak_mib": 80.0}
+                       if backward else {}))
 
 
 def _run(bench: str, rows: list, shape: str = "repo-128m", source: str | None = None) -> Run:
@@ -289,3 +292,36 @@ def test_committed_charts_are_small_pngs():
     assert not big, f"charts over 200 KB: {big}"
     for path in charts:
         assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_chart_script_writes_the_readme_chart_names(tmp_path):
+    """scripts/bench_charts.sh with its bench runs stubbed: the charts the README shows, by name."""
+    import subprocess
+
+    fake_cli = tmp_path / "fake_cli.py"
+    fake_cli.write_text(f"""import sys
+sys.path.insert(0, {str(REPO)!r})
+import torch
+import flashmhf.bench.core as core, flashmhf.bench.layer as layer, flashmhf.cli.bench_cmd as bench_cmd
+from tests import test_bench_plot as t
+torch.cuda.is_available = lambda: True
+torch.cuda.get_device_name = lambda *a: "Test GPU"
+core.bench_core = lambda spec, d_ff, n, **kw: t._core(n, 0.01 * n, kw["backward"])
+layer.bench_layer = lambda module, n, **kw: t._layer(n, 0.02 * n, 0.015 * n, kw["backward"])
+bench_cmd._layer = lambda *a: None
+from flashmhf.cli.app import main
+main(sys.argv[1:])
+""")
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f'#!/bin/sh\nshift 2\nexec {sys.executable} {fake_cli} "$@"\n')  # drops "-m flashmhf.cli"
+    fake_python.chmod(0o755)
+    out = tmp_path / "charts"
+    done = subprocess.run(["bash", str(REPO / "scripts" / "bench_charts.sh"), str(out), "repo-128m"],
+                          env={**__import__("os").environ, "PYTHON": str(fake_python)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.png")) == ["repo-128m-bf16-forward-backward.png",
+                                                         "repo-128m-bf16-forward.png"]
+    for path in out.glob("*.png"):
+        _check_png(path)
+    assert {read_run(p).bench for p in out.glob("*.json")} == {"core", "layer"}

@@ -27,6 +27,8 @@ _WORDS = {"flashmhf": "FlashMHF", "swiglu": "SwiGLU", "graph": "CUDA graph"}
 _MODES = ("", "CUDA graph", "compiled")  # legend order within a family; linestyles below
 _LINESTYLES = {"": "-", "CUDA graph": ":", "compiled": "--"}
 _MARKERS = {"FlashMHF": "o", "SwiGLU": "s"}
+# One colour per family, the same in every chart; other families (runs named by file) take the rest.
+_COLORS = {"core: FlashMHF": "C0", "core: SwiGLU": "C1", "layer: FlashMHF": "C2", "layer: SwiGLU": "C3"}
 
 
 class PlotUnavailable(RuntimeError):
@@ -143,11 +145,12 @@ def plot_records(records: Iterable[Record], path: str | Path, title: str, note: 
     FigureCanvasAgg(fig)  # no pyplot: no global figure state, no display needed
     time_ax, tf_ax = fig.subplots(1, 2)
     families = list(dict.fromkeys(points[0].family for points in groups.values()))
+    colors = _colors(families)
     drawn: dict[str, list[str]] = {"time": [], "tflops": []}
     lines = {}
     for name, points in groups.items():
         first = points[0]
-        style = {"color": f"C{families.index(first.family) % 10}", "linestyle": _LINESTYLES.get(first.mode, "-."),
+        style = {"color": colors[first.family], "linestyle": _LINESTYLES.get(first.mode, "-."),
                  "marker": _MARKERS.get(first.impl, "^"), "markersize": 4, "label": name}
         lines[name] = time_ax.plot([r.tokens for r in points], [r.ms for r in points], **style)[0]
         drawn["time"].append(name)
@@ -179,6 +182,11 @@ def plot_records(records: Iterable[Record], path: str | Path, title: str, note: 
     fig.suptitle(title + (f"\n{note}" if note else ""))
     fig.savefig(Path(path), dpi=100)
     return drawn
+
+
+def _colors(families: list[str]) -> dict[str, str]:
+    spare = iter(f"C{i}" for i in range(4, 10))
+    return {f: _COLORS.get(f) or next(spare, "black") for f in families}
 
 
 def _legend_grid(groups: dict[str, list[Record]], families: list[str], lines: dict) -> tuple[list, list[str]]:
