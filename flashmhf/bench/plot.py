@@ -131,7 +131,7 @@ def _series(records: Iterable[Record]) -> dict[str, list[Record]]:
 
 def plot_records(records: Iterable[Record], path: str | Path, title: str, note: str = "") -> dict[str, list[str]]:
     """Write a PNG with two panels, time (ms, log) and TFLOP/s (linear) against tokens (log), to
-    ``path``: one colour per family, one line style per mode, ``note`` under the panels. Returns the
+    ``path``: one colour per family, one line style per mode, ``note`` under the title. Returns the
     series drawn in each panel (``{"time": [...], "tflops": [...]}``)."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
