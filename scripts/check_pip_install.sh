@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CI: the plain `pip install` path. Builds the wheel, installs it into a fresh venv (torch 2.13.0
 # CPU first, as scripts/setup.sh does, so pip does not pull a CUDA build; then the wheel with its
-# declared dependencies only, no extras), and checks that the package imports and that
-# `flashmhf presets` and `flashmhf doctor` work without warnings (numpy present).
+# declared dependencies only, no extras), and checks that the package imports, that
+# `flashmhf presets` and `flashmhf doctor` work without warnings (numpy present), and that a chart
+# (the `plot` extra) stops with an error naming the extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=$(mktemp -d)
@@ -33,4 +34,9 @@ grep -q "repo-1.3b" "$WORK/presets.out"
 check doctor "$WORK/venv/bin/flashmhf" doctor
 grep -q "shipped" "$WORK/doctor.out" || { echo "plain pip install: doctor lists no shipped cache"; exit 1; }
 grep -q "nvidia-h200.sqlite" "$WORK/doctor.out" || { echo "plain pip install: shipped cache missing"; cat "$WORK/doctor.out"; exit 1; }
-echo "plain pip install: wheel $(basename "$WHEEL") installs; import, presets and doctor work"
+echo '[{"tokens": 1, "flashmhf_ms": 1.0}]' >"$WORK/report.json"
+if "$WORK/venv/bin/python" -m flashmhf.bench.plot "$WORK/report.json" >"$WORK/plot.out" 2>&1 \
+    || ! grep -qF "pip install 'flashmhf[plot]'" "$WORK/plot.out"; then
+  echo "plain pip install: a chart without matplotlib did not stop naming the plot extra:"; cat "$WORK/plot.out"; exit 1
+fi
+echo "plain pip install: wheel $(basename "$WHEEL") installs; import, presets and doctor work; charts ask for the plot extra"

@@ -7,11 +7,10 @@ from dataclasses import asdict, astuple, dataclass, replace
 import torch
 
 from flashmhf.bench.baselines import swiglu, swiglu_weights
-from flashmhf.bench.timing import median_ms, peak_mib, tflops
+from flashmhf.bench.timing import GRAPH_TOKENS, ffn_flop, median_ms, peak_mib, tflops
 from flashmhf.checks import TORCH_DTYPES, core_inputs, reference_f64, reference_grads_f64, rel_error
 from flashmhf.codegen import Spec, format_config
 
-GRAPH_TOKENS = 64
 BACKWARD_ROLES = ("dq", "dkuv")  # the op's backward: one kernel for dq, dr and one for dK, dU, dV
 
 
@@ -63,12 +62,11 @@ def bench_core(spec: Spec, d_ff: int, tokens: int, *, backward: bool, compile_sw
         got = op()
         ref = reference_grads_f64(q, k, u, v, r, ds)
         err = max(rel_error(g, rf) for g, rf in zip(got, ref))
-        flop = 3 * 6.0 * tokens * spec.d_model * d_ff
     else:
         op = lambda: fm.flash_mhf(q, k, u, v, r)  # noqa: E731
         sw = lambda: swiglu(x, *w)  # noqa: E731
         err = rel_error(op(), reference_f64(q, k, u, v, r))
-        flop = 6.0 * tokens * spec.d_model * d_ff
+    flop = ffn_flop(tokens, sum(t.numel() for t in w), backward)
     ms = median_ms(op, graph=graph)
     sw_ms = median_ms(sw, graph=graph)
     sw_c = None

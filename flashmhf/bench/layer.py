@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from flashmhf.bench.baselines import swiglu, swiglu_weights
-from flashmhf.bench.timing import host_ms, median_ms, peak_mib
+from flashmhf.bench.timing import ffn_flop, host_ms, median_ms, peak_mib
 from flashmhf.checks import rel_error
 
 CHECK_TOKENS = 1024  # the layer is position-wise: its first tokens are checked against float64
@@ -40,6 +40,7 @@ class LayerRow:
     swiglu_graph_ms: float | None = None
     flashmhf_host_ms: float | None = None  # host time of one call (forward or training step)
     swiglu_host_ms: float | None = None
+    flop: float | None = None  # the SwiGLU FFN's work (timing.ffn_flop): what TFLOP/s are rated by
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,6 +120,7 @@ def bench_layer(module: nn.Module, tokens: int, *, backward: bool, compile_model
         median_ms(lambda: theirs(compiled)) if compiled else None, err,
         sum(t.numel() for t in module.parameters()), sum(t.numel() for t in w),
     )
+    row.flop = ffn_flop(tokens, row.swiglu_params, backward)
     row.flashmhf_host_ms, row.swiglu_host_ms = host_ms(ours), host_ms(theirs)
     row.flashmhf_graph_ms, row.swiglu_graph_ms = _graph_ms(ours), _graph_ms(theirs)
     compiled_layer = _compiled(module, ours) if compile_models else None

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+# The core's forward at T <= this (launch-bound) is timed as a CUDA-graph replay, FlashMHF and SwiGLU.
+GRAPH_TOKENS = 64
+
 
 def median_ms(fn: Callable[[], object], *, graph: bool = False, warmup: int = 25, rep: int = 100) -> float:
     """Median time of ``fn`` in ms. ``graph=True`` replays a CUDA graph (for launch-bound small T)."""
@@ -35,6 +38,13 @@ def host_ms(fn: Callable[[], object], calls: int = 30) -> float:
 
 def tflops(flop: float, ms: float) -> float:
     return flop / (ms * 1e-3) / 1e12
+
+
+def ffn_flop(tokens: int, swiglu_weights: int, backward: bool) -> float:
+    """The work every bench row is rated by: a SwiGLU FFN of the same d_ff, whose three weight
+    matrices hold ``swiglu_weights`` = 3 * d_model * d_ff values (2 FLOPs per weight and token;
+    a training step 3x the forward). FlashMHF and SwiGLU rows share it, so TFLOP/s compare times."""
+    return 2.0 * tokens * swiglu_weights * (3 if backward else 1)
 
 
 def peak_mib(fn: Callable[[], object]) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -13,11 +12,10 @@ from rich.table import Table
 
 from flashmhf.bench.core import BACKWARD_ROLES, CoreRow
 from flashmhf.bench.layer import LayerRow
+from flashmhf.bench.plot import PlotUnavailable, chart_name, plot_runs, require_matplotlib
+from flashmhf.bench.results import Run, direction, read_run, report_title, tag_rows
 from flashmhf.cli.spec_options import dtype_option, shape_from_options, shape_options, with_shape
 from flashmhf.codegen import Spec
-
-# Legend prefix of the series of a whole-layer run, next to the core's in one chart.
-LAYER_PREFIX = "layer: "
 
 
 @click.command()
@@ -32,14 +30,17 @@ LAYER_PREFIX = "layer: "
                    "the core, eager, as a CUDA graph (forward) and with the host time of a call; with "
                    "--backward, one training step and its peak memory")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="write the table (Markdown) and a .json next to it")
+              help="write the table (Markdown) and a .json next to it: the rows, each naming its shape, dtype "
+                   "and GPU (what charts are drawn from)")
 @click.option("--plot", is_flag=True,
-              help="with --out, also a PNG next to it: time and TFLOP/s against tokens, one line per timed "
-                   "column (needs matplotlib: pip install 'flashmhf[plot]')")
+              help="with --out, also a chart next to the report, <shape>-<dtype>-<direction>.png: time and "
+                   "TFLOP/s against tokens, one line per timed column but host times (needs matplotlib: pip install "
+                   "'flashmhf[plot]'). Charts of saved results, without a GPU: python -m flashmhf.bench.plot "
+                   "REPORT.json ...")
 @click.option("--plot-with", "plot_with", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="with --plot, also draw the rows of an earlier bench report (its .json; e.g. a --layer run "
-                   "of the same preset); repeatable")
+              help="with --plot, also draw the rows of an earlier bench report of the same shape, dtype and "
+                   "direction (its .json; e.g. the --layer run of this preset); repeatable")
 @with_shape
 def bench(shape: dict, dtype: str, tokens: str, backward: bool, compile_swiglu: bool, layer: bool,
           out_path: Path | None, plot: bool, plot_with: tuple[Path, ...]) -> None:
@@ -51,16 +52,17 @@ def bench(shape: dict, dtype: str, tokens: str, backward: bool, compile_swiglu: 
     """
     import torch
 
+    h, h_kv, d_h, e, d_e, label = shape_from_options(**shape)
     # Bad plot options fail before minutes of measuring, not after.
-    earlier = _plot_inputs(plot, plot_with, out_path, backward)
+    earlier = _plot_inputs(plot, plot_with, out_path, (label, dtype, backward))
     if not torch.cuda.is_available():
-        raise click.ClickException("bench times kernels on a CUDA GPU and none is visible "
-                                   "(on CPU, `flashmhf tune` runs the pipeline under the interpreter)")
+        redraw = "; charts of saved results: python -m flashmhf.bench.plot REPORT.json" if plot else ""
+        raise click.ClickException("bench times kernels on a CUDA GPU and none is visible (on CPU, `flashmhf tune` "
+                                   f"runs the pipeline under the interpreter{redraw})")
     from flashmhf.bench.core import bench_core
     from flashmhf.bench.layer import bench_layer
     from flashmhf.cli.tune_cmd import _int_list
 
-    h, h_kv, d_h, e, d_e, label = shape_from_options(**shape)
     token_counts = _int_list(tokens, "--tokens")
     if layer:
         module = _layer(shape, h, h_kv, d_h, e, d_e, dtype)
@@ -70,68 +72,56 @@ def bench(shape: dict, dtype: str, tokens: str, backward: bool, compile_swiglu: 
         spec = Spec("fwd", h, h_kv, d_h, e, d_e, dtype)
         rows = [bench_core(spec, e * d_e, t, backward=backward, compile_swiglu=compile_swiglu) for t in token_counts]
         columns = _columns(backward, compile_swiglu)
-    what = ("layer " if layer else "") + ("forward+backward" if backward else "forward")
-    title = f"{label} {dtype} {what} on {torch.cuda.get_device_name()}"
+    device = torch.cuda.get_device_name()
+    title = report_title(label, dtype, backward, device, layer=layer)
     table = Table(*(name for name, _ in columns), title=title)
     for r in rows:
         table.add_row(*(cell(r) for _, cell in columns))
     Console(width=160).print(table)
-    if out_path:
-        lines = [f"# {title}", "", "| " + " | ".join(name for name, _ in columns) + " |",
-                 "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
-        out_path.write_text("\n".join(lines) + "\n")
-        what_rows = "layer" if layer else "core"
-        out_path.with_suffix(".json").write_text(json.dumps([{**r.to_dict(), "bench": what_rows} for r in rows],
-                                                            indent=1))
+    if not out_path:
+        return
+    lines = [f"# {title}", "", "| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
+    out_path.write_text("\n".join(lines) + "\n")
+    bench_kind = "layer" if layer else "core"
+    result = tag_rows([r.to_dict() for r in rows], bench_kind, label, dtype, device)
+    out_path.with_suffix(".json").write_text(json.dumps(result, indent=1))
     if plot:
-        from flashmhf.bench.plot import plot_records, records_from_rows
-
-        records = records_from_rows([r.to_dict() for r in rows], prefix=LAYER_PREFIX if layer else "") + earlier
-        chart = out_path.with_suffix(".png")
-        plot_records(records, chart, title)
+        run = Run(out_path.stem, bench_kind, label, dtype, backward, device, tuple(result))
+        chart = out_path.parent / chart_name(run)
+        plot_runs([run, *earlier], chart)
         click.echo(f"chart: {chart}")
 
 
-def _plot_inputs(plot: bool, plot_with: tuple[Path, ...], out_path: Path | None, backward: bool) -> list:
-    """Check the plot options and read the --plot-with reports: their records."""
+def _plot_inputs(plot: bool, plot_with: tuple[Path, ...], out_path: Path | None,
+                 chart_key: tuple[str, str, bool]) -> list[Run]:
+    """Check the plot options and read the --plot-with reports: runs of this run's chart."""
     if not plot:
         if plot_with:
             raise click.UsageError("--plot-with adds rows to the chart of --plot: give --plot too")
         return []
     if out_path is None:
         raise click.UsageError("--plot writes the chart next to the report: give --out REPORT.md")
-    if importlib.util.find_spec("matplotlib") is None:
-        raise click.ClickException("--plot needs matplotlib: pip install 'flashmhf[plot]'")
-    from flashmhf.bench.plot import records_from_rows
-
-    records = []
-    for path in plot_with:
-        rows = _report_rows(path)
-        if any(bool(r.get("backward")) != backward for r in rows):
-            direction = "forward+backward" if backward else "forward"
-            raise click.UsageError(f"--plot-with {path}: its rows are not all {direction} like this run's")
-        for row in rows:
-            # Reports written before rows were tagged: a layer row is the one that counts parameters.
-            is_layer = row.get("bench", "layer" if "flashmhf_params" in row else "core") == "layer"
-            # Core rows of another report are named by its file, apart from this run's core rows.
-            try:
-                records += records_from_rows([row], prefix=LAYER_PREFIX if is_layer else f"{path.stem}: ")
-            except ValueError as exc:
-                raise click.UsageError(f"--plot-with {path}: {exc}") from None
-    return records
-
-
-def _report_rows(path: Path) -> list[dict]:
-    """The rows of a bench report's .json (a list of objects), or a usage error naming the file."""
     try:
-        rows = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise click.UsageError(f"--plot-with {path}: not a readable bench report ({exc})") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "tokens" in r for r in rows):
-        raise click.UsageError(f"--plot-with {path}: expected the .json of `flashmhf bench --out` "
-                               "(a list of rows with 'tokens')")
-    return rows
+        require_matplotlib()
+    except PlotUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    runs = []
+    for path in plot_with:
+        try:
+            run = read_run(path)
+        except ValueError as exc:
+            raise click.UsageError(f"--plot-with {exc}") from None
+        if run.chart_key != chart_key:
+            raise click.UsageError(
+                f"--plot-with {path}: it measured {_measured(*run.chart_key)}, this run {_measured(*chart_key)}; "
+                "one chart shows one (python -m flashmhf.bench.plot draws a chart for each)")
+        runs.append(run)
+    return runs
+
+
+def _measured(shape: str, dtype: str, backward: bool) -> str:
+    return f"{shape} {dtype} {direction(backward)}"
 
 
 def _columns(backward: bool, compile_swiglu: bool) -> list[tuple[str, Callable[[CoreRow], str]]]:
