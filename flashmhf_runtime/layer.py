@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from flashmhf_runtime import lean_autograd
+from flashmhf_runtime import layer_eager, lean_autograd
 from flashmhf_runtime.layer_op import layer_core
 from flashmhf_runtime.presets import get_preset
 from flashmhf_runtime.reference import HEAD_NORM_EPS
@@ -33,14 +33,6 @@ def _check_positive_int(name: str, value: object) -> int:
 def _check_divides(name: str, value: int, of_name: str, of: int) -> None:
     if of % value:
         raise ValueError(f"{name}: expected a divisor of {of_name}={of}, got {value}")
-
-
-def _autocast_on(device_type: str) -> bool:
-    """Whether autocast is on for this device type; False for types autocast does not know (meta)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        return False
 
 
 class HeadRMSNorm(nn.Module):
@@ -69,7 +61,8 @@ class FlashMHF(nn.Module):
     generated kernels for the head norm and router around the core's kernels, forward and backward.
     ``core_fn`` (an attribute, default ``None``) swaps the core for another function of
     (q, k, u, v, r), e.g. the reference for a side-by-side run; the norm and router then run as
-    PyTorch ops (``route``, ``head_norm``).
+    PyTorch ops (``route``, ``head_norm``). In eager mode, with plain bias-free projections (see
+    ``flashmhf_runtime.layer_eager.usable``), the projections and that op run as one autograd node.
     """
 
     def __init__(
@@ -142,18 +135,24 @@ class FlashMHF(nn.Module):
 
     def route(self, q: torch.Tensor) -> torch.Tensor:
         """Router weights r (..., H, E) in fp32, also under autocast."""
-        if _autocast_on(q.device.type):
+        if layer_eager.autocast_on(q.device.type):
             with torch.autocast(q.device.type, enabled=False):
                 return lean_autograd.router(q, self.router)
         return lean_autograd.router(q, self.router)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_in, w_out, k = self.w_in, self.w_out, self.k
+        if self.core_fn is None and layer_eager.usable(x, w_in, w_out, k) and x.shape[-1:] == (self.d_model,):
+            # Eager fast path: the same maths in one autograd node (host time at small T).
+            norm = self.head_norm
+            return layer_eager.layer(x, w_in.weight, None if norm is None else norm.weight, self.router, k, self.u,
+                                     self.v, w_out.weight, HEAD_NORM_EPS if norm is None else norm.eps)
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.shape[-1:] != (self.d_model,):
             raise ValueError(f"x: expected shape (..., {self.d_model}), got {tuple(x.shape)}")
         weight_dtype = self.w_in.weight.dtype
-        if x.dtype != weight_dtype and not _autocast_on(x.device.type):
+        if x.dtype != weight_dtype and not layer_eager.autocast_on(x.device.type):
             raise ValueError(f"x: expected dtype {weight_dtype} (the layer's parameters; or run under autocast), "
                              f"got {x.dtype}")
         q = self.w_in(x)

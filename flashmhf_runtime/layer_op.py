@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -241,38 +242,53 @@ def _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key, dims) -> No
 
 
 def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS, need_q_side: bool = True,
-                        need_dkuv: bool = True) -> tuple[torch.Tensor, ...]:
+                        need_dkuv: bool = True,
+                        then: Callable[[torch.Tensor | None], None] | None = None) -> tuple[torch.Tensor, ...]:
     """Gradients (dq, dnorm_w, dw_r, dk, du, dv) for the output gradient ``ds`` (shaped like q).
 
     ``need_q_side`` covers dq, dnorm_w and dw_r, ``need_dkuv`` dk, du and dv; a gradient not asked
-    for, and dnorm_w without a norm, comes back as an empty tensor."""
+    for, and dnorm_w without a norm, comes back as an empty tensor. ``then(dq)`` (dq None when not
+    asked for), if given, is called as soon as dq is enqueued, before the core's dK/dU/dV kernel is
+    waited for: the whole-layer backward (``layer_eager``) enqueues its weight products there."""
     dims = _dims(q, norm_w, w_r, k, u, v)
     n_heads, head_dim = dims[0], dims[2]
     if ds.shape != q.shape or ds.dtype != q.dtype or ds.device != q.device:
         raise ValueError(f"ds: expected shape {_shape(q)}, dtype {q.dtype}, device {q.device} (q's), got "
                          f"{_shape(ds)}, {ds.dtype}, {ds.device}")
+    then = then or (lambda _dq: None)
     empty = functools.partial(torch.empty, 0, device=q.device)
     if not op.uses_kernels(q.device):
-        return _reference_backward(q, norm_w, w_r, k, u, v, ds, eps, need_q_side, need_dkuv, dims)
+        return _then(then, need_q_side, _reference_backward(q, norm_w, w_r, k, u, v, ds, eps, need_q_side, need_dkuv,
+                                                            dims))
     if op._widened_in_interpreter(q):  # the interpreter's bf16 is wrong: run fp32, cast back
         grads = layer_core_backward(*_fp32(q, norm_w, w_r, k, u, v, ds), eps, need_q_side, need_dkuv)
-        return tuple(g.to(q.dtype) for g in grads)
+        return _then(then, need_q_side, tuple(g.to(q.dtype) for g in grads))
     shape_key = _shape_key(dims, q.dtype, op.arch_of(q.device), _kinds(norm_w, backward=True))
     if shape_key is None:  # norm and router as PyTorch ops, the core's kernels
-        return _reference_backward(q, norm_w, w_r, k, u, v, ds, eps, need_q_side, need_dkuv, dims)
+        return _then(then, need_q_side, _reference_backward(q, norm_w, w_r, k, u, v, ds, eps, need_q_side, need_dkuv,
+                                                            dims))
     q3, ds3 = _rows(q, n_heads, head_dim), _rows(ds, n_heads, head_dim)
     qn, r = _norm_router_kernel(q3, norm_w, w_r, eps, shape_key)
-    dqn, dk, du, dv, dr = op.core_backward(qn, k, u, v, r, ds3, need_q_side, need_dkuv)
     dq, dnorm_w, dw_r = empty(dtype=q.dtype), empty(dtype=q.dtype), empty(dtype=w_r.dtype)
     if need_q_side:
         dq, dw_r = torch.empty_like(q3), torch.empty_like(w_r)
         if norm_w is not None:
             dnorm_w = torch.empty_like(norm_w)
-        kind = _kinds(norm_w, backward=True)[1]
-        _launch((kind, *shape_key), q3.shape[0], q.device.index, eps, q3, w_r if norm_w is None else norm_w, w_r,
-                dqn, dr, dq, dw_r, dw_r if norm_w is None else dnorm_w)
-        dq = dq.view(q.shape)
-    return dq, dnorm_w, dw_r, dk, du, dv
+
+    def norm_router_backward(dqn: torch.Tensor, dr: torch.Tensor) -> None:
+        if need_q_side:
+            kind = _kinds(norm_w, backward=True)[1]
+            _launch((kind, *shape_key), q3.shape[0], q.device.index, eps, q3, w_r if norm_w is None else norm_w, w_r,
+                    dqn, dr, dq, dw_r, dw_r if norm_w is None else dnorm_w)
+        then(dq.view(q.shape) if need_q_side else None)
+
+    _dqn, dk, du, dv, _dr = op.core_backward(qn, k, u, v, r, ds3, need_q_side, need_dkuv, then=norm_router_backward)
+    return (dq.view(q.shape) if need_q_side else dq), dnorm_w, dw_r, dk, du, dv
+
+
+def _then(then: Callable[[torch.Tensor | None], None], need_q_side: bool, grads: tuple) -> tuple:
+    then(grads[0] if need_q_side else None)
+    return grads
 
 
 def _reference_backward(q, norm_w, w_r, k, u, v, ds, eps, need_q_side, need_dkuv, dims):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -193,26 +194,35 @@ def _launch_side_by_side(first, second, device: torch.device) -> None:
 def core_backward(
     q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, ds: torch.Tensor,
     need_dq_dr: bool = True, need_dkuv: bool = True,
+    then: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, du, dv, dr) of the core for the output gradient ``ds`` (shaped like q).
 
     dq, dk, du, dv come in q's dtype and dr in r's. A gradient that is not asked for (``need_dq_dr``
     covers dq and dr, ``need_dkuv`` dk, du and dv) comes back as an empty tensor, so its kernel is
-    skipped."""
+    skipped. ``then(dq, dr)``, if given, is called once dq and dr are enqueued (while the dK/dU/dV
+    kernel may still run on the side stream): work it enqueues on the current stream overlaps it."""
     n_heads, n_kv, head_dim, n_exp, d_e = check_core_inputs(q, k, u, v, r)
     check_grad_output(q, ds)
+    then = then or (lambda _dq, _dr: None)
     if not uses_kernels(q.device):
-        return _reference_grads(q, k, u, v, r, ds, need_dq_dr, need_dkuv)
+        grads = _reference_grads(q, k, u, v, r, ds, need_dq_dr, need_dkuv)
+        then(grads[0], grads[4])
+        return grads
     if _widened_in_interpreter(q):
         grads = core_backward(*map(_fp32, (q, k, u, v, r, ds)), need_dq_dr, need_dkuv)
-        return tuple(g.to(dt) for g, dt in zip(grads, (q.dtype,) * 4 + (r.dtype,)))  # type: ignore[return-value]
+        grads = tuple(g.to(dt) for g, dt in zip(grads, (q.dtype,) * 4 + (r.dtype,)))
+        then(grads[0], grads[4])
+        return grads  # type: ignore[return-value]
     n_tokens = q.numel() // (n_heads * head_dim)
     shape_key = kernel_shape_key(n_heads, n_kv, head_dim, n_exp, d_e, DTYPE_NAMES[q.dtype])
     _, _, d_h_k, _, d_e_k, _ = shape_key
     kind_dq, kind_dkuv = (kind_for(role, shape_key, n_tokens, q.device) for role in (DQ, DKUV))
     if (need_dq_dr and kind_dq is None) or (need_dkuv and kind_dkuv is None):
         _warn_reference(DQ if kind_dq is None else DKUV, shape_key, q.device)
-        return _reference_grads(q, k, u, v, r, ds, need_dq_dr, need_dkuv)
+        grads = _reference_grads(q, k, u, v, r, ds, need_dq_dr, need_dkuv)
+        then(grads[0], grads[4])
+        return grads
     q3 = as_rows(padding.pad_last(q, d_h_k), (n_heads, d_h_k))
     r3 = as_rows(r, (n_heads, n_exp))
     ds3 = as_rows(padding.pad_last(ds, d_h_k), (n_heads, d_h_k))
@@ -220,28 +230,34 @@ def core_backward(
     # Gradients not asked for are distinct empty tensors (a custom op's outputs may not alias).
     dq, dk, du, dv = (torch.empty(0, dtype=q.dtype, device=q.device) for _ in range(4))
     dr = torch.empty(0, dtype=r.dtype, device=q.device)
+    dq_out, dr_out = dq, dr
     if need_dq_dr:
         dq = torch.empty((n_tokens, n_heads, d_h_k), dtype=q.dtype, device=q.device)
         dr = torch.empty((n_tokens, n_heads, n_exp), dtype=r.dtype, device=q.device)
     if need_dkuv:
         make = torch.empty_like if n_tokens else torch.zeros_like
         dk, du, dv = (make(k, memory_format=torch.contiguous_format) for _ in range(3))
-    launch_dq = functools.partial(dispatch.launch, (kind_dq, *shape_key), n_tokens, q.device.index,
-                                  q3, k, u, v, r3, ds3, dq, dr)
-    launch_dkuv = functools.partial(dispatch.launch, (kind_dkuv, *shape_key), n_tokens, q.device.index,
-                                    q3, k, u, v, r3, ds3, dk, du, dv)
+
+    def launch_dq() -> None:
+        nonlocal dq_out, dr_out
+        if need_dq_dr:
+            if n_tokens:
+                dispatch.launch((kind_dq, *shape_key), n_tokens, q.device.index, q3, k, u, v, r3, ds3, dq, dr)
+            dq_out, dr_out = padding.cut_last(dq, head_dim).view(q.shape), dr.view(r.shape)  # cut_last copies
+        then(dq_out, dr_out)
+
+    def launch_dkuv() -> None:
+        if n_tokens and need_dkuv:
+            dispatch.launch((kind_dkuv, *shape_key), n_tokens, q.device.index, q3, k, u, v, r3, ds3, dk, du, dv)
+
     if n_tokens and need_dq_dr and need_dkuv and q.is_cuda and BACKWARD_ON_TWO_STREAMS:
         _launch_side_by_side(launch_dkuv, launch_dq, q.device)
-    elif n_tokens:
-        if need_dq_dr:
-            launch_dq()
-        if need_dkuv:
-            launch_dkuv()
-    if need_dq_dr:
-        dq, dr = padding.cut_last(dq, head_dim).view(q.shape), dr.view(r.shape)
+    else:
+        launch_dkuv()
+        launch_dq()
     if need_dkuv:
         dk, du, dv = (padding.cut_weight(g, d_e, head_dim) for g in (dk, du, dv))
-    return dq, dk, du, dv, dr
+    return dq_out, dk, du, dv, dr_out
 
 
 def config_to_str(config: Config | None) -> str:
