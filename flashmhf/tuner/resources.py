@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -56,9 +57,10 @@ class _Launch:
     kwargs: dict
 
 
-def _capture_launches(spec: Spec, config: dict, tokens: int) -> list[_Launch]:
-    """Run the module's launch on small-but-real CPU tensors, recording each kernel launch."""
-    mod = load(spec)
+def capture_launches(spec: Spec, config: dict, tokens: int, module: ModuleType | None = None) -> list[_Launch]:
+    """Run the launch of ``module`` (default: the current render of ``spec``) on small-but-real CPU
+    tensors, recording each kernel launch instead of running it."""
+    mod = load(spec) if module is None else module
     kernels = [obj for obj in vars(mod).values() if hasattr(obj, "arg_names") and hasattr(obj, "run")]
     launches: list[_Launch] = []
     saved = {k: k.run for k in kernels}
@@ -120,11 +122,9 @@ def _ptxas_info(ptx: str, arch: str) -> tuple[int | None, int | None]:
     return (int(regs.group(1)) if regs else None, int(spills.group(1)) if spills else None)
 
 
-def _compile(launch: _Launch, capability: int) -> KernelReport:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def specialisation(launch: _Launch) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, launch options) of a recorded launch: with the kernel's source, what
+    Triton compiles it for."""
     fn = launch.kernel
     kwargs = dict(launch.kwargs)
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
@@ -137,6 +137,16 @@ def _compile(launch: _Launch, capability: int) -> KernelReport:
             constexprs[(i,)] = values[name]
         else:
             signature[name] = _type_string(values[name])
+    return signature, constexprs, options
+
+
+def _compile(launch: _Launch, capability: int) -> KernelReport:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = launch.kernel
+    signature, constexprs, options = specialisation(launch)
     if getattr(fn, "is_gluon", lambda: False)():
         from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -166,4 +176,4 @@ def kernel_resources(
         get_kind(spec.kind).check_config(spec, config, None, arch_for_capability(capability))
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("resource reports compile real kernels: unset TRITON_INTERPRET")
-    return [_compile(launch, capability) for launch in _capture_launches(spec, config, tokens)]
+    return [_compile(launch, capability) for launch in capture_launches(spec, config, tokens)]

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Tune every kind the runtime runs for one preset on this machine's GPU, as the shipped cache holds
+# them: the forward family (fwd, fwd_ws and the layer's norm/router kind) at every token bucket, the
+# backward families (dq, dK/dU/dV and the norm/router backward) at training sizes. Prints the wall
+# time of each phase and of the whole run.
+#
+#   bash scripts/tune_preset.sh PRESET CACHE_FILE [DTYPES] [BUDGET_S]
+#
+# DTYPES: comma list (default bf16); BUDGET_S: seconds per phase and dtype (default 75).
+# PYTHON names the interpreter that has flashmhf with its [tune] extra (default python3).
+set -euo pipefail
+PRESET=${1:?usage: bash scripts/tune_preset.sh PRESET CACHE_FILE [DTYPES] [BUDGET_S]}
+CACHE=${2:?usage: bash scripts/tune_preset.sh PRESET CACHE_FILE [DTYPES] [BUDGET_S]}
+DTYPES=${3:-bf16}
+BUDGET=${4:-75}
+PY=${PYTHON:-python3}
+# The kinds that take this preset's shape (e.g. bwd_dkuv_ws has no d_h = 96), the layer's norm/router
+# kinds with the head RMSNorm or without, as the preset has it.
+kinds() {
+  "$PY" - "$PRESET" "$@" <<'PYEOF'
+import sys
+from flashmhf.codegen import Spec, get_kind
+from flashmhf_runtime import get_preset
+p = get_preset(sys.argv[1])
+layer = "norm_router" if p.head_norm else "router"
+names = [k.replace("LAYER", layer) for k in sys.argv[2:]]
+print(",".join(k for k in names if get_kind(k).shape_reason(
+    Spec(k, p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16")) is None))
+PYEOF
+}
+FORWARD=$(kinds fwd fwd_ws LAYER)
+BACKWARD=$(kinds bwd_dq bwd_dq_ws bwd_dkuv bwd_dkuv_ws LAYER_bwd)
+start=$(date +%s)
+"$PY" -m flashmhf.cli tune --preset "$PRESET" --dtype "$DTYPES" --kind "$FORWARD" \
+  --tokens 1,16,64,256,1024,4096,16384 --trials 16 --time-budget "$BUDGET" --cache "$CACHE"
+mid=$(date +%s)
+"$PY" -m flashmhf.cli tune --preset "$PRESET" --dtype "$DTYPES" \
+  --kind "$BACKWARD" --tokens 1024,4096,16384 --trials 12 \
+  --time-budget "$BUDGET" --cache "$CACHE"
+end=$(date +%s)
+echo "$PRESET $DTYPES ($FORWARD; $BACKWARD): forward family $((mid - start)) s, backward families $((end - mid)) s, total $((end - start)) s"
