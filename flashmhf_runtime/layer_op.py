@@ -269,11 +269,11 @@ def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS,
                                                             dims))
     q3, ds3 = _rows(q, n_heads, head_dim), _rows(ds, n_heads, head_dim)
     qn, r = _norm_router_kernel(q3, norm_w, w_r, eps, shape_key)
-    dq, dnorm_w, dw_r = empty(dtype=q.dtype), empty(dtype=q.dtype), empty(dtype=w_r.dtype)
-    if need_q_side:
+    if need_q_side:  # placeholders (distinct: custom-op outputs) only for what is not computed
         dq, dw_r = torch.empty_like(q3), torch.empty_like(w_r)
-        if norm_w is not None:
-            dnorm_w = torch.empty_like(norm_w)
+        dnorm_w = empty(dtype=q.dtype) if norm_w is None else torch.empty_like(norm_w)
+    else:
+        dq, dnorm_w, dw_r = empty(dtype=q.dtype), empty(dtype=q.dtype), empty(dtype=w_r.dtype)
 
     def norm_router_backward(dqn: torch.Tensor, dr: torch.Tensor) -> None:
         if need_q_side:

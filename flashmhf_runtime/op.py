@@ -32,7 +32,9 @@ from collections.abc import Callable
 
 import torch
 
-from flashmhf.cache.device import device_arch, interpreting
+from flashmhf.cache import lookup
+from flashmhf.cache.buckets import token_bucket
+from flashmhf.cache.device import device_arch, device_info, interpreting
 from flashmhf.codegen import Config, Spec, registry
 from flashmhf.codegen.arch import INTERPRETER, Arch
 from flashmhf.codegen.kinds import CORE_ROLES, DKUV, DQ, FORWARD, Role
@@ -146,8 +148,36 @@ def arch_of(device: torch.device) -> Arch:
 
 def kind_for(role: Role, shape_key: tuple, n_tokens: int, device: torch.device) -> str | None:
     """The kind that runs ``role`` for the kernel shape ``shape_key`` = (H, H_kv, d_h, E, d_e, dtype)
-    at ``n_tokens`` on ``device`` (see flashmhf.codegen.registry); None: none can (the reference runs)."""
-    return registry.choose(role, Spec("", *shape_key), max(n_tokens, 1), arch_of(device), DISABLED_KINDS)
+    at ``n_tokens`` on ``device``; None: none can (the reference runs). Of the kinds the registry
+    finds able (flashmhf.codegen.registry.candidates), the one the tuning cache measured fastest on
+    this device near this token count; by the registry's preference where times are missing."""
+    arch = arch_of(device)
+    able = registry.candidates(role, Spec("", *shape_key), max(n_tokens, 1), arch, DISABLED_KINDS)
+    if len(able) < 2 or arch.is_interpreter:
+        return able[0] if able else None
+    return _fastest_tuned(able, shape_key, token_bucket(n_tokens), device.index)
+
+
+@functools.cache
+def _fastest_tuned(able: tuple[str, ...], shape_key: tuple, bucket: int, device_index: int | None) -> str:
+    """Of ``able`` (in order of preference), the kind with the lowest tuned time: each challenger is
+    compared with the best so far at the tuned bucket both share nearest to ``bucket`` (log2 distance,
+    ties to the larger); a kind without shared times never displaces the one before it. E.g. on the
+    H200, repo-128m at T = 1024 runs ``fwd`` (0.044 ms) rather than ``fwd_ws`` (0.128 ms)."""
+    info = device_info(device_index)
+    times = {kind: lookup.tuned_times(Spec(kind, *shape_key), info) for kind in able}
+    best = able[0]
+    for kind in able[1:]:
+        shared = set(times[best]) & set(times[kind])
+        if not shared:
+            continue
+        near = min(shared, key=lambda b: (abs(b.bit_length() - bucket.bit_length()), -b))
+        if times[kind][near] < times[best][near]:
+            best = kind
+    return best
+
+
+dispatch.on_reset(_fastest_tuned.cache_clear)
 
 
 def kernel_kinds(spec_key: tuple, n_tokens: int, device: torch.device) -> dict[str, str | None]:
@@ -227,16 +257,19 @@ def core_backward(
     r3 = as_rows(r, (n_heads, n_exp))
     ds3 = as_rows(padding.pad_last(ds, d_h_k), (n_heads, d_h_k))
     k, u, v = (padding.pad_weight(w if w.is_contiguous() else w.contiguous(), d_e_k, d_h_k) for w in (k, u, v))
-    # Gradients not asked for are distinct empty tensors (a custom op's outputs may not alias).
-    dq, dk, du, dv = (torch.empty(0, dtype=q.dtype, device=q.device) for _ in range(4))
-    dr = torch.empty(0, dtype=r.dtype, device=q.device)
-    dq_out, dr_out = dq, dr
+    # Gradients not asked for are distinct empty tensors (a custom op's outputs may not alias), made
+    # only then: each allocation is host time.
     if need_dq_dr:
         dq = torch.empty((n_tokens, n_heads, d_h_k), dtype=q.dtype, device=q.device)
         dr = torch.empty((n_tokens, n_heads, n_exp), dtype=r.dtype, device=q.device)
+    else:
+        dq, dr = torch.empty(0, dtype=q.dtype, device=q.device), torch.empty(0, dtype=r.dtype, device=q.device)
+    dq_out, dr_out = dq, dr
     if need_dkuv:
         make = torch.empty_like if n_tokens else torch.zeros_like
         dk, du, dv = (make(k, memory_format=torch.contiguous_format) for _ in range(3))
+    else:
+        dk, du, dv = (torch.empty(0, dtype=q.dtype, device=q.device) for _ in range(3))
 
     def launch_dq() -> None:
         nonlocal dq_out, dr_out

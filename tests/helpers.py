@@ -63,13 +63,17 @@ def ws_case_id(case) -> str:
     return "T{}-H{}-kv{}-d{}-E{}x{}-{}".format(*case[:6], str(case[6])[6:])
 
 
-def pretend_gpu(monkeypatch, op_module, capability: str) -> None:
+def pretend_gpu(monkeypatch, op_module, capability: str, name: str = "pretend-gpu") -> None:
     """Make ``op_module`` (flashmhf_runtime.op) see a GPU of this compute capability, outside the
-    interpreter."""
+    interpreter, called ``name`` (what its tuned results are filed under)."""
+    from flashmhf.cache.device import DeviceInfo, device_info
     from flashmhf.codegen.arch import arch_for_capability
 
+    here = device_info()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(op_module, "device_arch", lambda index: arch_for_capability(capability))
+    monkeypatch.setattr(op_module, "device_info",
+                        lambda index=None: DeviceInfo(name, capability, here.triton_version, here.torch_version))
     flashmhf_runtime.reset()
 
 

@@ -12,7 +12,7 @@ from flashmhf.codegen.render import _partials, template_hash
 
 def test_partials_are_those_a_template_uses():
     assert _partials("fwd.py.jinja") == ["_header.py.jinja", "_macros.py.jinja"]
-    assert _partials("fwd_ws.py.jinja") == ["_gluon.py.jinja", "_header.py.jinja"]
+    assert _partials("fwd_ws.py.jinja") == ["_gluon.py.jinja", "_gluon_launch.py.jinja", "_header.py.jinja"]
 
 
 def test_hashes_are_distinct_per_template_and_cover_the_gluon_helpers(monkeypatch):

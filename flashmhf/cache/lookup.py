@@ -50,6 +50,7 @@ _View = dict[tuple, list[_Row]]
 
 _views: dict[Path, _View | None] = {}
 _memo: dict[tuple, tuple[Config, str] | None] = {}
+_times: dict[tuple, dict[int, float]] = {}
 _demoted: set[tuple] = set()
 _warned: set[tuple] = set()
 _lock = threading.RLock()
@@ -239,6 +240,33 @@ def find_config(spec: Spec, bucket: int, device: DeviceInfo, arch: Arch | None =
     return None if result is None else (dict(result[0]), result[1])
 
 
+def tuned_times(spec: Spec, device: DeviceInfo) -> dict[int, float]:
+    """Median time (ms) of ``spec``'s best tuned config on ``device`` at each tuned token bucket:
+    what the runtime compares to choose among the kinds of one role. Rows as :func:`find_config`
+    takes them (installed template, not demoted; per bucket, the first file in effect that has one,
+    the running Triton version before others). {} when nothing is tuned."""
+    from flashmhf.codegen import template_hash
+
+    spec_key = _spec_device_key(spec, device)
+    with _lock:
+        if spec_key in _times:
+            return dict(_times[spec_key])
+    current = template_hash(spec.kind)
+    rows = []
+    for path, role in cache_files_in_effect():
+        view = _view(path, role)
+        rows += [r for r in (view.get(spec_key, []) if view else [])
+                 if r.template_hash == current and (spec_key, _config_id(r.config)) not in _demoted]
+    times: dict[int, float] = {}
+    for tier in (True, False):  # the running Triton version first; files in effect in order
+        for r in rows:
+            if (r.triton_version == device.triton_version) == tier and r.bucket not in times:
+                times[r.bucket] = r.median_ms
+    with _lock:
+        _times[spec_key] = times
+    return dict(times)
+
+
 def demote(spec: Spec, bucket: int, device: DeviceInfo, config: Config, reason: str) -> None:
     """Stop using ``config`` for ``spec`` on this device in this process, at every bucket.
 
@@ -251,6 +279,7 @@ def demote(spec: Spec, bucket: int, device: DeviceInfo, config: Config, reason: 
         _demoted.add((_spec_device_key(spec, device), _config_id(config)))
         for key in [k for k in _memo if k[0] == spec and k[2] == device]:
             del _memo[key]
+        _times.pop(_spec_device_key(spec, device), None)
 
 
 def invalidate() -> None:
@@ -259,5 +288,6 @@ def invalidate() -> None:
     with _lock:
         _views.clear()
         _memo.clear()
+        _times.clear()
         _demoted.clear()
         _warned.clear()

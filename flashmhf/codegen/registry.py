@@ -5,7 +5,8 @@ fallback (``KernelKind``); the registry (``flashmhf.codegen.kinds.KINDS``) lists
 every kind is tried before the kinds it falls back to, and the first that can run the shape on the
 architecture at the token count runs. A role's last kind needs nothing of the architecture and takes
 every shape the code generator accepts (tests hold the registry to that); where even it cannot serve
-a shape the caller runs the reference.
+a shape the caller runs the reference. Where several kinds can run, the runtime takes the one its
+tuning cache measured fastest (flashmhf_runtime.op.kind_for); preference decides only without times.
 """
 
 from __future__ import annotations
@@ -68,14 +69,19 @@ def runnable(role_: Role, shape: Spec, arch: Arch) -> tuple[tuple[str, int], ...
     return tuple((k.name, k.min_tokens) for k in kinds_of(role_) if why_not(k, shape, None, arch) is None)
 
 
+def candidates(role_: Role, shape: Spec, tokens: int, arch: Arch, disabled: Collection[str] = ()) -> tuple[str, ...]:
+    """Every kind that can run ``role_`` for ``shape`` (its layer shape and dtype) at ``tokens`` on
+    ``arch`` and is not ``disabled``, in order of preference (the runtime may pick a later one that
+    measured faster on the device)."""
+    found = runnable(role_, shape if shape.kind == "" else replace(shape, kind=""), arch)
+    return tuple(name for name, min_tokens in found if tokens >= min_tokens and name not in disabled)
+
+
 def choose(role_: Role, shape: Spec, tokens: int, arch: Arch, disabled: Collection[str] = ()) -> str | None:
-    """The kind that runs ``role_`` for ``shape`` (its layer shape and dtype) at ``tokens`` on
-    ``arch``: the first in order of preference that is not ``disabled`` and can run it; None when
-    none can (the caller runs the reference)."""
-    for name, min_tokens in runnable(role_, shape if shape.kind == "" else replace(shape, kind=""), arch):
-        if tokens >= min_tokens and name not in disabled:
-            return name
-    return None
+    """The kind that runs ``role_`` for ``shape`` at ``tokens`` on ``arch`` by preference alone: the
+    first of :func:`candidates`; None when none can (the caller runs the reference)."""
+    found = candidates(role_, shape, tokens, arch, disabled)
+    return found[0] if found else None
 
 
 def reason(role_: Role, shape: Spec, arch: Arch) -> str:
