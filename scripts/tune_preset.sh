@@ -14,7 +14,7 @@ CACHE=${2:?usage: bash scripts/tune_preset.sh PRESET CACHE_FILE [DTYPES] [BUDGET
 DTYPES=${3:-bf16}
 BUDGET=${4:-75}
 PY=${PYTHON:-python3}
-# The kinds that take this preset's shape (e.g. bwd_dkuv_ws has no d_h = 96), the layer's norm/router
+# The kinds that take this preset's shape (e.g. the Gluon kinds take 16-bit inputs only), the layer's norm/router
 # kinds with the head RMSNorm or without, as the preset has it.
 kinds() {
   "$PY" - "$PRESET" "$@" <<'PYEOF'

@@ -59,6 +59,14 @@ WS_GPU_CASES = [
 ]
 
 
+# d_h = 96 (column parts of 64 + 32): odd token counts, shared kv heads, fp16 with d_e = 64.
+DH96_GPU_CASES = [
+    (77, *REPO_128M, torch.bfloat16),
+    (1100, 8, 2, 96, 8, 256, torch.bfloat16),
+    (300, 4, 4, 96, 3, 64, torch.float16),
+]
+
+
 def ws_case_id(case) -> str:
     return "T{}-H{}-kv{}-d{}-E{}x{}-{}".format(*case[:6], str(case[6])[6:])
 

@@ -12,12 +12,9 @@ from flashmhf.checks import reference_grads_f64, rel_error
 from flashmhf.codegen import Spec, SpecError, get_kind
 from flashmhf.codegen.kinds import bwd_dq_ws
 from flashmhf_runtime import dispatch, op
-from tests.helpers import REPO_13B, REPO_128M, WS_GPU_CASES, core_inputs, pretend_gpu, ws_case_id
+from tests.helpers import DH96_GPU_CASES, REPO_13B, REPO_128M, WS_GPU_CASES, core_inputs, pretend_gpu, ws_case_id
 
 KIND = get_kind("bwd_dq_ws")
-# d_h = 96 (column parts of 64 + 32): odd token counts, shared kv heads, fp16 with d_e = 64.
-DH96_GPU_CASES = [(77, *REPO_128M, torch.bfloat16), (1100, 8, 2, 96, 8, 256, torch.bfloat16),
-                  (300, 4, 4, 96, 3, 64, torch.float16)]
 
 
 def test_space_and_default():

@@ -117,7 +117,7 @@ def test_choice_per_arch_and_tokens(arch, tokens, expected):
 
 @pytest.mark.parametrize("dims, dtype, expected", [
     (REPO_13B, "fp32", ("fwd", "bwd_dq", "bwd_dkuv")),  # the Gluon kernels take 16-bit inputs
-    ((8, 8, 96, 8, 256), "bf16", ("fwd_ws", "bwd_dq_ws", "bwd_dkuv")),  # d_h 96: in 64 + 32 column parts
+    ((8, 8, 96, 8, 256), "bf16", ("fwd_ws", "bwd_dq_ws", "bwd_dkuv_ws")),  # d_h 96: in 64 + 32 column parts
     ((8, 8, 48, 8, 256), "bf16", ("fwd", "bwd_dq", "bwd_dkuv")),  # d_h 48: no power of two, not 96
     ((8, 2, 64, 4, 384), "fp16", ("fwd_ws", "bwd_dq_ws", "bwd_dkuv_ws")),  # H_kv < H, d_e 384
     ((4, 4, 64, 3, 96), "bf16", ("fwd", "bwd_dq", "bwd_dkuv")),  # d_e not a multiple of 64

@@ -1,5 +1,5 @@
 """What the warp-specialized Gluon kinds (fwd_ws, bwd_dq_ws, bwd_dkuv_ws) need of a shape and an
-architecture: 16-bit inputs, power-of-two head dims (fwd_ws and bwd_dq_ws also 96, as 64 + 32 parts),
+architecture: 16-bit inputs, power-of-two head dims (and 96, as 64 + 32 column parts),
 64-wide tiles inside one sub-network, and a GPU with warp-group MMA, TMA and Gluon (``NEEDS``:
 Hopper). Each names the plain Triton kind that runs what it cannot (its ``fallback``)."""
 
