@@ -249,7 +249,7 @@ def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS,
     ``need_q_side`` covers dq, dnorm_w and dw_r, ``need_dkuv`` dk, du and dv; a gradient not asked
     for, and dnorm_w without a norm, comes back as an empty tensor. ``then(dq)`` (dq None when not
     asked for), if given, is called as soon as dq is enqueued, before the core's dK/dU/dV kernel is
-    waited for: the whole-layer backward (``layer_eager``) enqueues its weight products there."""
+    waited for: work enqueued there overlaps that kernel (at the cost of memory held meanwhile)."""
     dims = _dims(q, norm_w, w_r, k, u, v)
     n_heads, head_dim = dims[0], dims[2]
     if ds.shape != q.shape or ds.dtype != q.dtype or ds.device != q.device:

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("optuna")
 
 from flashmhf.cache.device import device_info  # noqa: E402
-from flashmhf.cache.store import ResultKey, TuningCache  # noqa: E402
+from flashmhf.cache.store import CacheFileError, ResultKey, TuningCache  # noqa: E402
 from flashmhf.codegen import Spec  # noqa: E402
 from flashmhf.tuner.multi import _worker_argv, fail_running_trials_of, gpu_indices  # noqa: E402
 
@@ -34,6 +34,16 @@ def _trials(tmp_path):
         return cache.trials(ResultKey.for_spec(SPEC, 16, device_info()))
 
 
+def _trials_so_far(tmp_path) -> int:
+    """Trials the running worker has recorded; 0 while it is still creating the file (empty, no header)."""
+    if not (tmp_path / "c.sqlite").exists():
+        return 0
+    try:
+        return len(_trials(tmp_path))
+    except CacheFileError:
+        return 0
+
+
 def test_two_workers_share_one_study_without_duplicates_or_losses(tmp_path):
     procs = [_worker(tmp_path, f"w{i}", trials=10, seed=i) for i in range(2)]
     for p in procs:
@@ -51,7 +61,7 @@ def test_a_killed_worker_leaves_its_trials_failed_and_a_new_worker_finishes(tmp_
     deadline = time.time() + 120
     while time.time() < deadline and victim.poll() is None:
         time.sleep(0.2)
-        if (tmp_path / "c.sqlite").exists() and len(_trials(tmp_path)) >= 3:
+        if _trials_so_far(tmp_path) >= 3:
             break
     victim.send_signal(signal.SIGKILL)
     victim.wait()
