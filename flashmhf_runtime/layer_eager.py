@@ -42,14 +42,15 @@ def _no_global_hooks() -> bool:
 
 def _plain_linear(m: nn.Module) -> bool:
     """A bias-free ``nn.Linear`` (not a subclass, not parametrized) whose call would do nothing but F.linear."""
-    return (type(m) is nn.Linear and m.bias is None and type(m.weight) is nn.Parameter
+    params = m._parameters  # not m.weight: nn.Module.__getattr__ is slow for a per-call check
+    return (type(m) is nn.Linear and params.get("bias") is None and type(params.get("weight")) is nn.Parameter
             and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks))
 
 
 def usable(x: torch.Tensor, w_in: nn.Module, w_out: nn.Module, k: torch.Tensor) -> bool:
     """Whether ``layer`` may run this call in place of the modules (see the module docstring)."""
     return (type(x) is torch.Tensor and type(k) is nn.Parameter and _plain_linear(w_in) and _plain_linear(w_out)
-            and x.dtype == k.dtype == w_in.weight.dtype == w_out.weight.dtype
+            and x.dtype == k.dtype == w_in._parameters["weight"].dtype == w_out._parameters["weight"].dtype
             and not torch.compiler.is_compiling() and not autocast_on(x.device.type)
             and _no_global_hooks())
 
