@@ -53,16 +53,21 @@ def _gpu_lines() -> list[str]:
 
 
 def _arch_line() -> str:
-    """The architecture defaults and kinds are chosen for, and which kind runs each role (repo-1.3b)."""
-    from flashmhf.codegen import Spec, registry
+    """The architecture defaults and kinds are chosen for, and which kind runs each role (repo-1.3b):
+    the runtime's own choice, tuned times included."""
+    import torch
+
+    from flashmhf.codegen import registry
     from flashmhf.codegen.arch import FEATURES
+    from flashmhf_runtime import op
     from flashmhf_runtime.presets import get_preset
 
     arch = device_arch()
     features = ", ".join(FEATURES[f] for f in sorted(arch.features)) or "none of wgmma, TMA, Gluon"
     p = get_preset("repo-1.3b")
-    shape = Spec("", p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16")
-    kinds = ", ".join(f"{role.name} {registry.choose(role, shape, 16384, arch)}" for role in registry.runtime_roles())
+    shape_key = op.kernel_shape_key(p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16")
+    device = torch.device("cpu") if arch.is_interpreter else torch.device("cuda", torch.cuda.current_device())
+    kinds = ", ".join(f"{role.name} {op.kind_for(role, shape_key, 16384, device)}" for role in registry.runtime_roles())
     return (f"architecture: {arch.label()}, {arch.smem_per_block // 1024} KiB shared memory per block, "
             f"{arch.sm_count} SMs, MMA v{arch.mma}, {features}{'' if arch.checked else ' (row on paper)'}; "
             f"repo-1.3b bf16 at 16384 tokens runs {kinds}")
