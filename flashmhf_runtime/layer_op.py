@@ -125,7 +125,7 @@ def _launch(spec_key: tuple, n_tokens: int, device_index: int | None, eps: float
 
 
 def _fp32(*tensors) -> tuple:
-    return tuple(None if t is None else op._fp32(t) for t in tensors)
+    return tuple(None if t is None else op.widened(t) for t in tensors)
 
 
 @functools.cache
@@ -206,7 +206,7 @@ def layer_core_forward(q, norm_w, w_r, k, u, v, eps: float = HEAD_NORM_EPS) -> t
     if not op.uses_kernels(q.device):
         qn, r, *_ = _norm_router_reference(q.unflatten(-1, (n_heads, head_dim)), norm_w, w_r, eps)
         return op.core_forward(qn, k, u, v, r, None).reshape(q.shape)
-    if op._widened_in_interpreter(q):  # the interpreter's bf16 is wrong: run fp32, cast back
+    if op.widened_in_interpreter(q):  # the interpreter's bf16 is wrong: run fp32, cast back
         return layer_core_forward(*_fp32(q, norm_w, w_r, k, u, v), eps).to(q.dtype)
     shape_key = _shape_key(dims, q.dtype, op.arch_of(q.device), _kinds(norm_w, backward=False))
     if shape_key is None:  # norm and router as PyTorch ops, the core's kernels
@@ -260,7 +260,7 @@ def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS,
     if not op.uses_kernels(q.device):
         return _then(then, need_q_side, _reference_backward(q, norm_w, w_r, k, u, v, ds, eps, need_q_side, need_dkuv,
                                                             dims))
-    if op._widened_in_interpreter(q):  # the interpreter's bf16 is wrong: run fp32, cast back
+    if op.widened_in_interpreter(q):  # the interpreter's bf16 is wrong: run fp32, cast back
         grads = layer_core_backward(*_fp32(q, norm_w, w_r, k, u, v, ds), eps, need_q_side, need_dkuv)
         return _then(then, need_q_side, tuple(g.to(q.dtype) for g in grads))
     shape_key = _shape_key(dims, q.dtype, op.arch_of(q.device), _kinds(norm_w, backward=True))
@@ -392,7 +392,7 @@ def layer_core(q: torch.Tensor, norm_w: torch.Tensor | None, w_r: torch.Tensor, 
     q: (..., H * d_h), the W_in output; norm_w: (H, d_h) or None (no head norm); w_r: (H, d_h, E);
     k, u, v: (H_kv, E, d_e, d_h); all of q's dtype and device. Returns s shaped like q (the W_out
     input). Differentiable in every tensor argument."""
-    if type(q) is not torch.Tensor and op._is_dtensor(q):  # tensor parallel over heads
+    if type(q) is not torch.Tensor and op.is_dtensor(q):  # tensor parallel over heads
         from flashmhf_runtime.parallel import layer_core_on_local_shards
 
         return layer_core_on_local_shards(q, norm_w, w_r, k, u, v, eps)

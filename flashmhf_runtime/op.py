@@ -58,12 +58,13 @@ def uses_kernels(device: torch.device) -> bool:
     return device.type == "cuda" or (_INTERPRET and device.type == "cpu")
 
 
-def _widened_in_interpreter(q: torch.Tensor) -> bool:
+def widened_in_interpreter(q: torch.Tensor) -> bool:
     """Whether this call runs its bf16 inputs as fp32 (see INTERPRETER_RUNS_BF16)."""
     return q.dtype == torch.bfloat16 and q.device.type == "cpu" and _INTERPRET and not INTERPRETER_RUNS_BF16
 
 
-def _fp32(t: torch.Tensor) -> torch.Tensor:
+def widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as fp32 if it is bf16 (what the interpreter computes in; see INTERPRETER_RUNS_BF16), else ``t``."""
     return t.float() if t.dtype == torch.bfloat16 else t
 
 
@@ -87,8 +88,8 @@ def core_forward(
     n_heads, n_kv, head_dim, n_exp, d_e = check_core_inputs(q, k, u, v, r)
     if not uses_kernels(q.device):
         return _reference_forward(q, k, u, v, r)
-    if _widened_in_interpreter(q):
-        return core_forward(*map(_fp32, (q, k, u, v, r)), config).to(q.dtype)
+    if widened_in_interpreter(q):
+        return core_forward(*map(widened, (q, k, u, v, r)), config).to(q.dtype)
     shape_key = kernel_shape_key(n_heads, n_kv, head_dim, n_exp, d_e, DTYPE_NAMES[q.dtype])
     _, _, d_h_k, _, d_e_k, _ = shape_key
     n_tokens = q.numel() // (n_heads * head_dim)
@@ -239,8 +240,8 @@ def core_backward(
         grads = _reference_grads(q, k, u, v, r, ds, need_dq_dr, need_dkuv)
         then(grads[0], grads[4])
         return grads
-    if _widened_in_interpreter(q):
-        grads = core_backward(*map(_fp32, (q, k, u, v, r, ds)), need_dq_dr, need_dkuv)
+    if widened_in_interpreter(q):
+        grads = core_backward(*map(widened, (q, k, u, v, r, ds)), need_dq_dr, need_dkuv)
         grads = tuple(g.to(dt) for g, dt in zip(grads, (q.dtype,) * 4 + (r.dtype,)))
         then(grads[0], grads[4])
         return grads  # type: ignore[return-value]
@@ -389,7 +390,7 @@ dispatch.on_reset(_fast_plans.clear)
 
 def _remember_plan(q, k, u, v, r) -> None:
     """After a validated call: remember its signature if the fast path can serve it."""
-    if not uses_kernels(q.device) or _widened_in_interpreter(q):
+    if not uses_kernels(q.device) or widened_in_interpreter(q):
         return
     if not (q.is_contiguous() and r.is_contiguous() and k.is_contiguous() and u.is_contiguous()
             and v.is_contiguous()):
@@ -418,7 +419,7 @@ def fast_launcher(spec_key: tuple, n_tokens: int, device_index: int | None) -> D
     return DirectLauncher(module, module.contiguous_plan(n_tokens, **config), device_index)
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> bool:
     """Whether ``t`` is a DTensor (without importing torch.distributed where nothing has)."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(t, module.DTensor)
@@ -443,7 +444,7 @@ def flash_mhf(
     DTensors sharded over heads (tensor parallelism, see ``flashmhf_runtime.parallel``) run on each
     rank's local heads.
     """
-    if type(q) is not torch.Tensor and _is_dtensor(q):
+    if type(q) is not torch.Tensor and is_dtensor(q):
         from flashmhf_runtime.parallel import flash_mhf_on_local_shards
 
         return flash_mhf_on_local_shards(q, k, u, v, r, config=config)
