@@ -148,9 +148,9 @@ class FlashMHF(nn.Module):
         if self.core_fn is None and layer_eager.usable(x, w_in, w_out, k) and x.shape[-1:] == (self.d_model,):
             # Eager fast path: the same maths in one autograd node (host time at small T).
             norm = modules.get("head_norm")
-            return layer_eager.layer(x, w_in._parameters["weight"], None if norm is None else norm._parameters["weight"],
-                                     params["router"], k, params["u"], params["v"], w_out._parameters["weight"],
-                                     HEAD_NORM_EPS if norm is None else norm.eps)
+            norm_w, eps = (None, HEAD_NORM_EPS) if norm is None else (norm._parameters["weight"], norm.eps)
+            return layer_eager.layer(x, w_in._parameters["weight"], norm_w, params["router"], k, params["u"],
+                                     params["v"], w_out._parameters["weight"], eps)
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.shape[-1:] != (self.d_model,):

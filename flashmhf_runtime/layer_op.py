@@ -34,7 +34,7 @@ from flashmhf_runtime.direct_launch import DirectLauncher
 from flashmhf_runtime.jit_memo import runtime_load
 from flashmhf_runtime.lean_autograd import head_rms_norm_backward, head_rms_norm_rstd, router_backward, router_gate
 from flashmhf_runtime.reference import HEAD_NORM_EPS, at_least_fp32
-from flashmhf_runtime.validation import DTYPE_NAMES, SUPPORTED_DTYPES
+from flashmhf_runtime.validation import DTYPE_NAMES, check_layer_inputs, shape_text
 
 # Direct launchers of the norm/router kinds by (spec key, token count, device index, eps). Bounded:
 # variable sequence lengths make one entry per token count.
@@ -47,43 +47,6 @@ _fast_forward: dict[tuple, dict[int, tuple]] = {}
 dispatch.on_reset(_direct.clear)
 dispatch.on_reset(_fast_forward.clear)
 dispatch.on_reset(_checked.clear)
-
-
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
-def check_layer_inputs(q, norm_w, w_r, k, u, v) -> tuple[int, int, int, int, int]:
-    """Validate ``layer_core``'s arguments; return (H, H_kv, d_h, E, d_e). ValueError names the argument."""
-    named = (("q", q), ("norm_w", norm_w), ("w_r", w_r), ("k", k), ("u", u), ("v", v))
-    for name, t in named:
-        if not isinstance(t, torch.Tensor) and not (name == "norm_w" and t is None):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if w_r.dim() != 3:
-        raise ValueError(f"w_r: expected shape (H, d_h, E), got {_shape(w_r)}")
-    n_heads, head_dim, n_exp = w_r.shape
-    if q.dim() < 1 or q.shape[-1] != n_heads * head_dim:
-        raise ValueError(f"q: expected shape (..., {n_heads * head_dim}) (H * d_h from w_r), got {_shape(q)}")
-    if norm_w is not None and tuple(norm_w.shape) != (n_heads, head_dim):
-        raise ValueError(f"norm_w: expected shape ({n_heads}, {head_dim}) (H, d_h from w_r), got {_shape(norm_w)}")
-    if k.dim() != 4 or k.shape[1] != n_exp or k.shape[3] != head_dim:
-        raise ValueError(f"k: expected shape (H_kv, {n_exp}, d_e, {head_dim}) (E, d_h from w_r), got {_shape(k)}")
-    for name, t in (("u", u), ("v", v)):
-        if t.shape != k.shape:
-            raise ValueError(f"{name}: expected shape {_shape(k)} (same as k), got {_shape(t)}")
-    n_kv = k.shape[0]
-    if n_kv == 0 or n_heads % n_kv:
-        raise ValueError(f"k: expected H_kv dividing H={n_heads}, got H_kv={n_kv}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q: expected dtype bfloat16, float16 or float32, got {q.dtype}")
-    for name, t in named[1:]:
-        if t is None:
-            continue
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}: expected dtype {q.dtype} (same as q), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} (same as q), got {t.device}")
-    return n_heads, n_kv, head_dim, n_exp, k.shape[2]
 
 
 def _signature(*tensors) -> tuple:
@@ -253,8 +216,8 @@ def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS,
     dims = _dims(q, norm_w, w_r, k, u, v)
     n_heads, head_dim = dims[0], dims[2]
     if ds.shape != q.shape or ds.dtype != q.dtype or ds.device != q.device:
-        raise ValueError(f"ds: expected shape {_shape(q)}, dtype {q.dtype}, device {q.device} (q's), got "
-                         f"{_shape(ds)}, {ds.dtype}, {ds.device}")
+        raise ValueError(f"ds: expected shape {shape_text(q)}, dtype {q.dtype}, device {q.device} (q's), got "
+                         f"{shape_text(ds)}, {ds.dtype}, {ds.device}")
     then = then or (lambda _dq: None)
     empty = functools.partial(torch.empty, 0, device=q.device)
     if not op.uses_kernels(q.device):
