@@ -86,16 +86,23 @@ def test_resources_refuse_the_interpreter():
 
 
 @pytest.mark.slow
-def test_warp_specialized_dkuv_compiles_for_hopper_without_spills():
+@pytest.mark.parametrize("shape, config", [
+    ([16, 16, 128, 22, 256], None), ([16, 16, 128, 22, 256], dict(block_m=64, num_stages=2, coef_fp32=1, halves=1)),
+    ([8, 8, 96, 8, 256], None), ([8, 8, 96, 8, 256], dict(block_m=64, num_stages=4, coef_fp32=1, halves=0)),
+], ids=["d128-default", "d128-halves", "d96-default", "d96-tuned"])
+def test_warp_specialized_dkuv_compiles_for_hopper_without_spills(shape, config):
     # The Gluon kernel cannot run here, but it compiles for sm_90: its partitions must not spill
-    # (the grad warp group holds two 64 x 128 fp32 accumulators) and its shared memory must fit.
-    for config in (None, dict(block_m=64, num_stages=2, coef_fp32=1, halves=1)):
-        [kernel] = _report(["bwd_dkuv_ws", 16, 16, 128, 22, 256, "bf16"], config)
-        assert kernel["name"] == "flashmhf_bwd_dkuv_ws"
-        assert kernel["mma"] and not kernel["v2"], kernel["mma"]
-        assert kernel["spills"] == 0 and kernel["registers"] == 168, kernel  # the kernel-wide budget
-        assert 0 < kernel["shared"] <= 232_448
-        _assert_fast_sigmoid(kernel)
+    # (the grad warp group holds two 64 x 128 fp32 accumulators; at d_h = 96 four, of 64 and 32
+    # columns) and its shared memory must fit.
+    [kernel] = _report(["bwd_dkuv_ws", *shape, "bf16"], config)
+    assert kernel["name"] == "flashmhf_bwd_dkuv_ws"
+    assert kernel["mma"] and not kernel["v2"], kernel["mma"]
+    assert kernel["spills"] == 0 and kernel["registers"] == 168, kernel  # the kernel-wide budget
+    assert 0 < kernel["shared"] <= 232_448
+    _assert_fast_sigmoid(kernel)
+    if shape[2] == 96:  # dV, dK, dU in accumulators of 64 and 32 columns: nothing padded to 128
+        assert any("instr [16, 32, 16]" in m for m in kernel["mma"]), kernel["mma"]
+        assert all("[16, 64, 16]" in m or "[16, 32, 16]" in m for m in kernel["mma"]), kernel["mma"]
 
 
 def _assert_fast_sigmoid(kernel: dict) -> None:
