@@ -189,14 +189,17 @@ def _pick(spec: Spec, bucket: int, rows: list[_Row], where: str, arch: Arch) -> 
     return None
 
 
-def _find(spec: Spec, bucket: int, device: DeviceInfo, arch: Arch) -> tuple[Config, str] | None:
+def _rows_by_file(spec: Spec, device: DeviceInfo) -> tuple[list, list, list]:
+    """The rows of ``spec`` on ``device`` not demoted, per file in effect (in order), as three lists:
+    (where, rows) on the installed template measured under the running Triton, the same under other
+    Triton versions, and (role, path, row) measured with another template (stale)."""
     from flashmhf.codegen import template_hash
 
     current = template_hash(spec.kind)
     spec_key = _spec_device_key(spec, device)
     stale: list[tuple[str, Path, _Row]] = []
-    same: list[tuple[str, list[_Row]]] = []  # per file: rows measured under the running Triton
-    other: list[tuple[str, list[_Row]]] = []  # per file: rows of other Triton versions
+    same: list[tuple[str, list[_Row]]] = []
+    other: list[tuple[str, list[_Row]]] = []
     for path, role in cache_files_in_effect():
         view = _view(path, role)
         rows = [r for r in (view.get(spec_key, []) if view else []) if (spec_key, _config_id(r.config)) not in _demoted]
@@ -204,6 +207,11 @@ def _find(spec: Spec, bucket: int, device: DeviceInfo, arch: Arch) -> tuple[Conf
         rows = [r for r in rows if r.template_hash == current]
         same.append((f"{role}:{path}", [r for r in rows if r.triton_version == device.triton_version]))
         other.append((f"{role}:{path}", [r for r in rows if r.triton_version != device.triton_version]))
+    return same, other, stale
+
+
+def _find(spec: Spec, bucket: int, device: DeviceInfo, arch: Arch) -> tuple[Config, str] | None:
+    same, other, stale = _rows_by_file(spec, device)
     found, source = None, ""
     for tier in (same, other):
         for where, rows in tier:
@@ -245,23 +253,15 @@ def tuned_times(spec: Spec, device: DeviceInfo) -> dict[int, float]:
     what the runtime compares to choose among the kinds of one role. Rows as :func:`find_config`
     takes them (installed template, not demoted; per bucket, the first file in effect that has one,
     the running Triton version before others). {} when nothing is tuned."""
-    from flashmhf.codegen import template_hash
-
     spec_key = _spec_device_key(spec, device)
     with _lock:
         if spec_key in _times:
             return dict(_times[spec_key])
-    current = template_hash(spec.kind)
-    rows = []
-    for path, role in cache_files_in_effect():
-        view = _view(path, role)
-        rows += [r for r in (view.get(spec_key, []) if view else [])
-                 if r.template_hash == current and (spec_key, _config_id(r.config)) not in _demoted]
+    same, other, _stale = _rows_by_file(spec, device)
     times: dict[int, float] = {}
-    for tier in (True, False):  # the running Triton version first; files in effect in order
+    for _where, rows in same + other:  # the running Triton version first; files in effect in order
         for r in rows:
-            if (r.triton_version == device.triton_version) == tier and r.bucket not in times:
-                times[r.bucket] = r.median_ms
+            times.setdefault(r.bucket, r.median_ms)
     with _lock:
         _times[spec_key] = times
     return dict(times)
