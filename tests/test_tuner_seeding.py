@@ -72,6 +72,19 @@ def test_ranked_configs_are_nearest_key_first_each_fastest_first_and_leave_out_t
     assert seeds == [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2), _cfg(128, 32, 8, 3)]
 
 
+def test_the_same_shape_in_the_other_16_bit_dtype_seeds_before_another_shape(tmp_path):
+    key = ResultKey.for_spec(dataclasses.replace(SPEC, dtype="fp16"), 16384, H200)
+    with TuningCache(tmp_path / "c.sqlite") as cache:
+        for spec, config in [
+            (SPEC, _cfg(128, 64, 8, 3)),  # bf16, the same shape: same element size, same MMA
+            (dataclasses.replace(OTHER, dtype="fp16"), _cfg(128, 32, 4, 3)),  # fp16, another shape
+            (dataclasses.replace(SPEC, dtype="fp32"), _cfg(64, 32, 4, 2)),  # fp32: another element size
+        ]:
+            cache.record_trial(ResultKey.for_spec(spec, 16384, H200), config, "ok", median_ms=1.0)
+        ranked = ranked_configs([cache], key)
+    assert ranked == [[_cfg(128, 64, 8, 3)], [_cfg(128, 32, 4, 3)], [_cfg(64, 32, 4, 2)]]
+
+
 def test_projection_moves_a_config_outside_the_space_to_its_nearest_neighbour():
     space = Space(KIND, KIND.space(SPEC, 64))
     # tma=1 is rejected below 1024 tokens: the same tiles through pointers instead.

@@ -9,6 +9,7 @@ stale as timings but still good guesses, so they are used too.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,14 +17,18 @@ from pathlib import Path
 from flashmhf.cache.paths import cache_files_in_effect
 from flashmhf.cache.store import CacheFileError, ResultKey, TuningCache, canonical_config
 from flashmhf.codegen import Config, KernelKind
+from flashmhf.codegen.dtypes import DTYPE_BYTES
 
 # Configs taken from each other key (its best first): a neighbour's runner-up is often this key's best.
 TOP_PER_KEY = 3
 # A config outside this study's space (e.g. a tile too large for fewer tokens) stands for its
 # nearest accepted config only if that is at most this many ordinal steps away.
 MAX_PROJECTION_STEPS = 2
-# Ordering of other keys: a shape that differs in head width or dtype counts as this many
-# token-bucket doublings away (tile choices follow d_h and the element size).
+# Ordering of other keys, in token-bucket doublings added to the bucket distance. Tile choices follow
+# d_h and the element size: the same shape in another dtype of that size (bf16 and fp16 run the same
+# MMA at the same rate) is nearer than another shape of the same head width; a head width or element
+# size that differs is far.
+SAME_SHAPE_OTHER_DTYPE_PENALTY = 0.5
 OTHER_SHAPE_PENALTY = 1.0
 UNLIKE_SHAPE_PENALTY = 3.0
 
@@ -87,9 +92,12 @@ class Space:
 
 def _key_distance(other: ResultKey, key: ResultKey) -> tuple[float, float]:
     """(bucket doublings plus a shape penalty, the shape penalty): smaller is likelier to share a best."""
+    same_width = DTYPE_BYTES[other.spec.dtype] == DTYPE_BYTES[key.spec.dtype]
     if other.spec == key.spec:
         shape = 0.0
-    elif (other.spec.head_dim, other.spec.dtype) == (key.spec.head_dim, key.spec.dtype):
+    elif same_width and other.spec == dataclasses.replace(key.spec, dtype=other.spec.dtype):
+        shape = SAME_SHAPE_OTHER_DTYPE_PENALTY
+    elif same_width and other.spec.head_dim == key.spec.head_dim:
         shape = OTHER_SHAPE_PENALTY
     else:
         shape = UNLIKE_SHAPE_PENALTY
