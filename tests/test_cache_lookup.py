@@ -59,13 +59,21 @@ def test_overlay_beats_user_beats_shipped(tmp_path, monkeypatch):
     assert [role for _, role in paths.cache_files_in_effect()] == ["FLASHMHF_CACHE"] * 2 + ["user", "shipped"]
 
 
-def test_first_file_with_results_wins_over_exact_bucket_later(tmp_path, monkeypatch):
+def test_an_exact_bucket_in_a_later_file_beats_a_nearer_file_of_other_buckets(tmp_path, monkeypatch):
     overlay = tmp_path / "overlay.sqlite"
     write(overlay, (key(16), cfg(split=2), 1.0))
-    write(paths.user_cache_path(), (key(64), cfg(), 1.0))
+    write(paths.user_cache_path(), (key(64), cfg(), 1.0), (key(1024), cfg(num_warps=8), 1.0))
     monkeypatch.setenv("FLASHMHF_CACHE", str(overlay))
-    config, where = find_config(SPEC, 64, dev())
+    config, where = find_config(SPEC, 64, dev())  # measured at 64 in the user's file: used
+    assert config == cfg() and where.startswith("user:") and where.endswith("bucket 64")
+    config, where = find_config(SPEC, 16, dev())  # the overlay's own bucket: the overlay's
+    assert config == cfg(split=2) and where.startswith("FLASHMHF_CACHE:")
+    config, where = find_config(SPEC, 4, dev())  # nearest of all files' buckets: 16 (overlay)
     assert config == cfg(split=2) and where.endswith("bucket 16")
+    write(overlay, (key(64), cfg(num_stages=2), 1.0))
+    flashmhf_runtime.reset()
+    config, where = find_config(SPEC, 64, dev())  # the same bucket in both: the earlier file's
+    assert config == cfg(num_stages=2) and where.startswith("FLASHMHF_CACHE:")
 
 
 def test_nearest_bucket_in_log_space():

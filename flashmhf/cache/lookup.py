@@ -1,8 +1,10 @@
 """Runtime lookup of tuned configs in the cache files in effect (docs/design.md §4).
 
-Order: the files of ``FLASHMHF_CACHE`` → the user's cache file → the shipped files. The first file
-that has a usable result for (kind, spec, device name, capability) answers, with the exact token
-bucket or else the nearest tuned bucket in log2 space (ties: the larger bucket). Usable means:
+Order: the files of ``FLASHMHF_CACHE`` → the user's cache file → the shipped files. Of the usable
+results for (kind, spec, device name, capability) in all of them, the exact token bucket's answers,
+else the nearest tuned bucket in log2 space (ties: the larger bucket); where several files have
+that bucket, the first in order answers. So a user's file tuned at one token count overrides the
+shipped result there, not at the shipped file's other buckets (measured for those). Usable means:
 measured with the installed template hash, not demoted in this process, and accepted by the kind's
 ``check_config`` on the device's architecture (for a nearest bucket, at the requested bucket's
 token count, so a tile too large for it is not borrowed). Results measured under the running Triton
@@ -169,12 +171,15 @@ def _other_triton_note(spec: Spec, bucket: int, device: DeviceInfo, row_version:
     )
 
 
-def _pick(spec: Spec, bucket: int, rows: list[_Row], where: str, arch: Arch) -> _Row | None:
-    """The exact bucket's row, else the nearest (log2 distance, ties to the larger) the kind accepts."""
+def _pick(spec: Spec, bucket: int, candidates: list[tuple[str, _Row]], arch: Arch) -> tuple[str, _Row] | None:
+    """Of (where, row) pairs in file order: the exact bucket's row, else the nearest (log2 distance,
+    ties to the larger) that the kind accepts; at equal buckets the earlier file's row."""
     from flashmhf.codegen import SpecError, get_kind
 
     kind = get_kind(spec.kind)
-    for row in sorted(rows, key=lambda r: (abs(math.log2(r.bucket) - math.log2(bucket)), -r.bucket, r.median_ms)):
+    order = sorted(range(len(candidates)), key=lambda i: (
+        abs(math.log2(candidates[i][1].bucket) - math.log2(bucket)), -candidates[i][1].bucket, i))
+    for where, row in (candidates[i] for i in order):
         try:
             kind.check_config(spec, row.config, None if row.bucket == bucket else bucket, arch)
         except SpecError as exc:
@@ -185,7 +190,7 @@ def _pick(spec: Spec, bucket: int, rows: list[_Row], where: str, arch: Arch) -> 
                 log.info("flashmhf: cached config in %s skipped for %s bucket %d: %s", where, spec.label(), bucket,
                          exc)
             continue
-        return row
+        return where, row
     return None
 
 
@@ -213,13 +218,12 @@ def _rows_by_file(spec: Spec, device: DeviceInfo) -> tuple[list, list, list]:
 def _find(spec: Spec, bucket: int, device: DeviceInfo, arch: Arch) -> tuple[Config, str] | None:
     same, other, stale = _rows_by_file(spec, device)
     found, source = None, ""
-    for tier in (same, other):
-        for where, rows in tier:
-            found = _pick(spec, bucket, rows, where, arch)
-            if found is not None:
-                source = f"{where} bucket {found.bucket}"
-                break
-        if found is not None:
+    for tier in (same, other):  # the running Triton version's results first, from any file
+        picked = _pick(spec, bucket, [(where, r) for where, rows in tier for r in sorted(rows, key=lambda r: r.median_ms)],
+                       arch)
+        if picked is not None:
+            where, found = picked
+            source = f"{where} bucket {found.bucket}"
             break
     if found is not None and found.triton_version != device.triton_version:
         _other_triton_note(spec, bucket, device, found.triton_version, source)
