@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -173,17 +174,28 @@ def test_every_kernel_kind_has_a_tuning_harness():
     assert {k.role.name for k in KINDS.values()} <= set(BUILDERS)
 
 
-def test_a_spent_time_budget_still_measures_each_keys_default(tmp_path):
+def test_a_spent_time_budget_still_measures_each_keys_default_and_the_nearest_keys_best(tmp_path):
     """Startup (worker, compiles) can use a whole key's share of --time-budget: every bucket still
-    gets its default measured instead of no result at all (the H200 ship run lost repo-1.3b T=1 so)."""
+    gets its default measured instead of no result at all (the H200 ship run lost repo-1.3b T=1 so),
+    and the nearest other key's best beside it (what a short budget over many keys would skip)."""
+    from flashmhf.cache.store import canonical_config
+
+    kind = get_kind("fwd")
+    other = next(c for c in kind.space(TINY, 1) if c != kind.default(TINY, 1) and c in list(kind.space(TINY, 16)))
+    seeds = tmp_path / "seeds.sqlite"
+    with TuningCache(seeds) as cache:  # this shape in fp16: the nearest key there is for every bucket
+        for bucket in (1, 16):
+            k = ResultKey.for_spec(dataclasses.replace(TINY, dtype="fp16"), bucket, device_info())
+            cache.record_trial(k, other, "ok", median_ms=1e-3)
     results = session.run(session.Request(specs=[TINY], buckets=(1, 16), trials=5, time_budget_s=1e-3,
-                                          cache_path=tmp_path / "c.sqlite", seed=1, isolate=False))
+                                          cache_path=tmp_path / "c.sqlite", seed=1, isolate=False,
+                                          seed_caches=[seeds]))
     assert [r.key.bucket for r in results] == [1, 16]
     with TuningCache(tmp_path / "c.sqlite") as cache:
         for bucket in (1, 16):
             [key] = [k for k in cache.keys() if k.bucket == bucket]
-            trials = cache.trials(key)
-            assert len(trials) == 1 and trials[0].config == get_kind("fwd").default(TINY, bucket)
+            measured = [t.canonical_config() for t in cache.trials(key)]
+            assert measured == [canonical_config(kind.default(TINY, bucket)), canonical_config(other)], bucket
 
 
 def test_a_param_added_later_fills_in_for_older_configs():

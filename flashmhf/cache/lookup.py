@@ -219,8 +219,8 @@ def _find(spec: Spec, bucket: int, device: DeviceInfo, arch: Arch) -> tuple[Conf
     same, other, stale = _rows_by_file(spec, device)
     found, source = None, ""
     for tier in (same, other):  # the running Triton version's results first, from any file
-        picked = _pick(spec, bucket, [(where, r) for where, rows in tier for r in sorted(rows, key=lambda r: r.median_ms)],
-                       arch)
+        candidates = [(where, r) for where, rows in tier for r in sorted(rows, key=lambda r: r.median_ms)]
+        picked = _pick(spec, bucket, candidates, arch)
         if picked is not None:
             where, found = picked
             source = f"{where} bucket {found.bucket}"

@@ -53,6 +53,10 @@ LOCAL_TOP = 3
 # (and at least MIN_TRANSFER_SEEDS), so that most of it is left to the search around them.
 TRANSFER_SHARE = 0.25
 MIN_TRANSFER_SEEDS = 2
+# Measured for every key even past its share of the time budget: the default, any given configs and
+# this many transfer seeds (the nearest other key's best: for fp16, bf16's best at the same shape and
+# bucket), so a short budget over many keys still tries the likeliest best beside the default.
+SURE_TRANSFER_SEEDS = 1
 
 
 def distributions(kind: KernelKind) -> dict[str, IntDistribution]:
@@ -275,24 +279,27 @@ class Search:
     def _done(self) -> bool:
         return self._measured_in_space() >= self._goal() or time.monotonic() >= self.deadline
 
-    def _seeds(self) -> list[Config]:
-        """The default, the given configs, then configs fast at other keys (at most a share of the budget)."""
-        seeds = [self.kind.default(self.spec, self.bucket, self.arch),
-                 *(self.kind.complete(s) for s in self.extra_seeds)]
+    def _seeds(self) -> tuple[list[Config], int]:
+        """The default, the given configs, then configs fast at other keys (at most a share of the
+        budget); and how many of them lead the list that are measured whatever the time budget."""
+        own = [self.kind.default(self.spec, self.bucket, self.arch), *(self.kind.complete(s) for s in self.extra_seeds)]
         limit = max(MIN_TRANSFER_SEEDS, int(self._goal() * TRANSFER_SHARE))
         others = open_seed_caches(self.seed_caches, exclude=self.cache.path)
         try:
-            seeds += transfer_seeds([self.cache, *others], self.key, self.space_index, limit)
+            transfer = transfer_seeds([self.cache, *others], self.key, self.space_index, limit)
         finally:
             for other in others:
                 other.close()
         out, seen = [], set()
-        for s in seeds:
+        n_own = n_transfer = 0  # distinct configs kept of each: own ones lead the list
+        for mine, s in [(True, s) for s in own] + [(False, s) for s in transfer]:
             s = self.space_index.project(s)  # e.g. a given config, or the default outside a replayed table
-            if s is not None and (c := canonical_config(s)) not in seen:
-                seen.add(c)
-                out.append(s)
-        return out
+            if s is None or (c := canonical_config(s)) in seen:
+                continue
+            seen.add(c)
+            out.append(s)
+            n_own, n_transfer = n_own + mine, n_transfer + (not mine)
+        return out, n_own + min(n_transfer, SURE_TRANSFER_SEEDS)
 
     def _local_candidates(self, n: int) -> list[Config]:
         """Up to ``n`` untried configs one step from the fastest config measured so far (here or, in a
@@ -387,17 +394,24 @@ class Search:
         if self.on_measure:  # where this key starts: done already when a run is repeated
             self.on_measure(None, n_before, self._goal(), self._best_ms())
         brute = len(self.space) <= self.brute_force_up_to
-        queue = self._seeds()
+        queue, sure = self._seeds()
         if brute:
             queue += self.space
         todo = [c for c in queue if canonical_config(c) not in self.measured]
-        self._precompile(todo[: max(0, self._goal() - self._measured_in_space())])
-        for config in queue:
+        todo = todo[: max(0, self._goal() - self._measured_in_space())]
+        # The sure seeds are compiled first, the rest only if the key's share is not spent by then:
+        # a short share is not used up compiling configs it will never measure.
+        first = [c for c in queue[:sure] if canonical_config(c) not in self.measured]
+        self._precompile(first)
+        for i, config in enumerate(queue):
             self._refresh_shared(study)
-            # A key always gets its first seed (the default) measured, even past its share of the
-            # time budget: startup (worker spawn, parallel compiles) must not leave a bucket empty.
-            if self._done() and self.measured:
+            # A key always gets its sure seeds (the default, given configs, the nearest key's best)
+            # measured, even past its share of the time budget: startup (worker spawn, parallel
+            # compiles) must not leave a bucket with nothing but the default.
+            if self._measured_in_space() >= self._goal() or (self._done() and i >= sure and self.measured):
                 break
+            if i == sure:
+                self._precompile([c for c in todo if canonical_config(c) not in self.measured])
             self._measure_fixed(study, config)
         idle = 0
         while not (self._refresh_shared(study) or self._done()):
