@@ -30,12 +30,15 @@ PYEOF
 }
 FORWARD=$(kinds fwd fwd_ws LAYER)
 BACKWARD=$(kinds bwd_dq bwd_dq_ws bwd_dkuv bwd_dkuv_ws LAYER_bwd)
+# One run tunes every dtype named, under one --time-budget: BUDGET_S for each of them.
+N_DTYPES=$(echo "$DTYPES" | tr ',' '\n' | grep -c .)
+PHASE_BUDGET=$((BUDGET * N_DTYPES))
 start=$(date +%s)
 "$PY" -m flashmhf.cli tune --preset "$PRESET" --dtype "$DTYPES" --kind "$FORWARD" \
-  --tokens 1,16,64,256,1024,4096,16384 --trials 16 --time-budget "$BUDGET" --cache "$CACHE"
+  --tokens 1,16,64,256,1024,4096,16384 --trials 16 --time-budget "$PHASE_BUDGET" --cache "$CACHE"
 mid=$(date +%s)
 "$PY" -m flashmhf.cli tune --preset "$PRESET" --dtype "$DTYPES" \
   --kind "$BACKWARD" --tokens 1024,4096,16384 --trials 12 \
-  --time-budget "$BUDGET" --cache "$CACHE"
+  --time-budget "$PHASE_BUDGET" --cache "$CACHE"
 end=$(date +%s)
 echo "$PRESET $DTYPES ($FORWARD; $BACKWARD): forward family $((mid - start)) s, backward families $((end - mid)) s, total $((end - start)) s"
