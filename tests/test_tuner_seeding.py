@@ -136,3 +136,91 @@ def test_tables_load_from_a_cache_export_and_from_the_gpu_scripts_json(tmp_path,
     assert rp.main([str(script_json), "--runs", "2"]) == 0
     out = capsys.readouterr().out
     assert "| tuner_vs_exhaustive.json T=16384 | " in out and "**2/2**" in out
+
+
+class _RecordingPool:
+    """A compile pool that compiles nothing: records what was submitted, in order, and which futures
+    were cancelled; a submitted job finishes only when the test lets it (``release``)."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+        self.futures: list = []
+
+    def submit(self, jobs):
+        import concurrent.futures as cf
+
+        out = []
+        for _spec, config, _tokens in jobs:
+            self.submitted.append(canonical_config(config))
+            future = cf.Future()
+            out.append(future)
+        self.futures += out
+        return out
+
+    def release(self, n: int) -> None:
+        for future in self.futures[:n]:
+            if not future.done():
+                future.set_running_or_notify_cancel()
+                future.set_result(None)
+
+
+def test_sure_seeds_compile_first_and_a_spent_share_cancels_the_rest(tmp_path):
+    import optuna
+
+    from flashmhf.tuner.search import Search
+
+    table = _needle_table()
+    needle = json.loads(min(table.times, key=table.times.get))
+    seed_file = tmp_path / "seeds.sqlite"
+    with TuningCache(seed_file) as cache:  # fp16 of this shape: the nearest key, its best the needle
+        cache.record_trial(ResultKey.for_spec(dataclasses.replace(SPEC, dtype="fp16"), 16384, H200), needle, "ok",
+                           median_ms=0.9)
+        for i, config in enumerate(table.configs[:6]):  # more seeds than the sure ones, from another shape
+            cache.record_trial(ResultKey.for_spec(OTHER, 16384, H200), config, "ok", median_ms=1.0 + i)
+    pool = _RecordingPool()
+
+    class Worker(rp.TableWorker):
+        def measure(self, *args):  # the sure seeds' compiles must be done before anything is measured
+            assert all(f.done() for f in pool.futures[:2]), "measured before the sure seeds compiled"
+            return super().measure(*args)
+
+    def submit_and_finish_sure(jobs):  # the pool finishes the first two jobs at once, the rest never
+        futures = _RecordingPool.submit(pool, jobs)
+        pool.release(2)
+        return futures
+
+    pool.submit = submit_and_finish_sure
+    with TuningCache(tmp_path / "c.sqlite") as cache:
+        search = Search(SPEC, 16384, H200, cache, optuna.storages.InMemoryStorage(), Worker(table.times),
+                        trials=12, deadline=0.0, seed=0, brute_force_up_to=0, batch=8, seed_caches=[seed_file],
+                        space=table.configs, compile_pool=pool)
+        search.run()
+        measured = [c for c, _ in search.order]
+    default = canonical_config({**KIND.default(SPEC, 16384), "tma": 0})
+    # The share was spent before it began: the default and the nearest key's best only, compiled first.
+    assert measured == [default, canonical_config(needle)]
+    assert pool.submitted[:2] == [default, canonical_config(needle)] and len(pool.submitted) > 2
+    assert all(f.cancelled() for f in pool.futures[2:])  # never started, and not waited for
+
+
+def test_with_a_compile_pool_and_time_left_the_search_measures_its_whole_budget(tmp_path):
+    import optuna
+
+    from flashmhf.tuner.search import Search
+
+    table = _needle_table()
+    pool = _RecordingPool()
+
+    def submit_and_finish(jobs):
+        futures = _RecordingPool.submit(pool, jobs)
+        pool.release(len(pool.futures))
+        return futures
+
+    pool.submit = submit_and_finish
+    with TuningCache(tmp_path / "c.sqlite") as cache:
+        search = Search(SPEC, 16384, H200, cache, optuna.storages.InMemoryStorage(), rp.TableWorker(table.times),
+                        trials=12, deadline=float("inf"), seed=0, brute_force_up_to=0, batch=8, seed_caches=[],
+                        space=table.configs, compile_pool=pool)
+        search.run()
+    assert len(search.order) == 12
+    assert set(pool.submitted) >= {c for c, _ in search.order[1:]}  # all but maybe a single-config round

@@ -58,9 +58,11 @@ class CompilePool:
 
     def compile(self, jobs: list[tuple[Spec, Config, int]]) -> list[str | None]:
         """Compile the jobs in parallel; errors are returned, not raised (the measure step records them)."""
-        if not jobs:
-            return []
-        return list(self._pool.map(_compile_one, *zip(*jobs), [self.device] * len(jobs)))
+        return [f.result() for f in self.submit(jobs)]
+
+    def submit(self, jobs: list[tuple[Spec, Config, int]]) -> list[cf.Future]:
+        """Start compiling the jobs, in this order, without waiting: one future (error text or None) each."""
+        return [self._pool.submit(_compile_one, spec, config, tokens, self.device) for spec, config, tokens in jobs]
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)

@@ -18,6 +18,7 @@ being measured again.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import random
 import time
@@ -383,8 +384,14 @@ class Search:
         return len(picked)
 
     def _precompile(self, configs: list[Config]) -> None:
-        if self.compile_pool is not None and len(configs) > 1:
-            self.compile_pool.compile([(self.spec, c, self.bucket) for c in configs])
+        cf.wait(self._start_compiles(configs))
+
+    def _start_compiles(self, configs: list[Config]) -> list[cf.Future]:
+        """Compiles of ``configs`` started in the pool (none without one, or for a single config:
+        the measuring worker compiles that one itself)."""
+        if self.compile_pool is None or len(configs) <= 1:
+            return []
+        return self.compile_pool.submit([(self.spec, c, self.bucket) for c in configs])
 
     def run(self) -> SearchResult:
         t0 = time.monotonic()
@@ -399,10 +406,11 @@ class Search:
             queue += self.space
         todo = [c for c in queue if canonical_config(c) not in self.measured]
         todo = todo[: max(0, self._goal() - self._measured_in_space())]
-        # The sure seeds are compiled first, the rest only if the key's share is not spent by then:
-        # a short share is not used up compiling configs it will never measure.
-        first = [c for c in queue[:sure] if canonical_config(c) not in self.measured]
-        self._precompile(first)
+        # All of them compile in parallel, the sure seeds first; measuring waits for the sure ones
+        # only, and the rest go on compiling meanwhile (a spent share cancels those not started).
+        n_first = min(len(todo), sum(canonical_config(c) not in self.measured for c in queue[:sure]))
+        compiling = self._start_compiles(todo)
+        cf.wait(compiling[:n_first])
         for i, config in enumerate(queue):
             self._refresh_shared(study)
             # A key always gets its sure seeds (the default, given configs, the nearest key's best)
@@ -411,8 +419,10 @@ class Search:
             if self._measured_in_space() >= self._goal() or (self._done() and i >= sure and self.measured):
                 break
             if i == sure:
-                self._precompile([c for c in todo if canonical_config(c) not in self.measured])
+                cf.wait(compiling[n_first:])
             self._measure_fixed(study, config)
+        for future in compiling:
+            future.cancel()
         idle = 0
         while not (self._refresh_shared(study) or self._done()):
             if idle >= MAX_IDLE_PROPOSALS:
