@@ -114,3 +114,22 @@ def test_tuned_times_follow_file_order_and_demotion(tmp_path, monkeypatch):
     user_config = get_kind("fwd").default(spec, 1024, arch_for_capability("9.0"))
     demote(spec, 1024, gpu_info(), user_config, "failed to compile")
     assert tuned_times(spec, gpu_info()) == {64: 0.02}  # both files' 1024 rows hold the demoted config
+
+
+def test_the_choice_is_memoised_per_call_signature_until_reset(hopper, monkeypatch):
+    from flashmhf.codegen import registry
+
+    record("fwd", {1024: 0.5})
+    record("fwd_ws", {1024: 0.1})
+    asked = []
+    real = registry.candidates
+    monkeypatch.setattr(registry, "candidates", lambda *a, **k: asked.append(a[2]) or real(*a, **k))
+    assert [op.kind_for(FORWARD, SHAPE, 1024, CUDA) for _ in range(3)] == ["fwd_ws"] * 3
+    assert asked == [1024]  # worked out once
+    assert op.kind_for(FORWARD, SHAPE, 512, CUDA) == "fwd" and asked == [1024, 512]  # another token count
+    monkeypatch.setattr(op, "DISABLED_KINDS", {"fwd_ws"})  # part of the signature: no reset needed
+    assert op.kind_for(FORWARD, SHAPE, 1024, CUDA) == "fwd"
+    monkeypatch.setattr(op, "DISABLED_KINDS", set())
+    assert op.kind_for(FORWARD, SHAPE, 1024, CUDA) == "fwd_ws" and asked == [1024, 512, 1024]
+    record("fwd", {1024: 0.01})  # new tuned times, then reset() (as `flashmhf tune` does): chosen again
+    assert op.kind_for(FORWARD, SHAPE, 1024, CUDA) == "fwd" and asked == [1024, 512, 1024, 1024]
