@@ -147,39 +147,26 @@ def arch_of(device: torch.device) -> Arch:
     return device_arch(device.index) if device.type == "cuda" else INTERPRETER
 
 
-# kind_for's answers: they depend only on the arguments, the disabled kinds and the cache files
-# (re-read after reset()), and a training step asks three times (~9 µs each on a CPU). One entry per
-# token count: bounded for variable sequence lengths.
-_kind_memo: dict[tuple, str | None] = {}
-_MAX_KIND_MEMO = 4096
-
-
 def kind_for(role: Role, shape_key: tuple, n_tokens: int, device: torch.device) -> str | None:
     """The kind that runs ``role`` for the kernel shape ``shape_key`` = (H, H_kv, d_h, E, d_e, dtype)
     at ``n_tokens`` on ``device``; None: none can (the reference runs). Of the kinds the registry
     finds able (flashmhf.codegen.registry.candidates), the one the tuning cache measured fastest on
     this device near this token count; by the registry's preference where times are missing."""
-    key = (role, shape_key, n_tokens, device.type, device.index, frozenset(DISABLED_KINDS) if DISABLED_KINDS else None)
-    try:
-        return _kind_memo[key]
-    except KeyError:
-        pass
-    kind = _choose_kind(role, shape_key, n_tokens, device)
-    if len(_kind_memo) >= _MAX_KIND_MEMO:
-        _kind_memo.clear()
-    _kind_memo[key] = kind
-    return kind
+    return _kind(role, shape_key, n_tokens, device, frozenset(DISABLED_KINDS))
 
 
-def _choose_kind(role: Role, shape_key: tuple, n_tokens: int, device: torch.device) -> str | None:
+# Memoised: the choice depends only on these arguments and the cache files (re-read after reset()),
+# and a training step asks three times (~9 µs each on a CPU when worked out). One entry per token
+# count: bounded for variable sequence lengths.
+@functools.lru_cache(maxsize=4096)
+def _kind(role: Role, shape_key: tuple, n_tokens: int, device: torch.device, disabled: frozenset) -> str | None:
     arch = arch_of(device)
-    able = registry.candidates(role, Spec("", *shape_key), max(n_tokens, 1), arch, DISABLED_KINDS)
+    able = registry.candidates(role, Spec("", *shape_key), max(n_tokens, 1), arch, disabled)
     if len(able) < 2 or arch.is_interpreter:
         return able[0] if able else None
     return _fastest_tuned(able, shape_key, token_bucket(n_tokens), device.index)
 
 
-@functools.cache
 def _fastest_tuned(able: tuple[str, ...], shape_key: tuple, bucket: int, device_index: int | None) -> str:
     """Of ``able`` (in order of preference), the kind with the lowest tuned time: each challenger is
     compared with the best so far at the tuned bucket both share nearest to ``bucket`` (log2 distance,
@@ -198,8 +185,7 @@ def _fastest_tuned(able: tuple[str, ...], shape_key: tuple, bucket: int, device_
     return best
 
 
-dispatch.on_reset(_fastest_tuned.cache_clear)
-dispatch.on_reset(_kind_memo.clear)
+dispatch.on_reset(_kind.cache_clear)
 
 
 def kernel_kinds(spec_key: tuple, n_tokens: int, device: torch.device) -> dict[str, str | None]:

@@ -177,9 +177,9 @@ def _pick(spec: Spec, bucket: int, candidates: list[tuple[str, _Row]], arch: Arc
     from flashmhf.codegen import SpecError, get_kind
 
     kind = get_kind(spec.kind)
-    order = sorted(range(len(candidates)), key=lambda i: (
-        abs(math.log2(candidates[i][1].bucket) - math.log2(bucket)), -candidates[i][1].bucket, i))
-    for where, row in (candidates[i] for i in order):
+    # A stable sort: between rows of one bucket the earlier (file, then time) keeps its place.
+    for where, row in sorted(candidates, key=lambda c: (abs(math.log2(c[1].bucket) - math.log2(bucket)),
+                                                          -c[1].bucket)):
         try:
             kind.check_config(spec, row.config, None if row.bucket == bucket else bucket, arch)
         except SpecError as exc:

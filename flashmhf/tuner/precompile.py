@@ -56,12 +56,9 @@ class CompilePool:
         self.device = device
         self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
 
-    def compile(self, jobs: list[tuple[Spec, Config, int]]) -> list[str | None]:
-        """Compile the jobs in parallel; errors are returned, not raised (the measure step records them)."""
-        return [f.result() for f in self.submit(jobs)]
-
     def submit(self, jobs: list[tuple[Spec, Config, int]]) -> list[cf.Future]:
-        """Start compiling the jobs, in this order, without waiting: one future (error text or None) each."""
+        """Start compiling the jobs, in this order, without waiting: one future each, whose result is
+        the error text or None (errors are returned, not raised: the measure step records them)."""
         return [self._pool.submit(_compile_one, spec, config, tokens, self.device) for spec, config, tokens in jobs]
 
     def close(self) -> None:
