@@ -139,10 +139,11 @@ def test_tables_load_from_a_cache_export_and_from_the_gpu_scripts_json(tmp_path,
 
 
 class _RecordingPool:
-    """A compile pool that compiles nothing: records what was submitted, in order, and which futures
-    were cancelled; a submitted job finishes only when the test lets it (``release``)."""
+    """A compile pool that compiles nothing: records what was submitted, in order; of all the jobs
+    submitted, the first ``finish`` (None: all) finish at once, the others never start."""
 
-    def __init__(self) -> None:
+    def __init__(self, finish: int | None = None) -> None:
+        self.finish = finish
         self.submitted: list[str] = []
         self.futures: list = []
 
@@ -153,15 +154,12 @@ class _RecordingPool:
         for _spec, config, _tokens in jobs:
             self.submitted.append(canonical_config(config))
             future = cf.Future()
+            if self.finish is None or len(self.futures) + len(out) < self.finish:
+                future.set_running_or_notify_cancel()
+                future.set_result(None)
             out.append(future)
         self.futures += out
         return out
-
-    def release(self, n: int) -> None:
-        for future in self.futures[:n]:
-            if not future.done():
-                future.set_running_or_notify_cancel()
-                future.set_result(None)
 
 
 def test_sure_seeds_compile_first_and_a_spent_share_cancels_the_rest(tmp_path):
@@ -177,19 +175,13 @@ def test_sure_seeds_compile_first_and_a_spent_share_cancels_the_rest(tmp_path):
                            median_ms=0.9)
         for i, config in enumerate(table.configs[:6]):  # more seeds than the sure ones, from another shape
             cache.record_trial(ResultKey.for_spec(OTHER, 16384, H200), config, "ok", median_ms=1.0 + i)
-    pool = _RecordingPool()
+    pool = _RecordingPool(finish=2)  # the first two jobs finish at once, the rest never
 
     class Worker(rp.TableWorker):
         def measure(self, *args):  # the sure seeds' compiles must be done before anything is measured
             assert all(f.done() for f in pool.futures[:2]), "measured before the sure seeds compiled"
             return super().measure(*args)
 
-    def submit_and_finish_sure(jobs):  # the pool finishes the first two jobs at once, the rest never
-        futures = _RecordingPool.submit(pool, jobs)
-        pool.release(2)
-        return futures
-
-    pool.submit = submit_and_finish_sure
     with TuningCache(tmp_path / "c.sqlite") as cache:
         search = Search(SPEC, 16384, H200, cache, optuna.storages.InMemoryStorage(), Worker(table.times),
                         trials=12, deadline=0.0, seed=0, brute_force_up_to=0, batch=8, seed_caches=[seed_file],
@@ -210,13 +202,6 @@ def test_with_a_compile_pool_and_time_left_the_search_measures_its_whole_budget(
 
     table = _needle_table()
     pool = _RecordingPool()
-
-    def submit_and_finish(jobs):
-        futures = _RecordingPool.submit(pool, jobs)
-        pool.release(len(pool.futures))
-        return futures
-
-    pool.submit = submit_and_finish
     with TuningCache(tmp_path / "c.sqlite") as cache:
         search = Search(SPEC, 16384, H200, cache, optuna.storages.InMemoryStorage(), rp.TableWorker(table.times),
                         trials=12, deadline=float("inf"), seed=0, brute_force_up_to=0, batch=8, seed_caches=[],
