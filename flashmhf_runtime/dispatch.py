@@ -18,6 +18,7 @@ from flashmhf.cache.device import DeviceInfo, device_arch, device_info
 from flashmhf.codegen import Config, Spec, SpecError, format_config, get_kind, plan
 from flashmhf.codegen.arch import DEFAULT_ARCH, Arch, arch_for_capability
 from flashmhf_runtime.jit_memo import runtime_load
+from flashmhf_runtime.replay_launch import ReplayLauncher
 
 log = logging.getLogger("flashmhf.dispatch")
 
@@ -52,10 +53,11 @@ def choose_config(spec: Spec, tokens: int, device: DeviceInfo, arch: Arch | None
 
 
 def _bind(spec: Spec, config: Config) -> Launcher:
-    return functools.partial(runtime_load(spec).launch, **config)
+    """The module's launch with ``config`` bound; repeated calls on the same memory replay it."""
+    return ReplayLauncher(runtime_load(spec).launch, config)
 
 
-def _first_launch(key: tuple, spec: Spec, tokens: int, device_index: int | None, args: tuple) -> object:
+def _first_launch(key: tuple, spec: Spec, tokens: int, device_index: int | None, args: tuple) -> None:
     """Slow path of the first call for a key: choose, compile, and demote a cached config that fails."""
     device = device_info(device_index)
     arch = device_arch(device_index)
@@ -70,7 +72,7 @@ def _first_launch(key: tuple, spec: Spec, tokens: int, device_index: int | None,
     config, source = choose_config(spec, tokens, device, arch)
     launcher = _bind(spec, config)
     try:
-        result = launcher(*args)
+        launcher(*args)
     except Exception as exc:  # noqa: BLE001 - any compile/launch failure of a cached config
         if source == "default":
             raise
@@ -82,22 +84,27 @@ def _first_launch(key: tuple, spec: Spec, tokens: int, device_index: int | None,
         lookup.demote(spec, token_bucket(tokens), device, config, repr(exc))
         config, source = get_kind(spec.kind).default(spec, token_bucket(tokens), arch), "default (cached demoted)"
         launcher = _bind(spec, config)
-        result = launcher(*args)
+        launcher(*args)
     log.debug("%s tokens=%d: config %s from %s", spec.label(), tokens, format_config(config), source)
     with _lock:
         _launchers[key] = launcher
         _chosen[key] = (config, source)
-    return result
 
 
-def launch(spec_key: tuple, tokens: int, device_index: int | None, *args) -> object:
-    """Launch the kernel for ``spec_key`` = ``Spec.as_tuple()`` on ``args``."""
+def launch(spec_key: tuple, tokens: int, device_index: int | None, *args) -> None:
+    """Launch the kernel for ``spec_key`` = ``Spec.as_tuple()`` on ``args`` (its outputs are among them)."""
     key = (*spec_key, token_bucket(tokens), device_index)
     launcher = _launchers.get(key)
     if launcher is not None:
         return launcher(*args)
     spec = Spec(*spec_key)
     return _first_launch(key, spec, tokens, device_index, args)
+
+
+def bound_launcher(spec_key: tuple, tokens: int, device_index: int | None) -> Launcher | None:
+    """The launcher ``launch`` settled on for this key (after its first call): ``launcher(*args)``
+    launches as ``launch(spec_key, tokens, device_index, *args)`` does, without its dict lookup."""
+    return _launchers.get((*spec_key, token_bucket(tokens), device_index))
 
 
 def memoised_config(spec_key: tuple, tokens: int, device_index: int | None) -> Config | None:
@@ -114,7 +121,7 @@ def _explicit_launcher(spec: Spec, items: tuple[tuple[str, int], ...], arch: Arc
     return _bind(spec, config)
 
 
-def launch_with_config(spec_key: tuple, config: Config, *args, arch: Arch = DEFAULT_ARCH) -> object:
+def launch_with_config(spec_key: tuple, config: Config, *args, arch: Arch = DEFAULT_ARCH) -> None:
     """Launch with an explicit config (validated for ``arch`` once per distinct config)."""
     try:
         spec = Spec(*spec_key)

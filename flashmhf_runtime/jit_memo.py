@@ -14,16 +14,29 @@ dtype and 16-byte alignment, tensor descriptors by base dtype and alignment, sha
 shape and layout, ints and every other value by value, plus the grid and the current device. A
 launch hook (profilers) or anything unhashable takes the JIT path. Unlike ``DirectLauncher`` (which
 precomputes a whole launch plan), this serves any launch code, descriptors built per call included.
+
+While ``RECORDING.launches`` is a list (``replay_launch`` sets it), each launch appends what it
+launched (compiled kernel, grid, device, argument values), or None where it cannot be replayed.
 """
 
 from __future__ import annotations
 
+import threading
 from types import ModuleType
 
 from flashmhf.codegen import Spec, load
 from flashmhf_runtime.direct_launch import _hooks_idle, _stream_getter, argument_values
 
 _PREFIX = "flashmhf_"
+
+
+class _Recording(threading.local):
+    """Per thread: None, or the list that each MemoKernel launch appends itself to (replay_launch)."""
+
+    launches: list | None = None
+
+
+RECORDING = _Recording()
 
 
 def _arg_key(a) -> object:
@@ -66,22 +79,27 @@ class MemoKernel:
             self._stream = _stream_getter()
             self._device = driver.active.get_current_device
         if callable(grid) or not _hooks_idle(self._knobs):
+            if RECORDING.launches is not None:
+                RECORDING.launches.append(None)  # a launch that cannot be replayed
             return self.kernel[grid](*args, **kwargs)
         device = self._device()
         try:
             key = (device, tuple(grid), tuple(_arg_key(a) for a in args), tuple(kwargs.items()))
             hit = self._launches.get(key)
         except TypeError:  # an unhashable argument: no memo
-            return self.kernel[grid](*args, **kwargs)
+            key = hit = None
         if hit is None:
             compiled = self.kernel[grid](*args, **kwargs)
-            if compiled is not None and not hasattr(compiled, "result"):
-                self._launches[key] = (compiled, (*grid, 1, 1)[:3])
-            return compiled
-        compiled, grid3 = hit
-        values = argument_values(self.kernel, args, kwargs)
-        compiled.run(*grid3, self._stream(device), compiled.function, compiled.packed_metadata, None, None, None,
-                     *values)
+            if key is not None and compiled is not None and not hasattr(compiled, "result"):
+                hit = self._launches[key] = (compiled, (*grid, 1, 1)[:3])
+        else:
+            compiled, grid3 = hit
+            values = argument_values(self.kernel, args, kwargs)
+            compiled.run(*grid3, self._stream(device), compiled.function, compiled.packed_metadata, None, None,
+                         None, *values)
+        if RECORDING.launches is not None:
+            RECORDING.launches.append(None if hit is None else (
+                compiled, hit[1], device, argument_values(self.kernel, args, kwargs)))
         return compiled
 
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from flashmhf.codegen import Spec, get_kind
 from flashmhf.codegen.arch import Arch
-from flashmhf.codegen.kinds import FORWARD
+from flashmhf.codegen.kinds import DKUV, DQ, FORWARD
 from flashmhf.codegen.spec import kernel_dims
 from flashmhf_runtime import dispatch, op
 from flashmhf_runtime.direct_launch import DirectLauncher
@@ -44,8 +45,11 @@ _MAX_DIRECT = 4096
 _checked: dict[tuple, tuple[int, int, int, int, int]] = {}
 # (signature, eps) -> {token count: (norm/router launcher, core launcher)} for the forward's fast path.
 _fast_forward: dict[tuple, dict[int, tuple]] = {}
+# (signature, eps) -> {token count: _BackwardPlan} for the backward's fast path (every gradient asked).
+_fast_backward: dict[tuple, dict[int, _BackwardPlan]] = {}
 dispatch.on_reset(_direct.clear)
 dispatch.on_reset(_fast_forward.clear)
+dispatch.on_reset(_fast_backward.clear)
 dispatch.on_reset(_checked.clear)
 
 
@@ -204,6 +208,68 @@ def _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key, dims) -> No
         per_tokens[n_tokens] = (prologue, core)
 
 
+class _BackwardPlan(NamedTuple):
+    """The four launchers of one backward at one token count, each of a config already chosen."""
+
+    dims: tuple[int, int, int, int, int]
+    prologue: DirectLauncher  # norm/router recomputation: (q3, norm_w or w_r, w_r, qn, r)
+    dq: Callable  # core dq/dr: (qn, k, u, v, r, ds3, dqn, dr)
+    dkuv: Callable  # core dK/dU/dV: (qn, k, u, v, r, ds3, dk, du, dv)
+    epilogue: DirectLauncher  # norm/router backward: (q3, norm_w or w_r, w_r, dqn, dr, dq, dw_r, dnorm_w or dw_r)
+
+
+def _fast_backward_call(plan: _BackwardPlan, q, norm_w, w_r, k, u, v, ds) -> tuple[torch.Tensor, ...]:
+    """layer_core_backward of contiguous tensors whose signature passed the checks before: the same
+    kernels and allocations, without the checks, config lookups and padding steps."""
+    n_heads, _, head_dim, n_exp, _ = plan.dims
+    n_tokens = q.numel() // (n_heads * head_dim)
+    q3, ds3 = q.view(n_tokens, n_heads, head_dim), ds.view(n_tokens, n_heads, head_dim)
+    first = w_r if norm_w is None else norm_w
+    r = torch.empty((n_tokens, n_heads, n_exp), dtype=torch.float32, device=q.device)
+    qn = q3 if norm_w is None else torch.empty_like(q3)
+    plan.prologue(q3, first, w_r, qn, r)
+    dqn, dr = torch.empty_like(q3), torch.empty_like(r)
+    dk, du, dv = torch.empty_like(k), torch.empty_like(u), torch.empty_like(v)
+    dq, dw_r = torch.empty_like(q3), torch.empty_like(w_r)
+    dnorm_w = torch.empty(0, dtype=q.dtype, device=q.device) if norm_w is None else torch.empty_like(norm_w)
+
+    def dq_side() -> None:
+        plan.dq(qn, k, u, v, r, ds3, dqn, dr)
+        plan.epilogue(q3, first, w_r, dqn, dr, dq, dw_r, dw_r if norm_w is None else dnorm_w)
+
+    if op.BACKWARD_ON_TWO_STREAMS and q.is_cuda:
+        op.launch_side_by_side(lambda: plan.dkuv(qn, k, u, v, r, ds3, dk, du, dv), dq_side, q.device)
+    else:
+        plan.dkuv(qn, k, u, v, r, ds3, dk, du, dv)
+        dq_side()
+    return dq.view(q.shape), dnorm_w, dw_r, dk, du, dv
+
+
+def _remember_backward(sig, eps, q3, norm_w, shape_key, dims) -> None:
+    """After a checked backward that asked for every gradient: keep its launchers for the fast path,
+    where all four can launch without checks (one GPU, a core that needs no padding, contiguous
+    weights, configs chosen)."""
+    core_shape = op.kernel_shape_key(*dims, shape_key[-1])
+    if not (op.uses_kernels(q3.device) and _single_gpu()) or core_shape[:5] != dims:
+        return
+    n_tokens, device = q3.shape[0], q3.device
+    forward, backward = _kinds(norm_w, backward=True)
+    prologue = _direct.get(((forward, *shape_key), n_tokens, device.index, eps))
+    epilogue = _direct.get(((backward, *shape_key), n_tokens, device.index, eps))
+    kinds = [op.kind_for(role, core_shape, n_tokens, device) for role in (DQ, DKUV)]
+    if prologue is None or epilogue is None or None in kinds:
+        return
+    dq, dkuv = (dispatch.bound_launcher((kind, *core_shape), n_tokens, device.index) for kind in kinds)
+    if dq is None or dkuv is None:
+        return
+    if len(_fast_backward) >= _MAX_DIRECT:
+        _fast_backward.clear()
+    per_tokens = _fast_backward.setdefault((sig, eps), {})
+    if len(per_tokens) >= _MAX_DIRECT:
+        per_tokens.clear()
+    per_tokens[n_tokens] = _BackwardPlan(dims, prologue, dq, dkuv, epilogue)
+
+
 def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS, need_q_side: bool = True,
                         need_dkuv: bool = True,
                         then: Callable[[torch.Tensor | None], None] | None = None) -> tuple[torch.Tensor, ...]:
@@ -213,11 +279,22 @@ def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS,
     for, and dnorm_w without a norm, comes back as an empty tensor. ``then(dq)`` (dq None when not
     asked for), if given, is called as soon as dq is enqueued, before the core's dK/dU/dV kernel is
     waited for: work enqueued there overlaps that kernel (at the cost of memory held meanwhile)."""
+    sig = _signature(q, norm_w, w_r, k, u, v)
+    if need_q_side and need_dkuv and then is None:
+        plans = _fast_backward.get((sig, eps))
+        if plans is not None and ds.shape == q.shape and ds.dtype == q.dtype and ds.device == q.device and \
+                q.is_contiguous() and ds.is_contiguous() and k.is_contiguous() and u.is_contiguous() and \
+                v.is_contiguous() and w_r.is_contiguous() and (norm_w is None or norm_w.is_contiguous()):
+            dims = _checked[sig]
+            plan = plans.get(q.numel() // (dims[0] * dims[2]))
+            if plan is not None:
+                return _fast_backward_call(plan, q, norm_w, w_r, k, u, v, ds)
     dims = _dims(q, norm_w, w_r, k, u, v)
     n_heads, head_dim = dims[0], dims[2]
     if ds.shape != q.shape or ds.dtype != q.dtype or ds.device != q.device:
         raise ValueError(f"ds: expected shape {shape_text(q)}, dtype {q.dtype}, device {q.device} (q's), got "
                          f"{shape_text(ds)}, {ds.dtype}, {ds.device}")
+    remember = need_q_side and need_dkuv and then is None
     then = then or (lambda _dq: None)
     empty = functools.partial(torch.empty, 0, device=q.device)
     if not op.uses_kernels(q.device):
@@ -246,6 +323,8 @@ def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS,
         then(dq.view(q.shape) if need_q_side else None)
 
     _dqn, dk, du, dv, _dr = op.core_backward(qn, k, u, v, r, ds3, need_q_side, need_dkuv, then=norm_router_backward)
+    if remember and q.is_contiguous() and ds.is_contiguous():
+        _remember_backward(sig, eps, q3, norm_w, shape_key, dims)
     return (dq.view(q.shape) if need_q_side else dq), dnorm_w, dw_r, dk, du, dv
 
 

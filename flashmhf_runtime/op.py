@@ -215,7 +215,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device, priority=-1)
 
 
-def _launch_side_by_side(first, second, device: torch.device) -> None:
+def launch_side_by_side(first: Callable[[], None], second: Callable[[], None], device: torch.device) -> None:
     """Launch ``first`` on the device's side stream and ``second`` on the current stream, concurrently;
     the current stream then waits for both (this fork/join also works under CUDA-graph capture).
     Every tensor involved was allocated on the current stream before the fork and is only freed
@@ -292,7 +292,7 @@ def core_backward(
             dispatch.launch((kind_dkuv, *shape_key), n_tokens, q.device.index, q3, k, u, v, r3, ds3, dk, du, dv)
 
     if n_tokens and need_dq_dr and need_dkuv and q.is_cuda and BACKWARD_ON_TWO_STREAMS:
-        _launch_side_by_side(launch_dkuv, launch_dq, q.device)
+        launch_side_by_side(launch_dkuv, launch_dq, q.device)
     else:
         launch_dkuv()
         launch_dq()

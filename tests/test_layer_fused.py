@@ -251,6 +251,34 @@ def test_repeated_forward_takes_the_fast_path_and_follows_the_weights():
     assert rel_error(first, reference_output(layer, x)) > 1e-3
 
 
+@pytest.mark.parametrize("head_norm,n_kv_heads", [(True, None), (False, 1)], ids=["norm", "nonorm-kv1"])
+def test_repeated_backward_takes_the_fast_path_and_follows_the_weights(head_norm, n_kv_heads, monkeypatch):
+    layer = make_layer(torch.float32, head_norm=head_norm, n_kv_heads=n_kv_heads)
+    x = torch.randn(13, 48, requires_grad=True)
+    dy = torch.randn(13, 48)
+    fast_calls = []
+    original = layer_op._fast_backward_call
+    monkeypatch.setattr(layer_op, "_fast_backward_call", lambda *a: fast_calls.append(1) or original(*a))
+
+    def grads():
+        return torch.autograd.grad(layer(x), (x, *layer.parameters()), dy)
+
+    first = grads()  # the checked path, which keeps the launchers
+    assert not fast_calls and any(13 in per_t for per_t in layer_op._fast_backward.values())
+    again = grads()
+    assert len(fast_calls) == 1
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    with torch.no_grad():  # same signature, new values: the fast path must see them
+        layer.router.add_(0.1)
+        layer.k.mul_(1.5)
+    changed = grads()
+    assert len(fast_calls) == 2
+    _, want = float64_layer_and_grads(layer, x, dy)
+    for got, (name, ref) in zip(changed, want.items()):
+        assert rel_error(got, ref) <= GRAD_TOL[torch.float32], name
+    assert rel_error(first[0], want["x"]) > 1e-3
+
+
 def test_head_parallel_dtensors_run_the_kernels_on_local_shards(tmp_path):
     """HeadParallel hands the layer op DTensors; on one rank (gloo) they must reach the generated
     kernels as local tensors and give the plain layer's output and gradients."""
