@@ -5,9 +5,11 @@ queue absorbs them, so this is what the Python and launch side costs while the G
 a decode forward (T = 1 and 64) and a training step (T = 1024). The training step's backward runs
 on autograd's device thread: its body is timed there by a wrapper around ``_Layer.backward`` and
 the same body is timed called from the main thread, and cProfile is run inside that thread (the
-module-level profilers only see the main thread).
+module-level profilers only see the main thread). The training step is measured three ways in the
+same run (launches through Triton's launcher, replayed launches, and the backward's fast path on
+top), each checked to give the first step's gradients bit for bit.
 
-    PYTHONUNBUFFERED=1 python -m benchmarks.host_breakdown [--preset repo-1.3b] [--tokens 1024]
+    PYTHONUNBUFFERED=1 python -m benchmarks.host_breakdown [--preset repo-1.3b ...] [--tokens 1024]
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ import io
 import pstats
 import statistics
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+import triton.testing
 
 import flashmhf_runtime as fm
 from benchmarks.common import argument_parser
 from flashmhf.bench.baselines import swiglu, swiglu_weights
 from flashmhf.bench.layer import training_step
-from flashmhf_runtime import layer_eager, layer_op
+from flashmhf_runtime import layer_eager, layer_op, replay_launch
 
 
 def host_us(fn, calls: int = 100, repeats: int = 9) -> float:
@@ -67,11 +69,12 @@ def decode_rows(layer, tokens: int) -> list[tuple[str, float]]:
 
 
 class BackwardTimer:
-    """Wraps ``_Layer.backward``: times each call's body on the thread it runs on, optionally profiled."""
+    """Wraps ``_Layer.backward``: the start and end of each call's body on the thread it runs on,
+    optionally profiled there."""
 
     def __init__(self):
         self.original = layer_eager._Layer.backward
-        self.times: list[float] = []
+        self.spans: list[tuple[float, float]] = []
         self.profiler: cProfile.Profile | None = None
 
     def __enter__(self):
@@ -82,7 +85,7 @@ class BackwardTimer:
                 self.profiler.enable()
             t0 = time.perf_counter()
             out = original(ctx, dy)
-            self.times.append(time.perf_counter() - t0)
+            self.spans.append((t0, time.perf_counter()))
             if self.profiler is not None:
                 self.profiler.disable()
             return out
@@ -94,43 +97,76 @@ class BackwardTimer:
         layer_eager._Layer.backward = staticmethod(self.original)
 
 
-def training_rows(layer, tokens: int, top: int) -> tuple[list[tuple[str, float]], str]:
+MODES = {  # name -> (replayed launches, the backward's fast path)
+    "before (no replay, no fast backward)": (False, False),
+    "replay": (True, False),
+    "replay + fast backward": (True, True),
+}
+
+
+def set_mode(replay: bool, fast_backward: bool) -> None:
+    replay_launch.ENABLED = replay
+    layer_op._remember_backward = _REMEMBER if fast_backward else (lambda *a: None)
+    fm.reset()  # launchers are bound again, with or without replay
+
+
+_REMEMBER = layer_op._remember_backward
+
+
+def timeline(layer, x, dy, steps: int = 30) -> dict[str, float]:
+    """Median µs of a training step's parts: the forward, autograd until the backward body starts,
+    the body (on autograd's thread), and autograd after it until grad returns."""
+    parts: dict[str, list[float]] = {"forward": [], "to the backward": [], "backward body": [], "after it": []}
+    with BackwardTimer() as timer:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            y = layer(x)
+            t1 = time.perf_counter()
+            torch.autograd.grad(y, (x, *layer.parameters()), dy)
+            t2 = time.perf_counter()
+            b0, b1 = timer.spans[-1]
+            for name, seconds in zip(parts, (t1 - t0, b0 - t1, b1 - b0, t2 - b1)):
+                parts[name].append(seconds * 1e6)
+        torch.cuda.synchronize()
+    return {name: statistics.median(v) for name, v in parts.items()}
+
+
+def training_rows(layer, tokens: int) -> list[tuple[str, float]]:
     x = torch.randn(tokens, layer.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
-    norm_w, w_r, k, u, v = weights(layer)
-    w_in, w_out = layer.w_in.weight.detach(), layer.w_out.weight.detach()
-    q = F.linear(x, w_in).detach()
-    s = layer_op.layer_core_forward(q, norm_w, w_r, k, u, v)
     sw = [t.requires_grad_() for t in swiglu_weights(layer.d_model, layer.d_ff, x.device, x.dtype)]
-    # A stand-in for autograd's ctx: the body then runs on the main thread.
-    ctx = SimpleNamespace(saved_tensors=(x.detach(), q, s, w_in, norm_w, w_r, k, u, v, w_out),
-                          needs_input_grad=(True,) * 8 + (False,), eps=1e-6)
-    rows = [
-        ("SwiGLU FFN training step", host_us(lambda: torch.autograd.grad(swiglu(x, *sw), (x, *sw), dy), calls=30)),
-        ("layer training step", host_us(lambda: training_step(layer, x, dy), calls=30)),
-        ("layer forward with autograd", host_us(lambda: layer(x), calls=30)),
-        ("_Layer.backward body, main thread", host_us(lambda: layer_eager._Layer.backward(ctx, dy), calls=30)),
-        ("layer_core_backward, main thread", host_us(lambda: layer_op.layer_core_backward(q, norm_w, w_r, k, u, v, s),
-                                                     calls=30)),
-        ("4 x torch.mm (the projections' backward)", host_us(
-            lambda: (torch.mm(dy, w_out), torch.mm(dy, w_in), torch.mm(dy.t(), x.detach()), torch.mm(dy.t(), s)),
-            calls=30)),
-    ]
+    rows = [("SwiGLU FFN training step", host_us(lambda: torch.autograd.grad(swiglu(x, *sw), (x, *sw), dy),
+                                                   calls=30))]
+    reference = [g.clone() for g in training_step(layer, x, dy)]
+    for mode, (replay, fast_backward) in MODES.items():
+        set_mode(replay, fast_backward)
+        got = training_step(layer, x, dy)
+        if not all(torch.equal(a, b) for a, b in zip(got, reference)):
+            raise SystemExit(f"{mode}: gradients differ from the first step's")
+        rows.append((f"training step, {mode}", host_us(lambda: training_step(layer, x, dy), calls=30)))
+        rows += [(f"  {part}, {mode}", us) for part, us in timeline(layer, x, dy).items()]
+        rows.append((f"  eager step (do_bench median), {mode}", 1e3 * triton.testing.do_bench(
+            lambda: training_step(layer, x, dy), return_mode="median")))
+    return rows
+
+
+def autograd_thread_profile(layer, tokens: int, top: int) -> str:
+    x = torch.randn(tokens, layer.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
     with BackwardTimer() as timer:
-        host_us(lambda: training_step(layer, x, dy), calls=30)
-        rows.append(("_Layer.backward body, autograd thread", statistics.median(timer.times) * 1e6))
+        training_step(layer, x, dy)
         timer.profiler = cProfile.Profile()
         for _ in range(30):
             training_step(layer, x, dy)
         torch.cuda.synchronize()
     text = io.StringIO()
-    pstats.Stats(timer.profiler, stream=text).sort_stats("tottime").print_stats(top)
-    return rows, text.getvalue()
+    pstats.Stats(timer.profiler, stream=text).sort_stats("cumulative").print_stats(top)
+    return text.getvalue()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argument_parser("benchmarks.host_breakdown", __doc__)
-    parser.add_argument("--preset", action="append", help="repeatable (default: repo-1.3b and paper-1.3b)")
+    parser.add_argument("--preset", action="append", help="repeatable (default: repo-1.3b and repo-370m)")
     parser.add_argument("--tokens", type=int, default=1024, help="token count of the training step")
     parser.add_argument("--top", type=int, default=30, help="functions listed from the autograd thread's profile")
     args = parser.parse_args(argv)
@@ -138,17 +174,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("needs a CUDA GPU")
     print("| preset | T | piece | host µs per call |\n|---|---|---|---|")
     profiles = []
-    for preset in args.preset or ["repo-1.3b", "paper-1.3b"]:
+    for preset in args.preset or ["repo-1.3b", "repo-370m"]:
         layer = fm.FlashMHF.from_preset(preset, device="cuda", dtype=torch.bfloat16)
         for tokens in (1, 64):
             for name, us in decode_rows(layer, tokens):
                 print(f"| {preset} | {tokens} | {name} | {us:.1f} |")
-        rows, profile = training_rows(layer, args.tokens, args.top)
-        for name, us in rows:
+        for name, us in training_rows(layer, args.tokens):
             print(f"| {preset} | {args.tokens} | {name} | {us:.1f} |")
-        profiles.append((preset, profile))
+        profiles.append((preset, autograd_thread_profile(layer, args.tokens, args.top)))
     for preset, profile in profiles:
-        print(f"\n--- {preset}: cProfile inside autograd's thread, 30 training steps\n{profile}")
+        print(f"\n--- {preset}: cProfile inside autograd's thread, 30 training steps (by cumulative time)\n{profile}")
 
 
 if __name__ == "__main__":

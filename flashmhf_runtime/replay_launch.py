@@ -35,6 +35,7 @@ from flashmhf_runtime.direct_launch import _hooks_idle, _stream_getter
 log = logging.getLogger("flashmhf.replay_launch")
 
 MAX_KEYS = 64  # address sets kept per launcher (a training loop cycles through a few)
+ENABLED = True  # read when a launcher is made (dispatch binds one per config): False to compare without
 
 
 def _key(args: tuple) -> tuple:
@@ -115,7 +116,7 @@ class ReplayLauncher:
         self.config = config
         self.replays: dict[tuple, tuple | None] = {}
         # False under Triton's interpreter, or once a call could not be recorded: the plain path
-        self.usable = not interpreting()
+        self.usable = ENABLED and not interpreting()
         self._knobs = None
         self._stream: Callable | None = None
         self._device: Callable | None = None
