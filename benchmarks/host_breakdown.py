@@ -22,7 +22,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-import triton.testing
 
 import flashmhf_runtime as fm
 from benchmarks.common import argument_parser
@@ -131,23 +130,30 @@ def timeline(layer, x, dy, steps: int = 30) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in parts.items()}
 
 
-def training_rows(layer, tokens: int) -> list[tuple[str, float]]:
+def training_rows(layer, tokens: int, rounds: int = 5) -> list[tuple[str, float]]:
+    """Host µs of a training step in each mode and its timeline; the modes alternate within each of
+    ``rounds`` rounds (the GPU host's speed drifts) and the table shows medians over rounds."""
     x = torch.randn(tokens, layer.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
     sw = [t.requires_grad_() for t in swiglu_weights(layer.d_model, layer.d_ff, x.device, x.dtype)]
-    rows = [("SwiGLU FFN training step", host_us(lambda: torch.autograd.grad(swiglu(x, *sw), (x, *sw), dy),
-                                                   calls=30))]
     reference = [g.clone() for g in training_step(layer, x, dy)]
-    for mode, (replay, fast_backward) in MODES.items():
-        set_mode(replay, fast_backward)
-        got = training_step(layer, x, dy)
-        if not all(torch.equal(a, b) for a, b in zip(got, reference)):
-            raise SystemExit(f"{mode}: gradients differ from the first step's")
-        rows.append((f"training step, {mode}", host_us(lambda: training_step(layer, x, dy), calls=30)))
-        rows += [(f"  {part}, {mode}", us) for part, us in timeline(layer, x, dy).items()]
-        rows.append((f"  eager step (do_bench median), {mode}", 1e3 * triton.testing.do_bench(
-            lambda: training_step(layer, x, dy), return_mode="median")))
-    return rows
+    samples: dict[str, list[float]] = {}
+
+    def add(name: str, us: float) -> None:
+        samples.setdefault(name, []).append(us)
+
+    for _ in range(rounds):
+        add("SwiGLU FFN training step", host_us(lambda: torch.autograd.grad(swiglu(x, *sw), (x, *sw), dy),
+                                                calls=20, repeats=3))
+        for mode, (replay, fast_backward) in MODES.items():
+            set_mode(replay, fast_backward)
+            got = training_step(layer, x, dy)
+            if not all(torch.equal(a, b) for a, b in zip(got, reference)):
+                raise SystemExit(f"{mode}: gradients differ from the first step's")
+            add(f"training step, {mode}", host_us(lambda: training_step(layer, x, dy), calls=20, repeats=3))
+            for part, us in timeline(layer, x, dy, steps=10).items():
+                add(f"  {part}, {mode}", us)
+    return [(name, statistics.median(v)) for name, v in samples.items()]
 
 
 def autograd_thread_profile(layer, tokens: int, top: int) -> str:

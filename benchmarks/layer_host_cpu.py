@@ -38,7 +38,7 @@ def _stub_launches() -> int:
     count = 0
     for per_tokens in layer_op._fast_forward.values():
         for n_tokens in per_tokens:
-            per_tokens[n_tokens] = (lambda *a: None, lambda *a: None)
+            per_tokens[n_tokens] = (lambda *a: None, lambda *a: None, per_tokens[n_tokens][2])
             count += 1
     return count
 

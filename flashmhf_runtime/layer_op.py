@@ -43,7 +43,8 @@ _direct: dict[tuple, DirectLauncher | None] = {}
 _MAX_DIRECT = 4096
 # Signatures whose checks passed: (shape, dtype, device) of q, norm_w, w_r, k, u, v -> dims.
 _checked: dict[tuple, tuple[int, int, int, int, int]] = {}
-# (signature, eps) -> {token count: (norm/router launcher, core launcher)} for the forward's fast path.
+# (signature, eps) -> {token count: (norm/router launcher, core launcher, whether both take addresses
+# only)} for the forward's fast path.
 _fast_forward: dict[tuple, dict[int, tuple]] = {}
 # (signature, eps) -> {token count: _BackwardPlan} for the backward's fast path (every gradient asked).
 _fast_backward: dict[tuple, dict[int, _BackwardPlan]] = {}
@@ -159,15 +160,17 @@ def layer_core_forward(q, norm_w, w_r, k, u, v, eps: float = HEAD_NORM_EPS) -> t
         dims = _checked[sig]
         n_heads, head_dim, n_exp = dims[0], dims[2], dims[3]
         n_tokens = q.numel() // (n_heads * head_dim)
-        pair = launchers.get(n_tokens)
-        if pair is not None:
-            q3 = q.view(n_tokens, n_heads, head_dim)
+        plan = launchers.get(n_tokens)
+        if plan is not None:
+            prologue, core, direct = plan
+            # Direct launches pass addresses only: q, qn and s keep q's shape (a view is host time).
+            rows = q if direct else q.view(n_tokens, n_heads, head_dim)
             r = torch.empty((n_tokens, n_heads, n_exp), dtype=torch.float32, device=q.device)
-            qn = q3 if norm_w is None else torch.empty_like(q3)
-            s = torch.empty_like(q3)
-            pair[0](q3, w_r if norm_w is None else norm_w, w_r, qn, r)
-            pair[1](qn, k, u, v, r, s)
-            return s.view(q.shape)
+            qn = rows if norm_w is None else torch.empty_like(rows)
+            s = torch.empty_like(rows)
+            prologue(rows, w_r if norm_w is None else norm_w, w_r, qn, r)
+            core(qn, k, u, v, r, s)
+            return s if direct else s.view(q.shape)
     dims = _dims(q, norm_w, w_r, k, u, v)
     n_heads, head_dim = dims[0], dims[2]
     if not op.uses_kernels(q.device):
@@ -205,7 +208,7 @@ def _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key, dims) -> No
         per_tokens = _fast_forward.setdefault((sig, eps), {})
         if len(per_tokens) >= _MAX_DIRECT:  # variable sequence lengths: keep the memo bounded
             per_tokens.clear()
-        per_tokens[n_tokens] = (prologue, core)
+        per_tokens[n_tokens] = (prologue, core, isinstance(core, DirectLauncher))
 
 
 class _BackwardPlan(NamedTuple):
