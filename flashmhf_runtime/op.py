@@ -427,17 +427,18 @@ def _remember_plan(q, k, u, v, r) -> None:
     _fast_plans[signature] = (n_heads * head_dim, spec_key, q.device.index, {})
 
 
-def fast_launcher(spec_key: tuple, n_tokens: int, device_index: int | None) -> DirectLauncher | None:
+def fast_launcher(spec_key: tuple, n_tokens: int, device_index: int | None) -> Callable | None:
     """The launcher, for contiguous inputs, of the config dispatch chose for this token count:
-    ``launcher(q, k, u, v, r, out)``. Direct launches are for fwd (decode sizes, where host time
-    matters); fwd_ws runs at large token counts and keeps dispatch's launcher."""
-    if spec_key[0] != "fwd":
-        return functools.partial(dispatch.launch, spec_key, n_tokens, device_index)
+    ``launcher(q, k, u, v, r, out)``. ``fwd`` with pointer loads (decode sizes, where host time
+    matters most) launches its precomputed plan directly; the kinds whose launch builds tensor
+    descriptors (``fwd`` with TMA, ``fwd_ws``) keep dispatch's launcher, which replays them."""
     config = dispatch.memoised_config(spec_key, n_tokens, device_index)
     if not config:
         return None
-    module = runtime_load(Spec(*spec_key))
-    return DirectLauncher(module, module.contiguous_plan(n_tokens, **config), device_index)
+    if spec_key[0] == "fwd" and not config.get("tma"):
+        module = runtime_load(Spec(*spec_key))
+        return DirectLauncher(module, module.contiguous_plan(n_tokens, **config), device_index)
+    return dispatch.bound_launcher(spec_key, n_tokens, device_index)
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

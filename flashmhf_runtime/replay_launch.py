@@ -7,8 +7,8 @@ time per launch on a GPU host, three launches per training step, where a step at
 caching allocator hands the same blocks back), so the work can be done once per address set.
 
 ``ReplayLauncher(module.launch, config)`` is called like ``module.launch(*args, **config)``. Its key
-is every tensor argument's address, shape and strides, every other argument's value and the current
-device. The first call for a key runs the module's launch while ``jit_memo`` records each kernel
+is every tensor argument's address, dtype, shape and strides, every other argument's value and the
+current device. The first call for a key runs the module's launch while ``jit_memo`` records each kernel
 launch (the compiled kernel, grid and argument values), and turns the record into the C launcher's
 final arguments: pointers as integers, descriptors as their CUtensorMaps. Later calls with the key
 hand those to the C launcher on the current stream, exactly what Triton's launcher would pass.
@@ -39,7 +39,9 @@ ENABLED = True  # read when a launcher is made (dispatch binds one per config): 
 
 
 def _key(args: tuple) -> tuple:
-    return tuple((a.data_ptr(), a.shape, a.stride()) if isinstance(a, torch.Tensor) else a for a in args)
+    """Tensors by address, dtype, shape and strides (the allocator may hand one block to tensors of
+    other dtypes or shapes); everything else by value."""
+    return tuple((a.data_ptr(), a.dtype, a.shape, a.stride()) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _raw_launch(launcher) -> Callable | None:

@@ -72,7 +72,8 @@ def test_new_memory_or_values_go_through_the_module_again():
     launcher(torch.zeros(8), out, 8)  # another address
     launcher(x, out, 7)  # another value
     launcher(x.view(2, 4), out, 8)  # same address, another shape
-    assert module.calls == 4 and module.raw.calls == []
+    launcher(x.view(torch.int32), out, 8)  # same address and shape, another dtype
+    assert module.calls == 5 and module.raw.calls == []
 
 
 def test_descriptors_are_expanded_as_triton_expands_them():
