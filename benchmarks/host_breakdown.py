@@ -15,8 +15,6 @@ top), each checked to give the first step's gradients bit for bit.
 from __future__ import annotations
 
 import cProfile
-import io
-import pstats
 import statistics
 import time
 
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 import flashmhf_runtime as fm
 from benchmarks.common import argument_parser
 from flashmhf.bench.baselines import swiglu, swiglu_weights
+from flashmhf.bench.host_profile import BackwardTimer, profile_table
 from flashmhf.bench.layer import training_step
 from flashmhf_runtime import layer_eager, layer_op, replay_launch
 
@@ -65,35 +64,6 @@ def decode_rows(layer, tokens: int) -> list[tuple[str, float]]:
             ("layer_core_forward", host_us(lambda: layer_op.layer_core_forward(q, norm_w, w_r, k, u, v))),
             ("torch.empty x3", host_us(lambda: (torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)))),
         ]
-
-
-class BackwardTimer:
-    """Wraps ``_Layer.backward``: the start and end of each call's body on the thread it runs on,
-    optionally profiled there."""
-
-    def __init__(self):
-        self.original = layer_eager._Layer.backward
-        self.spans: list[tuple[float, float]] = []
-        self.profiler: cProfile.Profile | None = None
-
-    def __enter__(self):
-        original = self.original
-
-        def timed(ctx, dy):
-            if self.profiler is not None:
-                self.profiler.enable()
-            t0 = time.perf_counter()
-            out = original(ctx, dy)
-            self.spans.append((t0, time.perf_counter()))
-            if self.profiler is not None:
-                self.profiler.disable()
-            return out
-
-        layer_eager._Layer.backward = staticmethod(timed)
-        return self
-
-    def __exit__(self, *exc):
-        layer_eager._Layer.backward = staticmethod(self.original)
 
 
 MODES = {  # name -> (replayed launches, the backward's fast path)
@@ -165,9 +135,7 @@ def autograd_thread_profile(layer, tokens: int, top: int) -> str:
         for _ in range(30):
             training_step(layer, x, dy)
         torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(timer.profiler, stream=text).sort_stats("cumulative").print_stats(top)
-    return text.getvalue()
+    return profile_table(timer.profiler, top)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {preset} | {args.tokens} | {name} | {us:.1f} |")
         profiles.append((preset, autograd_thread_profile(layer, args.tokens, args.top)))
     for preset, profile in profiles:
-        print(f"\n--- {preset}: cProfile inside autograd's thread, 30 training steps (by cumulative time)\n{profile}")
+        print(f"\n--- {preset}: cProfile inside autograd's thread, 30 training steps (by own time)\n{profile}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
     python -m flashmhf.bench.host_profile --preset repo-1.3b --tokens 1024 [--forward] [--calls 50]
 
 Prints the host time per call (GPU idle before each call) and the functions with the most own time
-(cProfile inflates Python calls, so read it for proportions, not absolute times).
+(cProfile inflates Python calls, so read it for proportions, not absolute times). A training step's
+backward runs on autograd's device thread, which a profiler enabled on the main thread does not
+see: ``BackwardTimer`` times the layer's backward body there, and profiles it there when asked.
 """
 
 from __future__ import annotations
@@ -12,13 +14,51 @@ import argparse
 import cProfile
 import io
 import pstats
+import time
 
 import torch
 
 import flashmhf_runtime as fm
 from flashmhf.bench.layer import training_step
 from flashmhf.bench.timing import host_ms
-from flashmhf_runtime import layer_op
+from flashmhf_runtime import layer_eager
+
+
+class BackwardTimer:
+    """While entered, ``_Layer.backward`` (the eager layer's backward) records the start and end of
+    each call's body on the thread it runs on, and runs under ``profiler`` once that is set."""
+
+    def __init__(self):
+        self.original = layer_eager._Layer.backward
+        self.spans: list[tuple[float, float]] = []
+        self.profiler: cProfile.Profile | None = None
+
+    def __enter__(self) -> BackwardTimer:
+        original = self.original
+
+        def timed(ctx, dy):
+            if self.profiler is not None:
+                self.profiler.enable()
+            start = time.perf_counter()
+            try:
+                return original(ctx, dy)
+            finally:
+                self.spans.append((start, time.perf_counter()))
+                if self.profiler is not None:
+                    self.profiler.disable()
+
+        layer_eager._Layer.backward = staticmethod(timed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        layer_eager._Layer.backward = staticmethod(self.original)
+
+
+def profile_table(profiler: cProfile.Profile, top: int) -> str:
+    """The ``top`` functions of ``profiler`` by own time."""
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,32 +78,30 @@ def main(argv: list[str] | None = None) -> None:
     if args.forward:
         calls = {"forward": torch.no_grad()(lambda: layer(x))}
     else:
-        # The backward runs on autograd's device thread, which cProfile does not see: its op is
-        # also profiled on its own, called directly.
-        norm_w = None if layer.head_norm is None else layer.head_norm.weight
-        q = layer.w_in(x).detach()
-        weights = [w.detach() for w in (layer.router, layer.k, layer.u, layer.v)]
-        norm = None if norm_w is None else norm_w.detach()
-        calls = {
-            "training step": lambda: training_step(layer, x, dy),
-            "forward with autograd": lambda: layer(x),
-            "backward op (layer_core_backward)": lambda: layer_op.layer_core_backward(q, norm, *weights, dy),
-        }
+        calls = {"training step": lambda: training_step(layer, x, dy), "forward with autograd": lambda: layer(x)}
     for name, call in calls.items():
         for _ in range(3):
             call()
         print(f"{args.preset} T={args.tokens} {name}: host {host_ms(call) * 1e3:.0f} us per call")
-    for name, call in list(calls.items())[-2:] if not args.forward else calls.items():
-        profiler = cProfile.Profile()
-        torch.cuda.synchronize()
-        profiler.enable()
-        for _ in range(args.calls):
-            call()
-        profiler.disable()
-        torch.cuda.synchronize()
-        out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
-        print(f"--- {name}: {args.calls} calls\n{out.getvalue()}")
+    # One profiler at a time (from Python 3.12 cProfile is built on sys.monitoring: one tool at once).
+    name = "forward" if args.forward else "forward with autograd"
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    for _ in range(args.calls):
+        calls[name]()
+    profiler.disable()
+    torch.cuda.synchronize()
+    print(f"--- {name}: {args.calls} calls\n{profile_table(profiler, args.top)}")
+    if not args.forward:
+        with BackwardTimer() as timer:
+            timer.profiler = cProfile.Profile()
+            for _ in range(args.calls):
+                calls["training step"]()
+            torch.cuda.synchronize()
+        body = sorted(end - start for start, end in timer.spans)[len(timer.spans) // 2]
+        print(f"--- the layer's backward body on autograd's thread: {args.calls} training steps, median "
+              f"{body * 1e6:.0f} us under the profiler\n{profile_table(timer.profiler, args.top)}")
     # torch.profiler sees every thread (autograd's included): CPU time per op and autograd node.
     from torch.profiler import ProfilerActivity, profile
 
