@@ -131,7 +131,8 @@ BACKWARD_ON_TWO_STREAMS = True
 
 
 # Kinds the op never runs (e.g. {"fwd_ws", "bwd_dq_ws", "bwd_dkuv_ws"} to time the plain Triton
-# kernels on a Hopper GPU); the registry chooses among the others.
+# kernels on a Hopper GPU); the registry chooses among the others. kind_for reads it on every call,
+# but the fast paths keep the launchers they were given: call flashmhf_runtime.reset() after a change.
 DISABLED_KINDS: set[str] = set()
 
 

@@ -148,11 +148,14 @@ class ReplayLauncher:
 
     def _record(self, key: tuple, args: tuple) -> None:
         """Launch through the module, recording its kernel launches; keep them if all can be replayed."""
+        outer = jit_memo.RECORDING.launches  # a record in progress around this one
         jit_memo.RECORDING.launches = records = []
         try:
             self.launch(*args, **self.config)
         finally:
-            jit_memo.RECORDING.launches = None
+            jit_memo.RECORDING.launches = outer
+            if outer is not None:  # the outer record cannot replay launches it did not see
+                outer.append(None)
         pointers = {a.data_ptr() for a in args if isinstance(a, torch.Tensor)}
         try:
             steps = [_step(r, pointers) for r in records]

@@ -123,6 +123,24 @@ def test_a_launch_hook_takes_the_module_path():
     assert module.calls == 2 and module.raw.calls == []
 
 
+def test_a_launch_inside_another_record_makes_that_record_unusable():
+    inner_module, outer_module = FakeModule(), FakeModule()
+    inner = replay(inner_module)
+    outer_launch = outer_module.launch
+
+    def launch_calling_another(x, out, n, *, block):
+        outer_launch(x, out, n, block=block)
+        inner(x, out, n)
+
+    outer = replay(outer_module)
+    outer.launch = launch_calling_another
+    x, out = torch.zeros(8), torch.zeros(8)
+    outer(x, out, 8)
+    outer(x, out, 8)
+    assert not outer.usable and outer_module.calls == 2
+    assert inner.usable and inner_module.calls == 1 and len(inner_module.raw.calls) == 1
+
+
 def test_recording_is_off_outside_a_record():
     module = FakeModule()
     replay(module)(torch.zeros(8), torch.zeros(8), 8)
