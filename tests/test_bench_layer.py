@@ -70,3 +70,18 @@ def test_a_layer_torch_cannot_compile_is_reported_not_fatal():
 
     with pytest.warns(UserWarning, match="torch.compile of the FlashMHF layer failed: RuntimeError: no backend"):
         assert _compiled(torch.nn.Linear(2, 2), step) is None
+
+
+def test_paired_medians_alternate_the_two_sides_and_take_each_ones_median(monkeypatch):
+    from flashmhf.bench import timing
+
+    calls = []
+    times = {"a": iter([5.0, 1.0, 3.0]), "b": iter([2.0, 9.0, 4.0])}
+
+    def fake_median_ms(fn, *, graph, rep):
+        calls.append(fn())
+        return next(times[calls[-1]])
+
+    monkeypatch.setattr(timing, "median_ms", fake_median_ms)
+    assert timing.paired_median_ms(lambda: "a", lambda: "b", rounds=3) == (3.0, 4.0)
+    assert calls == ["a", "b", "a", "b", "a", "b"]

@@ -7,7 +7,7 @@ from dataclasses import asdict, astuple, dataclass, replace
 import torch
 
 from flashmhf.bench.baselines import swiglu, swiglu_weights
-from flashmhf.bench.timing import GRAPH_TOKENS, ffn_flop, median_ms, peak_mib, tflops
+from flashmhf.bench.timing import GRAPH_TOKENS, ffn_flop, median_ms, paired_median_ms, peak_mib, tflops
 from flashmhf.checks import TORCH_DTYPES, core_inputs, reference_f64, reference_grads_f64, rel_error
 from flashmhf.codegen import Spec, format_config
 
@@ -67,8 +67,7 @@ def bench_core(spec: Spec, d_ff: int, tokens: int, *, backward: bool, compile_sw
         sw = lambda: swiglu(x, *w)  # noqa: E731
         err = rel_error(op(), reference_f64(q, k, u, v, r))
     flop = ffn_flop(tokens, sum(t.numel() for t in w), backward)
-    ms = median_ms(op, graph=graph)
-    sw_ms = median_ms(sw, graph=graph)
+    ms, sw_ms = paired_median_ms(op, sw, graph=graph)
     sw_c = None
     if compile_swiglu:
         compiled = torch.compile(swiglu)

@@ -18,6 +18,21 @@ def median_ms(fn: Callable[[], object], *, graph: bool = False, warmup: int = 25
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def paired_median_ms(first: Callable[[], object], second: Callable[[], object], *, graph: bool = False,
+                     rounds: int = 3, rep: int = 100) -> tuple[float, float]:
+    """``median_ms`` of two callables measured in alternation, ``rounds`` times each, and the median
+    of each one's rounds. A GPU host's Python speed drifts within a run, and a host-bound eager call
+    follows it: side-by-side ratios hold up better when both sides are measured in the same minute,
+    several times over."""
+    import statistics
+
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        times[0].append(median_ms(first, graph=graph, rep=rep))
+        times[1].append(median_ms(second, graph=graph, rep=rep))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def host_ms(fn: Callable[[], object], calls: int = 30) -> float:
     """Median host time of one call of ``fn`` in ms: the GPU is idle before each call and the call is
     not waited for, so this is what the Python side costs (launches are queued, not run)."""

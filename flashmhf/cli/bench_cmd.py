@@ -48,7 +48,8 @@ def bench(shape: dict, dtype: str, tokens: str, backward: bool, compile_swiglu: 
     with --layer, the whole FlashMHF layer next to a SwiGLU FFN.
 
     Times are medians of triton.testing.do_bench with the L2 flushed (CUDA-graph replay for the core's
-    forward at T <= 64); every row is also checked against the float64 reference.
+    forward at T <= 64); FlashMHF and SwiGLU are timed in alternation, three rounds each, and each
+    side's median round is reported. Every row is also checked against the float64 reference.
     """
     import torch
 
