@@ -94,6 +94,8 @@ def _step(record, pointers: set[int]) -> tuple | None:
         return None
     compiled, grid3, device, values = record
     launcher = compiled.run
+    if not isinstance(launcher, getattr(nvidia_driver, "CudaLauncher", ())):  # another backend's launcher
+        return None
     if getattr(launcher, "global_scratch_size", 1) or getattr(launcher, "profile_scratch_size", 1):
         return None
     raw = _raw_launch(launcher)

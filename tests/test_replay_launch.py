@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from triton.backends.nvidia.driver import CudaLauncher
 
 from flashmhf_runtime import jit_memo
 from flashmhf_runtime.replay_launch import ReplayLauncher
@@ -23,13 +24,21 @@ class RawLaunch:
         self.calls.append(args)
 
 
+class FakeCudaLauncher(CudaLauncher):
+    """Triton's CUDA launcher as replay_launch reads it, around a stand-in C launch function."""
+
+    def __init__(self, raw):  # no kernel to build a launcher for
+        self.launch = raw
+        self.global_scratch_size = self.profile_scratch_size = 0
+        self.launch_cooperative_grid = self.launch_pdl = False
+
+
 class FakeModule:
     """A rendered module's launch: one kernel launch on its arguments, recorded as MemoKernel does."""
 
     def __init__(self, extra_pointer: torch.Tensor | None = None, descriptor: bool = False):
         self.raw = RawLaunch()
-        launcher = SimpleNamespace(launch=self.raw, global_scratch_size=0, profile_scratch_size=0,
-                                   launch_cooperative_grid=False, launch_pdl=False)
+        launcher = FakeCudaLauncher(self.raw)
         self.compiled = SimpleNamespace(run=launcher, function="fn", packed_metadata="packed",
                                         metadata=SimpleNamespace(tensordesc_meta=None))
         self.extra_pointer, self.descriptor, self.calls = extra_pointer, descriptor, 0
@@ -111,6 +120,16 @@ def test_a_launch_that_cannot_be_recorded_turns_replay_off():
     launcher(x, out, 8)
     launcher(x, out, 8)
     assert not launcher.usable and module.calls == 2
+
+
+def test_another_backends_launcher_turns_replay_off():
+    module = FakeModule()
+    module.compiled.run = SimpleNamespace(**vars(module.compiled.run))  # same attributes, not a CudaLauncher
+    launcher = replay(module)
+    x, out = torch.zeros(8), torch.zeros(8)
+    launcher(x, out, 8)
+    launcher(x, out, 8)
+    assert not launcher.usable and module.calls == 2 and module.raw.calls == []
 
 
 def test_a_launch_hook_takes_the_module_path():
