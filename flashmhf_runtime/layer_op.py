@@ -212,18 +212,21 @@ def _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key, dims) -> No
 
 
 class _BackwardPlan(NamedTuple):
-    """The four launchers of one backward at one token count, each of a config already chosen."""
+    """The launchers of one backward at one token count, each of a config already chosen."""
 
     dims: tuple[int, int, int, int, int]
     prologue: DirectLauncher  # norm/router recomputation: (q3, norm_w or w_r, w_r, qn, r)
     dq: Callable  # core dq/dr: (qn, k, u, v, r, ds3, dqn, dr)
-    dkuv: Callable  # core dK/dU/dV: (qn, k, u, v, r, ds3, dk, du, dv)
+    dkuv: Callable | None  # core dK/dU/dV: (qn, k, u, v, r, ds3, dk, du, dv); None if never launched
     epilogue: DirectLauncher  # norm/router backward: (q3, norm_w or w_r, w_r, dqn, dr, dq, dw_r, dnorm_w or dw_r)
 
 
-def _fast_backward_call(plan: _BackwardPlan, q, norm_w, w_r, k, u, v, ds) -> tuple[torch.Tensor, ...]:
-    """layer_core_backward of contiguous tensors whose signature passed the checks before: the same
-    kernels and allocations, without the checks, config lookups and padding steps."""
+def _fast_backward_call(plan: _BackwardPlan, q, norm_w, w_r, k, u, v, ds,
+                        need_dkuv: bool) -> tuple[torch.Tensor, ...]:
+    """layer_core_backward of contiguous tensors whose signature passed the checks before, with the
+    q side asked for: the same kernels and allocations, without the checks, config lookups and
+    padding steps. Without ``need_dkuv`` (K, U and V frozen, as in fine-tuning that trains other
+    weights) dk, du and dv are distinct empty tensors, as on the checked path."""
     n_heads, _, head_dim, n_exp, _ = plan.dims
     n_tokens = q.numel() // (n_heads * head_dim)
     q3, ds3 = q.view(n_tokens, n_heads, head_dim), ds.view(n_tokens, n_heads, head_dim)
@@ -232,7 +235,10 @@ def _fast_backward_call(plan: _BackwardPlan, q, norm_w, w_r, k, u, v, ds) -> tup
     qn = q3 if norm_w is None else torch.empty_like(q3)
     plan.prologue(q3, first, w_r, qn, r)
     dqn, dr = torch.empty_like(q3), torch.empty_like(r)
-    dk, du, dv = torch.empty_like(k), torch.empty_like(u), torch.empty_like(v)
+    if need_dkuv:
+        dk, du, dv = torch.empty_like(k), torch.empty_like(u), torch.empty_like(v)
+    else:
+        dk, du, dv = (torch.empty(0, dtype=q.dtype, device=q.device) for _ in range(3))
     dq, dw_r = torch.empty_like(q3), torch.empty_like(w_r)
     dnorm_w = torch.empty(0, dtype=q.dtype, device=q.device) if norm_w is None else torch.empty_like(norm_w)
 
@@ -240,7 +246,9 @@ def _fast_backward_call(plan: _BackwardPlan, q, norm_w, w_r, k, u, v, ds) -> tup
         plan.dq(qn, k, u, v, r, ds3, dqn, dr)
         plan.epilogue(q3, first, w_r, dqn, dr, dq, dw_r, dw_r if norm_w is None else dnorm_w)
 
-    if op.BACKWARD_ON_TWO_STREAMS and q.is_cuda:
+    if not need_dkuv:
+        dq_side()
+    elif op.BACKWARD_ON_TWO_STREAMS and q.is_cuda:
         op.launch_side_by_side(lambda: plan.dkuv(qn, k, u, v, r, ds3, dk, du, dv), dq_side, q.device)
     else:
         plan.dkuv(qn, k, u, v, r, ds3, dk, du, dv)
@@ -249,9 +257,9 @@ def _fast_backward_call(plan: _BackwardPlan, q, norm_w, w_r, k, u, v, ds) -> tup
 
 
 def _remember_backward(sig, eps, q3, norm_w, shape_key, dims) -> None:
-    """After a checked backward that asked for every gradient: keep its launchers for the fast path,
-    where all four can launch without checks (one GPU, a core that needs no padding, contiguous
-    weights, configs chosen)."""
+    """After a checked backward that asked for the q side: keep its launchers for the fast path,
+    where they can launch without checks (one GPU, a core that needs no padding, contiguous
+    weights, configs chosen); the dK/dU/dV launcher once a backward has launched it."""
     core_shape = op.kernel_shape_key(*dims, shape_key[-1])
     if not (op.uses_kernels(q3.device) and _single_gpu()) or core_shape[:5] != dims:
         return
@@ -259,11 +267,12 @@ def _remember_backward(sig, eps, q3, norm_w, shape_key, dims) -> None:
     forward, backward = _kinds(norm_w, backward=True)
     prologue = _direct.get(((forward, *shape_key), n_tokens, device.index, eps))
     epilogue = _direct.get(((backward, *shape_key), n_tokens, device.index, eps))
-    kinds = [op.kind_for(role, core_shape, n_tokens, device) for role in (DQ, DKUV)]
-    if prologue is None or epilogue is None or None in kinds:
+    kind_dq, kind_dkuv = (op.kind_for(role, core_shape, n_tokens, device) for role in (DQ, DKUV))
+    if prologue is None or epilogue is None or kind_dq is None:
         return
-    dq, dkuv = (dispatch.bound_launcher((kind, *core_shape), n_tokens, device.index) for kind in kinds)
-    if dq is None or dkuv is None:
+    dq = dispatch.bound_launcher((kind_dq, *core_shape), n_tokens, device.index)
+    dkuv = None if kind_dkuv is None else dispatch.bound_launcher((kind_dkuv, *core_shape), n_tokens, device.index)
+    if dq is None:
         return
     if len(_fast_backward) >= _MAX_DIRECT:
         _fast_backward.clear()
@@ -283,21 +292,21 @@ def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS,
     asked for), if given, is called as soon as dq is enqueued, before the core's dK/dU/dV kernel is
     waited for: work enqueued there overlaps that kernel (at the cost of memory held meanwhile)."""
     sig = _signature(q, norm_w, w_r, k, u, v)
-    if need_q_side and need_dkuv and then is None:
+    if need_q_side and then is None:
         plans = _fast_backward.get((sig, eps))
         if plans is not None and ds.shape == q.shape and ds.dtype == q.dtype and ds.device == q.device and \
                 q.is_contiguous() and ds.is_contiguous() and k.is_contiguous() and u.is_contiguous() and \
                 v.is_contiguous() and w_r.is_contiguous() and (norm_w is None or norm_w.is_contiguous()):
             dims = _checked[sig]
             plan = plans.get(q.numel() // (dims[0] * dims[2]))
-            if plan is not None:
-                return _fast_backward_call(plan, q, norm_w, w_r, k, u, v, ds)
+            if plan is not None and (plan.dkuv is not None or not need_dkuv):
+                return _fast_backward_call(plan, q, norm_w, w_r, k, u, v, ds, need_dkuv)
     dims = _dims(q, norm_w, w_r, k, u, v)
     n_heads, head_dim = dims[0], dims[2]
     if ds.shape != q.shape or ds.dtype != q.dtype or ds.device != q.device:
         raise ValueError(f"ds: expected shape {shape_text(q)}, dtype {q.dtype}, device {q.device} (q's), got "
                          f"{shape_text(ds)}, {ds.dtype}, {ds.device}")
-    remember = need_q_side and need_dkuv and then is None
+    remember = need_q_side and then is None
     then = then or (lambda _dq: None)
     empty = functools.partial(torch.empty, 0, device=q.device)
     if not op.uses_kernels(q.device):

@@ -253,6 +253,7 @@ def test_repeated_forward_takes_the_fast_path_and_follows_the_weights():
 
 @pytest.mark.parametrize("head_norm,n_kv_heads", [(True, None), (False, 1)], ids=["norm", "nonorm-kv1"])
 def test_repeated_backward_takes_the_fast_path_and_follows_the_weights(head_norm, n_kv_heads, monkeypatch):
+    fm.reset()  # no plan kept from another test of the same shape
     layer = make_layer(torch.float32, head_norm=head_norm, n_kv_heads=n_kv_heads)
     x = torch.randn(13, 48, requires_grad=True)
     dy = torch.randn(13, 48)
@@ -277,6 +278,38 @@ def test_repeated_backward_takes_the_fast_path_and_follows_the_weights(head_norm
     for got, (name, ref) in zip(changed, want.items()):
         assert rel_error(got, ref) <= GRAD_TOL[torch.float32], name
     assert rel_error(first[0], want["x"]) > 1e-3
+
+
+def test_backward_with_frozen_core_weights_takes_the_fast_path(monkeypatch):
+    """Fine-tuning that trains the projections, the norm and the router but not K, U and V."""
+    fm.reset()  # no plan kept from another test of the same shape
+    layer = make_layer(torch.float32, head_norm=True)
+    for w in (layer.k, layer.u, layer.v):
+        w.requires_grad_(False)
+    trained = [p for p in layer.parameters() if p.requires_grad]
+    x = torch.randn(9, 48, requires_grad=True)
+    dy = torch.randn(9, 48)
+    fast_calls = []
+    original = layer_op._fast_backward_call
+    monkeypatch.setattr(layer_op, "_fast_backward_call", lambda *a: fast_calls.append(a[-1]) or original(*a))
+
+    def grads():
+        return torch.autograd.grad(layer(x), (x, *trained), dy)
+
+    first = grads()
+    again = grads()
+    assert fast_calls == [False]  # the second call, without dK/dU/dV
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    _, want = float64_layer_and_grads(layer, x, dy)
+    names = ["x", *(n for n, p in layer.named_parameters() if p.requires_grad)]
+    for got, name in zip(again, names):
+        assert rel_error(got, want[name]) <= GRAD_TOL[torch.float32], name
+    for w in (layer.k, layer.u, layer.v):  # trained again: the plan learns the dK/dU/dV launcher
+        w.requires_grad_(True)
+    full = torch.autograd.grad(layer(x), (x, *layer.parameters()), dy)
+    full_again = torch.autograd.grad(layer(x), (x, *layer.parameters()), dy)
+    assert fast_calls == [False, True]
+    assert all(torch.equal(a, b) for a, b in zip(full, full_again))
 
 
 def test_head_parallel_dtensors_run_the_kernels_on_local_shards(tmp_path):
