@@ -14,11 +14,12 @@ final arguments: pointers as integers, descriptors as their CUtensorMaps. Later 
 hand those to the C launcher on the current stream, exactly what Triton's launcher would pass.
 
 A record is only kept where replaying it is the same launch: every pointer it passes (tensor or
-descriptor base) is the address of one of the caller's tensors (no temporary made inside ``launch``,
-such as a workspace, whose address would be stale), the kernel needs no global or profile scratch,
-Triton's launcher has the layout this module knows, and no launch hook is set. Anything else, a
-Triton whose launcher looks different or Triton's interpreter included, keeps the normal path for
-good, so a replay can only make a call cheaper, never change it.
+descriptor base) is the address of one of the caller's tensors, the kernel needs no global or
+profile scratch, Triton's launcher has the layout this module knows, and no launch hook is set. A
+call whose launch passes memory made inside it (a split's workspace, a copy of an unaligned input:
+its address would be stale) is not kept, and after a few such calls in a row the launcher stops
+recording. Anything else, a Triton whose launcher looks different or Triton's interpreter included,
+keeps the normal path for good, so a replay can only make a call cheaper, never change it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from flashmhf_runtime.direct_launch import _hooks_idle, _stream_getter
 log = logging.getLogger("flashmhf.replay_launch")
 
 MAX_KEYS = 64  # address sets kept per launcher (a training loop cycles through a few)
+MAX_TEMPORARY_CALLS = 3  # calls in a row on memory made inside the launch before replay is given up
 ENABLED = True  # read when a launcher is made (dispatch binds one per config): False to compare without
 
 
@@ -55,6 +57,11 @@ def _raw_launch(launcher) -> Callable | None:
     cell = cells.get("launcher")
     raw = None if cell is None else cell.cell_contents
     return raw if raw is not None and getattr(raw, "__code__", None) is None else None
+
+
+# What _step returns for a launch on memory made inside the module's launch (e.g. a copy of an
+# unaligned input): this call cannot be replayed, a later one on other memory may be.
+_TEMPORARY = object()
 
 
 def _is_descriptor(value) -> bool:
@@ -86,8 +93,9 @@ def _expand(values: tuple, metas: list | None, pointers: set[int]) -> tuple | No
     return tuple(out)
 
 
-def _step(record, pointers: set[int]) -> tuple | None:
-    """(C launch, grid, device, the arguments after the stream) of one recorded launch, or None."""
+def _step(record, pointers: set[int]) -> tuple | object | None:
+    """(C launch, grid, device, the arguments after the stream) of one recorded launch; ``_TEMPORARY``
+    where it passed a pointer that is not one of ``pointers``; None where it cannot be replayed."""
     from triton.backends.nvidia import driver as nvidia_driver
 
     if record is None or getattr(nvidia_driver, "_BASE_ARGS_FORMAT_LEN", None) != 13:
@@ -103,7 +111,7 @@ def _step(record, pointers: set[int]) -> tuple | None:
         return None
     expanded = _expand(values, getattr(compiled.metadata, "tensordesc_meta", None), pointers)
     if expanded is None:
-        return None
+        return _TEMPORARY
     # gridX, gridY, gridZ, stream, then: function, cooperative grid, PDL, global and profile scratch,
     # packed metadata, launch metadata, enter and exit hooks, the kernel's arguments.
     tail = (compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None,
@@ -124,6 +132,7 @@ class ReplayLauncher:
         self._knobs = None
         self._stream: Callable | None = None
         self._device: Callable | None = None
+        self._temporaries = 0  # calls in a row whose launch passed memory made inside it
 
     def __call__(self, *args) -> None:
         if not self.usable:
@@ -164,6 +173,13 @@ class ReplayLauncher:
         except Exception as exc:  # noqa: BLE001 - anything unexpected: the plain path
             log.debug("replay disabled: %s: %s", type(exc).__name__, exc)
             steps = [None]
+        if any(s is _TEMPORARY for s in steps):
+            # A launch that makes its own memory every time (a split's workspace) never replays:
+            # after a few such calls in a row, stop paying for the records.
+            self._temporaries += 1
+            self.usable = self._temporaries < MAX_TEMPORARY_CALLS
+            return
+        self._temporaries = 0
         if not steps or any(s is None or s[2] != key[0] for s in steps):
             self.usable = False
             return

@@ -11,7 +11,7 @@ import torch
 from triton.backends.nvidia.driver import CudaLauncher
 
 from flashmhf_runtime import jit_memo
-from flashmhf_runtime.replay_launch import ReplayLauncher
+from flashmhf_runtime.replay_launch import MAX_TEMPORARY_CALLS, ReplayLauncher
 
 
 class RawLaunch:
@@ -95,14 +95,28 @@ def test_descriptors_are_expanded_as_triton_expands_them():
     assert module.raw.calls[0][13:] == (x.data_ptr(), 8, 1, False, 8, 1, out.data_ptr(), 8, 32)
 
 
-def test_a_pointer_that_is_not_an_argument_turns_replay_off():
-    temporary = torch.zeros(4)  # e.g. a workspace allocated inside launch
+def test_a_pointer_that_is_not_an_argument_is_not_kept():
+    temporary = torch.zeros(4)  # e.g. a workspace allocated inside launch, or a copy of an input
     module = FakeModule(extra_pointer=temporary)
     launcher = replay(module)
     x, out = torch.zeros(8), torch.zeros(8)
     launcher(x, out, 8)
     launcher(x, out, 8)
-    assert not launcher.usable and module.calls == 2 and module.raw.calls == []
+    assert module.calls == 2 and module.raw.calls == [] and not launcher.replays
+    module.extra_pointer = None  # a later call without one is kept and replayed
+    launcher(x, out, 8)
+    launcher(x, out, 8)
+    assert launcher.usable and module.calls == 3 and len(module.raw.calls) == 1
+
+
+def test_a_launch_that_always_makes_its_own_memory_stops_being_recorded():
+    module = FakeModule(extra_pointer=torch.zeros(4))
+    launcher = replay(module)
+    x, out = torch.zeros(8), torch.zeros(8)
+    for _ in range(MAX_TEMPORARY_CALLS):
+        assert launcher.usable
+        launcher(x, out, 8)
+    assert not launcher.usable and module.raw.calls == []
 
 
 def test_a_launch_that_cannot_be_recorded_turns_replay_off():
