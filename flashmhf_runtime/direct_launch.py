@@ -14,7 +14,7 @@ are not all 16-byte aligned takes the JIT path. So does every call while a launc
 it does not expect, so the direct path can only ever make a call cheaper, never break it.
 
 Launches go to the current stream of ``device_index``; the JIT launches on the current device, so
-the caller must ensure they are the same (the op uses this path on single-GPU machines only).
+the caller must ensure they are the same (the op checks it: `op.launches_directly`).
 """
 
 from __future__ import annotations

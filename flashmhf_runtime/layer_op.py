@@ -68,24 +68,17 @@ def _dims(q, norm_w, w_r, k, u, v) -> tuple[int, int, int, int, int]:
     return dims
 
 
-@functools.cache
-def _single_gpu() -> bool:
-    # Direct launches go to the current stream of the tensors' device, the JIT's to the current
-    # device: on one GPU they agree (the op's fast path keeps the same rule).
-    return torch.cuda.device_count() <= 1
-
-
 def _launch(spec_key: tuple, n_tokens: int, device_index: int | None, eps: float, *tensors) -> None:
     """Launch a norm/router kind on contiguous ``tensors`` (its module's SLOTS): the first call for a
     token count through dispatch (config choice, compile, warnings), later ones directly."""
     key = (spec_key, n_tokens, device_index, eps)
     launcher = _direct.get(key)
-    if launcher is not None:
+    if launcher is not None and op.launches_directly(device_index):
         launcher(*tensors)
         return
     dispatch.launch(spec_key, n_tokens, device_index, *tensors, eps)
     config = dispatch.memoised_config(spec_key, n_tokens, device_index)
-    if config is not None and _single_gpu():
+    if config is not None and launcher is None and op.launches_directly(device_index):
         if len(_direct) >= _MAX_DIRECT:
             _direct.clear()
         module = runtime_load(Spec(*spec_key))
@@ -154,7 +147,8 @@ def layer_core_forward(q, norm_w, w_r, k, u, v, eps: float = HEAD_NORM_EPS) -> t
     sig = _signature(q, norm_w, w_r, k, u, v)
     launchers = _fast_forward.get((sig, eps))
     if launchers is not None and q.is_contiguous() and k.is_contiguous() and u.is_contiguous() and \
-            v.is_contiguous() and w_r.is_contiguous() and (norm_w is None or norm_w.is_contiguous()):
+            v.is_contiguous() and w_r.is_contiguous() and (norm_w is None or norm_w.is_contiguous()) and \
+            op.launches_directly(q.device.index):
         # Fast path (decode and every repeated call): two direct launches, no checks (the
         # signature passed them), no dispatch.
         dims = _checked[sig]
@@ -193,9 +187,10 @@ def layer_core_forward(q, norm_w, w_r, k, u, v, eps: float = HEAD_NORM_EPS) -> t
 
 def _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key, dims) -> None:
     """After a call through the checked path: keep its two launchers for the fast path, where both
-    can launch directly (contiguous weights, one GPU, configs chosen, a core that needs no padding)."""
+    can launch directly (contiguous weights, tensors on the current device, configs chosen, a core
+    that needs no padding)."""
     core_shape = op.kernel_shape_key(*dims, shape_key[-1])
-    if not (op.uses_kernels(q3.device) and _single_gpu()) or core_shape[:5] != dims:
+    if not (op.uses_kernels(q3.device) and op.launches_directly(q3.device.index)) or core_shape[:5] != dims:
         return
     n_tokens = q3.shape[0]
     kind = "router" if norm_w is None else "norm_router"
@@ -258,10 +253,11 @@ def _fast_backward_call(plan: _BackwardPlan, q, norm_w, w_r, k, u, v, ds,
 
 def _remember_backward(sig, eps, q3, norm_w, shape_key, dims) -> None:
     """After a checked backward that asked for the q side: keep its launchers for the fast path,
-    where they can launch without checks (one GPU, a core that needs no padding, contiguous
-    weights, configs chosen); the dK/dU/dV launcher once a backward has launched it."""
+    where they can launch without checks (tensors on the current device, a core that needs no
+    padding, contiguous weights, configs chosen); the dK/dU/dV launcher once a backward has
+    launched it."""
     core_shape = op.kernel_shape_key(*dims, shape_key[-1])
-    if not (op.uses_kernels(q3.device) and _single_gpu()) or core_shape[:5] != dims:
+    if not (op.uses_kernels(q3.device) and op.launches_directly(q3.device.index)) or core_shape[:5] != dims:
         return
     n_tokens, device = q3.shape[0], q3.device
     forward, backward = _kinds(norm_w, backward=True)
@@ -296,7 +292,8 @@ def layer_core_backward(q, norm_w, w_r, k, u, v, ds, eps: float = HEAD_NORM_EPS,
         plans = _fast_backward.get((sig, eps))
         if plans is not None and ds.shape == q.shape and ds.dtype == q.dtype and ds.device == q.device and \
                 q.is_contiguous() and ds.is_contiguous() and k.is_contiguous() and u.is_contiguous() and \
-                v.is_contiguous() and w_r.is_contiguous() and (norm_w is None or norm_w.is_contiguous()):
+                v.is_contiguous() and w_r.is_contiguous() and (norm_w is None or norm_w.is_contiguous()) and \
+                op.launches_directly(q.device.index):
             dims = _checked[sig]
             plan = plans.get(q.numel() // (dims[0] * dims[2]))
             if plan is not None and (plan.dkuv is not None or not need_dkuv):

@@ -410,6 +410,20 @@ _fast_plans: dict[tuple, tuple[int, tuple, int | None, dict]] = {}
 dispatch.on_reset(_fast_plans.clear)
 
 
+@functools.cache
+def _gpu_count() -> int:
+    return torch.cuda.device_count()
+
+
+def launches_directly(device_index: int | None) -> bool:
+    """Whether tensors on this device (None: not a GPU) may take the launch paths that skip Triton's
+    JIT. Those launch on the tensors' device, with kernels set up on the device that was current at
+    their first launch, and the JIT launches on the current device: they agree on a machine with one
+    GPU, and on any machine while the tensors are on the current device (one GPU per process, as
+    under DDP). Checked when a fast path is set up and on every call of it."""
+    return device_index is None or _gpu_count() <= 1 or device_index == torch.cuda.current_device()
+
+
 def _remember_plan(q, k, u, v, r) -> None:
     """After a validated call: remember its signature if the fast path can serve it."""
     if not uses_kernels(q.device) or widened_in_interpreter(q):
@@ -417,8 +431,8 @@ def _remember_plan(q, k, u, v, r) -> None:
     if not (q.is_contiguous() and r.is_contiguous() and k.is_contiguous() and u.is_contiguous()
             and v.is_contiguous()):
         return
-    if q.device.type == "cuda" and torch.cuda.device_count() > 1:
-        return  # several GPUs: keep the slow path, which launches on q's device
+    if not launches_directly(q.device.index):
+        return  # on another device than the current one: keep the slow path
     n_heads, n_kv, head_dim, n_exp, d_e = check_core_inputs(q, k, u, v, r)
     spec_key = ("fwd", n_heads, n_kv, head_dim, n_exp, d_e, DTYPE_NAMES[q.dtype])
     if kernel_shape_key(*spec_key[1:]) != spec_key[1:]:
@@ -489,7 +503,7 @@ def _flash_mhf(q, k, u, v, r, config: Config | None) -> torch.Tensor:
         plan = _fast_plans.get((q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, u.shape, u.dtype,
                                 u.device, v.shape, v.dtype, v.device, r.shape, r.dtype, r.device))
         if plan is not None and q.is_contiguous() and r.is_contiguous() and k.is_contiguous() and \
-                u.is_contiguous() and v.is_contiguous():
+                u.is_contiguous() and v.is_contiguous() and launches_directly(plan[2]):
             row, spec_key, device_index, launchers = plan
             out = torch.empty_like(q)
             n_tokens = q.numel() // row

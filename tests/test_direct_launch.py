@@ -239,9 +239,6 @@ def test_op_fast_path_launches_directly_on_gpu():
         q, k, u, v, r = core_inputs(1, 2, 2, 64, 2, 32, torch.bfloat16, seed=seed, device="cuda")
         s = fm.flash_mhf(q, k, u, v, r)
         assert rel_error(s.cpu(), reference_core(q, k, u, v, r)) <= TOLERANCE[torch.bfloat16]
-    launchers = [ls for *_, ls in op._fast_plans.values() if ls]
-    if torch.cuda.device_count() > 1:
-        assert not launchers  # several GPUs: the fast path is off
-        return
+    launchers = [ls for *_, ls in op._fast_plans.values() if ls]  # on the current device: on any machine
     (launcher,) = launchers[-1].values()
     assert isinstance(launcher, DirectLauncher) and launcher.direct is not None

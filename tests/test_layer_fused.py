@@ -312,6 +312,36 @@ def test_backward_with_frozen_core_weights_takes_the_fast_path(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(full, full_again))
 
 
+def test_direct_launches_need_the_tensors_on_the_current_device(monkeypatch):
+    monkeypatch.setattr(op, "_gpu_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert op.launches_directly(2) and op.launches_directly(None)  # None: not a GPU
+    assert not op.launches_directly(0)
+    monkeypatch.setattr(op, "_gpu_count", lambda: 1)
+    assert op.launches_directly(0)
+
+
+def test_fast_paths_step_aside_for_tensors_off_the_current_device(monkeypatch):
+    fm.reset()
+    layer = make_layer(torch.float32, head_norm=True)
+    x = torch.randn(7, 48, requires_grad=True)
+    dy = torch.randn(7, 48)
+    first = torch.autograd.grad(layer(x), (x, *layer.parameters()), dy)  # fills both fast paths
+    assert any(7 in per_t for per_t in layer_op._fast_forward.values())
+    assert any(7 in per_t for per_t in layer_op._fast_backward.values())
+
+    def refuse(*args):
+        raise AssertionError("a fast path ran for tensors off the current device")
+
+    monkeypatch.setattr(op, "launches_directly", lambda device_index: False)
+    monkeypatch.setattr(layer_op, "_fast_backward_call", refuse)
+    for per_tokens in layer_op._fast_forward.values():
+        for n_tokens, (*_launchers, direct) in list(per_tokens.items()):
+            per_tokens[n_tokens] = (refuse, refuse, direct)
+    again = torch.autograd.grad(layer(x), (x, *layer.parameters()), dy)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
 def test_head_parallel_dtensors_run_the_kernels_on_local_shards(tmp_path):
     """HeadParallel hands the layer op DTensors; on one rank (gloo) they must reach the generated
     kernels as local tensors and give the plain layer's output and gradients."""
