@@ -149,7 +149,11 @@ class ReplayLauncher:
             return
         device = self._device()
         key = (device, *_key(args))
-        steps = self.replays.get(key)
+        try:
+            steps = self.replays.get(key)
+        except TypeError:  # an unhashable argument: nothing to look up by
+            self.launch(*args, **self.config)
+            return
         if steps is None:
             self._record(key, args)
             return

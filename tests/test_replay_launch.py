@@ -146,6 +146,15 @@ def test_another_backends_launcher_turns_replay_off():
     assert not launcher.usable and module.calls == 2 and module.raw.calls == []
 
 
+def test_an_unhashable_argument_takes_the_module_path():
+    module = FakeModule()
+    launcher = replay(module)
+    x, out = torch.zeros(8), torch.zeros(8)
+    launcher(x, out, [8])
+    launcher(x, out, [8])
+    assert module.calls == 2 and module.raw.calls == [] and launcher.usable
+
+
 def test_a_launch_hook_takes_the_module_path():
     module = FakeModule()
     launcher = replay(module)
