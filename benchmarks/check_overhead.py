@@ -20,32 +20,15 @@ import logging
 import os
 import statistics
 import sys
-import time
 
 import torch
 import triton
 
 import flashmhf_runtime as fm
-from benchmarks.common import argument_parser, out_dir, preset_spec
+from benchmarks.common import argument_parser, host_us, out_dir, preset_spec
 from flashmhf.checks import core_inputs
 from flashmhf.codegen import Spec, load
 from flashmhf_runtime import dispatch, op
-
-
-def host_us(fn, calls: int = 200, repeats: int = 15) -> float:
-    """Median host time per call: `calls` launches back to back, no sync inside (the launch queue
-    absorbs them), synchronised between repeats."""
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(samples)
 
 
 def bare_launches(spec: Spec, config: dict, q, k, u, v, r, out) -> list[tuple]:

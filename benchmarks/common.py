@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from flashmhf.codegen import Spec
@@ -38,3 +41,21 @@ def use_empty_user_cache() -> Path:
     if not os.environ.get("FLASHMHF_CACHE_DIR"):
         os.environ["FLASHMHF_CACHE_DIR"] = tempfile.mkdtemp(prefix="flashmhf-empty-user-cache-")
     return Path(os.environ["FLASHMHF_CACHE_DIR"])
+
+
+def host_us(fn: Callable[[], object], calls: int = 200, repeats: int = 15, warmup: int = 50) -> float:
+    """Median host time per call in µs: `calls` calls back to back, no sync inside (the launch queue
+    absorbs them), synchronised between repeats."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(samples)

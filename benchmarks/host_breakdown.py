@@ -22,26 +22,12 @@ import torch
 import torch.nn.functional as F
 
 import flashmhf_runtime as fm
-from benchmarks.common import argument_parser
+from benchmarks.common import argument_parser, host_us
 from flashmhf.bench.baselines import swiglu, swiglu_weights
 from flashmhf.bench.host_profile import BackwardTimer, profile_table
 from flashmhf.bench.layer import training_step
 from flashmhf_runtime import layer_eager, layer_op, replay_launch
-
-
-def host_us(fn, calls: int = 100, repeats: int = 9) -> float:
-    """Median over repeats of the mean host time per call of ``calls`` back-to-back calls."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(samples)
+from flashmhf_runtime.reference import HEAD_NORM_EPS
 
 
 def weights(layer) -> tuple:
@@ -49,20 +35,25 @@ def weights(layer) -> tuple:
     return norm_w, *(w.detach() for w in (layer.router, layer.k, layer.u, layer.v))
 
 
+def decode_us(fn) -> float:
+    return host_us(fn, calls=100, repeats=9, warmup=10)
+
+
 def decode_rows(layer, tokens: int) -> list[tuple[str, float]]:
     x = torch.randn(tokens, layer.d_model, device="cuda", dtype=torch.bfloat16)
     w_in, w_out = layer.w_in.weight.detach(), layer.w_out.weight.detach()
     norm_w, w_r, k, u, v = weights(layer)
+    eps = HEAD_NORM_EPS if layer.head_norm is None else layer.head_norm.eps
     q = F.linear(x, w_in)
     sw = swiglu_weights(layer.d_model, layer.d_ff, x.device, x.dtype)
     with torch.no_grad():
         return [
-            ("SwiGLU FFN", host_us(lambda: swiglu(x, *sw))),
-            ("layer (module call)", host_us(lambda: layer(x))),
-            ("layer_eager.layer", host_us(lambda: layer_eager.layer(x, w_in, norm_w, w_r, k, u, v, w_out, 1e-6))),
-            ("F.linear W_in", host_us(lambda: F.linear(x, w_in))),
-            ("layer_core_forward", host_us(lambda: layer_op.layer_core_forward(q, norm_w, w_r, k, u, v))),
-            ("torch.empty x3", host_us(lambda: (torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)))),
+            ("SwiGLU FFN", decode_us(lambda: swiglu(x, *sw))),
+            ("layer (module call)", decode_us(lambda: layer(x))),
+            ("layer_eager.layer", decode_us(lambda: layer_eager.layer(x, w_in, norm_w, w_r, k, u, v, w_out, eps))),
+            ("F.linear W_in", decode_us(lambda: F.linear(x, w_in))),
+            ("layer_core_forward", decode_us(lambda: layer_op.layer_core_forward(q, norm_w, w_r, k, u, v, eps))),
+            ("torch.empty x3", decode_us(lambda: (torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)))),
         ]
 
 
@@ -114,13 +105,13 @@ def training_rows(layer, tokens: int, rounds: int = 5) -> list[tuple[str, float]
 
     for _ in range(rounds):
         add("SwiGLU FFN training step", host_us(lambda: torch.autograd.grad(swiglu(x, *sw), (x, *sw), dy),
-                                                calls=20, repeats=3))
+                                                calls=20, repeats=3, warmup=10))
         for mode, (replay, fast_backward) in MODES.items():
             set_mode(replay, fast_backward)
             got = training_step(layer, x, dy)
             if not all(torch.equal(a, b) for a, b in zip(got, reference)):
                 raise SystemExit(f"{mode}: gradients differ from the first step's")
-            add(f"training step, {mode}", host_us(lambda: training_step(layer, x, dy), calls=20, repeats=3))
+            add(f"training step, {mode}", host_us(lambda: training_step(layer, x, dy), calls=20, repeats=3, warmup=10))
             for part, us in timeline(layer, x, dy, steps=10).items():
                 add(f"  {part}, {mode}", us)
     return [(name, statistics.median(v)) for name, v in samples.items()]

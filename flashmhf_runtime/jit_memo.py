@@ -88,6 +88,7 @@ class MemoKernel:
             hit = self._launches.get(key)
         except TypeError:  # an unhashable argument: no memo
             key = hit = None
+        values = None
         if hit is None:
             compiled = self.kernel[grid](*args, **kwargs)
             if key is not None and compiled is not None and not hasattr(compiled, "result"):
@@ -99,7 +100,7 @@ class MemoKernel:
                          None, *values)
         if RECORDING.launches is not None:
             RECORDING.launches.append(None if hit is None else (
-                compiled, hit[1], device, argument_values(self.kernel, args, kwargs)))
+                compiled, hit[1], device, values or argument_values(self.kernel, args, kwargs)))
         return compiled
 
 

@@ -46,7 +46,7 @@ _checked: dict[tuple, tuple[int, int, int, int, int]] = {}
 # (signature, eps) -> {token count: (norm/router launcher, core launcher, whether both take addresses
 # only)} for the forward's fast path.
 _fast_forward: dict[tuple, dict[int, tuple]] = {}
-# (signature, eps) -> {token count: _BackwardPlan} for the backward's fast path (every gradient asked).
+# (signature, eps) -> {token count: _BackwardPlan} for the backward's fast path (the q side asked).
 _fast_backward: dict[tuple, dict[int, _BackwardPlan]] = {}
 dispatch.on_reset(_direct.clear)
 dispatch.on_reset(_fast_forward.clear)
