@@ -104,18 +104,26 @@ class _Step:
 
 class DirectLauncher:
     """``launcher(*tensors)`` launches ``plan`` of ``module`` on the tensors of ``module.SLOTS``
-    (for fwd: q, k, u, v, r, out), allocating the workspace per call."""
+    (for fwd: q, k, u, v, r, out), allocating the workspace per call.
+
+    A plan with ``counters`` (kernels that count their programs in zeroed int32 memory and zero it
+    again before they finish) gets one counter buffer per stream, made once: launches on one stream
+    never overlap. During CUDA graph capture each call gets fresh zeroed counters instead (a memset
+    node of the graph), so a graph never shares them with eager launches or other graphs."""
 
     def __init__(self, module: ModuleType, plan, device_index: int | None):
         self.module = module
         self.plan = plan
         self.device_index = device_index
         self.slots = tuple(module.SLOTS)
-        self.env_slots = (*self.slots, module.WORKSPACE_SLOT)
+        self.n_counters = getattr(plan, "counters", 0)
+        counters_slot = (module.COUNTERS_SLOT,) if self.n_counters else ()
+        self.env_slots = (*self.slots, module.WORKSPACE_SLOT, *counters_slot)
         self.direct: list[_Step] | None = None  # set up after the first aligned JIT launch
         self.gave_up = False  # the direct path cannot serve this plan (interpreter, unknown Triton)
         self._stream: Callable | None = None
         self._knobs = None
+        self._counters: dict[int, object] = {}  # raw stream -> zeroed int32 counters
 
     def __call__(self, *tensors) -> None:
         direct = self.direct
@@ -128,10 +136,23 @@ class DirectLauncher:
                 env = tensors + ((None,) if workspace is None else (
                     tensors[0].new_empty(workspace, dtype=self.module.WORKSPACE_DTYPE),))
                 stream = self._stream(self.device_index)
+                if self.n_counters:
+                    env += (self._counters_for(stream, tensors[0]),)
                 for s in direct:
                     s.run(*s.grid, stream, s.function, s.metadata, None, None, None, *s.pick(env + s.consts))
                 return
         self._jit(tensors)
+
+    def _counters_for(self, stream: int, like):
+        """The zeroed counters of ``stream`` (fresh ones while a CUDA graph is being captured)."""
+        import torch
+
+        if torch.cuda.is_current_stream_capturing():
+            return like.new_zeros(self.n_counters, dtype=torch.int32)
+        counters = self._counters.get(stream)
+        if counters is None:
+            counters = self._counters[stream] = like.new_zeros(self.n_counters, dtype=torch.int32)
+        return counters
 
     def _jit(self, tensors: tuple) -> None:
         """Launch through Triton's JIT, then set the direct path up if it has not been yet."""

@@ -28,7 +28,8 @@ import torch
 
 from flashmhf.codegen import Spec, get_kind
 from flashmhf.codegen.arch import Arch
-from flashmhf.codegen.kinds import DKUV, DQ, FORWARD
+from flashmhf.cache.buckets import token_bucket
+from flashmhf.codegen.kinds import DKUV, DQ, FORWARD, NORM_ROUTER_CORE, ROUTER_CORE
 from flashmhf.codegen.spec import kernel_dims
 from flashmhf_runtime import dispatch, op
 from flashmhf_runtime.direct_launch import DirectLauncher
@@ -37,6 +38,10 @@ from flashmhf_runtime.lean_autograd import head_rms_norm_backward, head_rms_norm
 from flashmhf_runtime.reference import HEAD_NORM_EPS, at_least_fp32
 from flashmhf_runtime.validation import DTYPE_NAMES, check_layer_inputs, shape_text
 
+# Without tuned times to compare, the one-kernel forward (norm_router_core / router_core) runs up to
+# this many tokens: at decode sizes one launch instead of three is most of a call's time; above, the
+# core's own kinds (warp-specialized, TMA) are faster.
+FUSED_MAX_TOKENS = 64
 # Direct launchers of the norm/router kinds by (spec key, token count, device index, eps). Bounded:
 # variable sequence lengths make one entry per token count.
 _direct: dict[tuple, DirectLauncher | None] = {}
@@ -44,7 +49,7 @@ _MAX_DIRECT = 4096
 # Signatures whose checks passed: (shape, dtype, device) of q, norm_w, w_r, k, u, v -> dims.
 _checked: dict[tuple, tuple[int, int, int, int, int]] = {}
 # (signature, eps) -> {token count: (norm/router launcher, core launcher, whether both take addresses
-# only)} for the forward's fast path.
+# only)} for the forward's fast path; (None, one-kernel launcher, True) where the one kernel runs.
 _fast_forward: dict[tuple, dict[int, tuple]] = {}
 # (signature, eps) -> {token count: _BackwardPlan} for the backward's fast path (the q side asked).
 _fast_backward: dict[tuple, dict[int, _BackwardPlan]] = {}
@@ -116,6 +121,27 @@ def _kinds(norm_w: torch.Tensor | None, backward: bool) -> tuple[str, ...]:
     return (forward, f"{forward}_bwd") if backward else (forward,)
 
 
+@functools.lru_cache(maxsize=4096)
+def _fused_kind(head_norm: bool, shape_key: tuple, n_tokens: int, device: torch.device) -> str | None:
+    """The one-kernel forward kind to run in place of the norm/router kind and the core's forward
+    kind, or None to run those two. Where the tuning cache has all three at this token bucket, the
+    faster of the one kernel and the two together; elsewhere the one kernel up to FUSED_MAX_TOKENS.
+    ``shape_key`` is the core's (H, H_kv, d_h, E, d_e, dtype), equal to the layer's (no padding)."""
+    fused = op.kind_for(NORM_ROUTER_CORE if head_norm else ROUTER_CORE, shape_key, n_tokens, device)
+    core = op.kind_for(FORWARD, shape_key, n_tokens, device)
+    if fused is None or core is None:
+        return fused
+    bucket = token_bucket(n_tokens)
+    times = [op.tuned_ms(kind, shape_key, bucket, device.index)
+             for kind in (fused, "norm_router" if head_norm else "router", core)]
+    if None in times or op.arch_of(device).is_interpreter:
+        return fused if n_tokens <= FUSED_MAX_TOKENS else None
+    return fused if times[0] < times[1] + times[2] else None
+
+
+dispatch.on_reset(_fused_kind.cache_clear)
+
+
 def _rows(x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     """x (..., H * d_h) as contiguous (T, H, d_h)."""
     x3 = x.reshape(-1, n_heads, head_dim)
@@ -157,6 +183,10 @@ def layer_core_forward(q, norm_w, w_r, k, u, v, eps: float = HEAD_NORM_EPS) -> t
         plan = launchers.get(n_tokens)
         if plan is not None:
             prologue, core, direct = plan
+            if prologue is None:  # the norm, router and core in one kernel
+                s = torch.empty_like(q)
+                core(q, w_r if norm_w is None else norm_w, w_r, k, u, v, s)
+                return s
             # Direct launches pass addresses only: q, qn and s keep q's shape (a view is host time).
             rows = q if direct else q.view(n_tokens, n_heads, head_dim)
             r = torch.empty((n_tokens, n_heads, n_exp), dtype=torch.float32, device=q.device)
@@ -178,32 +208,52 @@ def layer_core_forward(q, norm_w, w_r, k, u, v, eps: float = HEAD_NORM_EPS) -> t
         with torch.no_grad():
             return op.flash_mhf(qn, k, u, v, r).reshape(q.shape)
     q3 = _rows(q, n_heads, head_dim)
-    qn, r = _norm_router_kernel(q3, norm_w, w_r, eps, shape_key)
-    with torch.no_grad():  # the core's inference fast path
-        s = op.flash_mhf(qn, k, u, v, r)
-    _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key, dims)
+    fused = _fused_kind_for(q3, norm_w, w_r, k, u, v, shape_key, dims)
+    if fused is not None:
+        s = torch.empty_like(q3)
+        if q3.shape[0]:
+            _launch((fused, *shape_key), q3.shape[0], q.device.index, eps, q3, w_r if norm_w is None else norm_w, w_r,
+                    k, u, v, s)
+    else:
+        qn, r = _norm_router_kernel(q3, norm_w, w_r, eps, shape_key)
+        with torch.no_grad():  # the core's inference fast path
+            s = op.flash_mhf(qn, k, u, v, r)
+    _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key, dims, fused)
     return s.view(q.shape)
 
 
-def _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key, dims) -> None:
-    """After a call through the checked path: keep its two launchers for the fast path, where both
-    can launch directly (contiguous weights, tensors on the current device, configs chosen, a core
-    that needs no padding)."""
+def _fused_kind_for(q3, norm_w, w_r, k, u, v, shape_key, dims) -> str | None:
+    """``_fused_kind`` where the one kernel can take these tensors (contiguous weights, K/U/V of the
+    kernel's shape: no padding); else None."""
+    if op.kernel_shape_key(*dims, shape_key[-1])[:5] != dims or not (
+            k.is_contiguous() and u.is_contiguous() and v.is_contiguous() and w_r.is_contiguous()
+            and (norm_w is None or norm_w.is_contiguous())):
+        return None
+    return _fused_kind(norm_w is not None, shape_key, q3.shape[0], q3.device)
+
+
+def _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key, dims, fused: str | None) -> None:
+    """After a call through the checked path: keep its launchers for the fast path, where they can
+    launch directly (contiguous weights, tensors on the current device, configs chosen, a core that
+    needs no padding): the one-kernel forward's (``fused``), else the norm/router's and the core's."""
     core_shape = op.kernel_shape_key(*dims, shape_key[-1])
     if not (op.uses_kernels(q3.device) and op.launches_directly(q3.device.index)) or core_shape[:5] != dims:
         return
     n_tokens = q3.shape[0]
-    kind = "router" if norm_w is None else "norm_router"
-    prologue = _direct.get(((kind, *shape_key), n_tokens, q3.device.index, eps))
-    core_kind = op.kind_for(FORWARD, core_shape, n_tokens, q3.device)
-    core = None if core_kind is None else op.fast_launcher((core_kind, *core_shape), n_tokens, q3.device.index)
-    if prologue is not None and core is not None:
+    if fused is not None:
+        prologue, core = None, _direct.get(((fused, *shape_key), n_tokens, q3.device.index, eps))
+    else:
+        kind = "router" if norm_w is None else "norm_router"
+        prologue = _direct.get(((kind, *shape_key), n_tokens, q3.device.index, eps))
+        core_kind = op.kind_for(FORWARD, core_shape, n_tokens, q3.device)
+        core = None if core_kind is None else op.fast_launcher((core_kind, *core_shape), n_tokens, q3.device.index)
+    if core is not None and (prologue is not None or fused is not None):
         if len(_fast_forward) >= _MAX_DIRECT:
             _fast_forward.clear()
         per_tokens = _fast_forward.setdefault((sig, eps), {})
         if len(per_tokens) >= _MAX_DIRECT:  # variable sequence lengths: keep the memo bounded
             per_tokens.clear()
-        per_tokens[n_tokens] = (prologue, core, isinstance(core, DirectLauncher))
+        per_tokens[n_tokens] = (prologue, core, fused is not None or isinstance(core, DirectLauncher))
 
 
 class _BackwardPlan(NamedTuple):

@@ -189,6 +189,12 @@ def _fastest_tuned(able: tuple[str, ...], shape_key: tuple, bucket: int, device_
 dispatch.on_reset(_kind.cache_clear)
 
 
+def tuned_ms(kind: str, shape_key: tuple, bucket: int, device_index: int | None) -> float | None:
+    """The tuning cache's time (ms) of ``kind``'s best config for ``shape_key`` at token bucket
+    ``bucket`` on this device; None when that bucket is not tuned."""
+    return lookup.tuned_times(Spec(kind, *shape_key), device_info(device_index)).get(bucket)
+
+
 def kernel_kinds(spec_key: tuple, n_tokens: int, device: torch.device) -> dict[str, str | None]:
     """The kinds the op runs for ``spec_key`` = (H, H_kv, d_h, E, d_e, dtype) at ``n_tokens`` on
     ``device``, by role name: {"forward": …, "dq": …, "dkuv": …}."""

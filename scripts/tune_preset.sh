@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Tune every kind the runtime runs for one preset on this machine's GPU, as the shipped cache holds
 # them: the forward family (fwd, fwd_ws and the layer's norm/router kind) at every token bucket, the
-# backward families (dq, dK/dU/dV and the norm/router backward) at training sizes. Prints the wall
-# time of each phase and of the whole run.
+# layer's one-kernel forward (norm, router and core) up to 1024 tokens, the backward families (dq,
+# dK/dU/dV and the norm/router backward) at training sizes. Prints the wall time of each phase and
+# of the whole run.
 #
 #   bash scripts/tune_preset.sh PRESET CACHE_FILE [DTYPES] [BUDGET_S]
 #
@@ -29,6 +30,7 @@ print(",".join(k for k in names if get_kind(k).shape_reason(
 PYEOF
 }
 FORWARD=$(kinds fwd fwd_ws LAYER)
+FUSED=$(kinds LAYER_core)
 BACKWARD=$(kinds bwd_dq bwd_dq_ws bwd_dkuv bwd_dkuv_ws LAYER_bwd)
 # One run tunes every dtype named, under one --time-budget: BUDGET_S for each of them.
 N_DTYPES=$(echo "$DTYPES" | tr ',' '\n' | grep -c .)
@@ -36,9 +38,13 @@ PHASE_BUDGET=$((BUDGET * N_DTYPES))
 start=$(date +%s)
 "$PY" -m flashmhf.cli tune --preset "$PRESET" --dtype "$DTYPES" --kind "$FORWARD" \
   --tokens 1,16,64,256,1024,4096,16384 --trials 16 --time-budget "$PHASE_BUDGET" --cache "$CACHE"
+fused=$(date +%s)
+"$PY" -m flashmhf.cli tune --preset "$PRESET" --dtype "$DTYPES" --kind "$FUSED" \
+  --tokens 1,16,64,256,1024 --trials 16 --time-budget "$PHASE_BUDGET" --cache "$CACHE"
 mid=$(date +%s)
 "$PY" -m flashmhf.cli tune --preset "$PRESET" --dtype "$DTYPES" \
   --kind "$BACKWARD" --tokens 1024,4096,16384 --trials 12 \
   --time-budget "$PHASE_BUDGET" --cache "$CACHE"
 end=$(date +%s)
-echo "$PRESET $DTYPES ($FORWARD; $BACKWARD): forward family $((mid - start)) s, backward families $((end - mid)) s, total $((end - start)) s"
+echo "$PRESET $DTYPES ($FORWARD; $FUSED; $BACKWARD): forward family $((fused - start)) s," \
+  "one-kernel forward $((mid - fused)) s, backward families $((end - mid)) s, total $((end - start)) s"

@@ -74,6 +74,40 @@ def test_backward_default_fills_the_gpu_but_not_past_the_blocks():
     assert kind.reject(spec, {"block_t": 64, "split": 8, "num_warps": 4}, 100) is not None  # 2 blocks only
 
 
+@pytest.mark.parametrize("kind", ["norm_router_core", "router_core"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "h,h_kv,d_h,e,d_e,tokens,split",
+    [(4, 2, 24, 3, 32, 1, 3), (2, 2, 32, 5, 16, 37, 1), (4, 4, 16, 2, 48, 19, 2)],
+    ids=["dh24-kv2-T1-split3", "E5-T37-nosplit", "de48-T19-split2"],
+)
+def test_one_kernel_forward_matches_float64_and_leaves_its_counters_zeroed(kind, dtype, h, h_kv, d_h, e, d_e,
+                                                                          tokens, split):
+    """Norm, router and core in one kernel, the split's partials summed by the last program of each
+    row tile: right on a d_h that is masked, H_kv < H, T = 1 and a split that does not divide the
+    d_ff tiles; its counters are zero again afterwards, so a second launch on them is right too."""
+    spec = Spec(kind, h, h_kv, d_h, e, d_e, dtype)
+    problem = make_problem(spec, tokens, "cpu", seed=tokens)
+    config = {"block_m": 16, "block_f": 16, "num_warps": 4, "num_stages": 1, "split": split}
+    assert get_kind(kind).reject(spec, config, tokens, INTERPRETER) is None
+    assert problem.check(config) <= problem.tolerance  # output poisoned with NaN first
+    counters = problem.args[-1]
+    assert counters.numel() >= -(-tokens * spec.group // 16) * h_kv and not counters.any()
+    first = problem.outputs[0].clone()
+    assert problem.check(config) <= problem.tolerance
+    assert torch.equal(first, problem.outputs[0]) and not counters.any()
+
+
+def test_one_kernel_forward_defaults_split_at_decode_only():
+    spec = Spec("norm_router_core", 16, 16, 128, 22, 256, "bf16")
+    kind = get_kind("norm_router_core")
+    assert kind.default(spec, 1, SM90)["split"] > 1 and kind.default(spec, 16384, SM90)["split"] == 1
+    for arch in (SM80, SM90):
+        for tokens in (1, 64, 1024):
+            assert kind.reject(spec, kind.default(spec, tokens, arch), tokens, arch) is None
+    assert "Head RMSNorm: yes" in render(spec) and "rsqrt" not in render(Spec("router_core", *spec.as_tuple()[1:]))
+
+
 # ------------------------------------------------------------------------------ the layer
 
 
@@ -218,9 +252,9 @@ def test_bad_inputs_name_the_argument():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 16, 64])
-def test_decode_launches_at_most_five_kernels(tokens):
-    """A layer call at decode sizes: W_in, the norm/router kernel, the core (one kernel, or two with
-    a split d_ff), W_out."""
+def test_decode_launches_three_kernels(tokens):
+    """A layer call at decode sizes: W_in, the norm, router and core in one kernel, W_out (where the
+    tuning cache times the one kernel faster than the norm/router kernel and the core's)."""
     from torch.profiler import ProfilerActivity, profile
 
     layer = fm.FlashMHF.from_preset("repo-1.3b", device="cuda", dtype=torch.bfloat16)
@@ -233,7 +267,50 @@ def test_decode_launches_at_most_five_kernels(tokens):
             layer(x)
             torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    assert 4 <= len(kernels) <= 5, [e.name for e in kernels]
+    assert len(kernels) == 3 and "norm_router_core" in kernels[1].name, [e.name for e in kernels]
+
+
+@pytest.mark.parametrize("head_norm", [True, False], ids=["norm", "nonorm"])
+def test_decode_sizes_run_one_kernel_and_larger_ones_two(head_norm, monkeypatch):
+    """Without tuned times the layer op runs its norm, router and core as one kernel up to
+    FUSED_MAX_TOKENS tokens and as the norm/router kind and the core's kinds above; both are right,
+    and a disabled one-kernel kind leaves every size to the two."""
+    fm.reset()
+    launched = []
+    real_launch = layer_op._launch
+    monkeypatch.setattr(layer_op, "_launch", lambda key, *a: launched.append(key[0]) or real_launch(key, *a))
+    layer = make_layer(torch.float32, head_norm=head_norm, n_kv_heads=1)
+    one, two = ("norm_router_core", "norm_router") if head_norm else ("router_core", "router")
+    with torch.no_grad():
+        for tokens, expected in ((1, one), (layer_op.FUSED_MAX_TOKENS, one), (layer_op.FUSED_MAX_TOKENS + 1, two)):
+            launched.clear()
+            x = torch.randn(tokens, 48)
+            assert rel_error(layer(x), reference_output(layer, x)) <= 1e-4
+            assert launched == [expected], (tokens, launched)
+        monkeypatch.setattr(op, "DISABLED_KINDS", {one})
+        fm.reset()
+        launched.clear()
+        x = torch.randn(1, 48)
+        assert rel_error(layer(x), reference_output(layer, x)) <= 1e-4
+        assert launched == [two]
+
+
+def test_tuned_times_choose_between_one_kernel_and_two(monkeypatch):
+    """Where the cache has the one kernel, the norm/router kind and the core's kind at the call's
+    bucket, the one kernel runs only if it measured faster than the other two together."""
+    times = {"norm_router_core": 0.020, "norm_router": 0.004, "fwd": 0.018}
+    monkeypatch.setattr(op, "arch_of", lambda device: SM90)
+    monkeypatch.setattr(op, "kind_for", lambda role, shape, n, device: "fwd" if role.name == "forward" else
+                        "norm_router_core")
+    monkeypatch.setattr(op, "tuned_ms", lambda kind, shape, bucket, index: times.get(kind) if bucket <= 64 else None)
+    shape, cuda = (16, 16, 128, 22, 256, "bf16"), torch.device("cuda", 0)
+    choose = layer_op._fused_kind.__wrapped__
+    assert choose(True, shape, 16, cuda) == "norm_router_core"  # 0.020 < 0.022
+    times["norm_router_core"] = 0.025
+    assert choose(True, shape, 16, cuda) is None
+    assert choose(True, shape, 1024, cuda) is None  # no times there: above FUSED_MAX_TOKENS, two kernels
+    times.clear()
+    assert choose(True, shape, 64, cuda) == "norm_router_core"  # no times: by size
 
 
 def test_repeated_forward_takes_the_fast_path_and_follows_the_weights():
@@ -430,4 +507,4 @@ def test_a_backward_kind_no_config_of_which_fits_leaves_the_norm_to_pytorch():
             assert rel_error(y, want) <= 1e-4
             for name, g in {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}.items():
                 assert rel_error(g, want_grads[name]) <= 1e-4, name
-    assert launched == ["norm_router", "router"], launched
+    assert launched == ["norm_router_core", "router_core"], launched  # the forward's kernel (3 tokens: one)

@@ -83,7 +83,8 @@ def test_numbers_the_device_reports_replace_the_rows():
 
 def test_every_role_the_runtime_runs_ends_in_a_kind_that_needs_nothing():
     assert [r.name for r in registry.runtime_roles()] == ["forward", "dq", "dkuv", "norm_router", "router",
-                                                          "norm_router_bwd", "router_bwd"]
+                                                          "norm_router_bwd", "router_bwd", "norm_router_core",
+                                                          "router_core"]
     for role in registry.roles():
         chain = registry.kinds_of(role)
         assert chain, role
@@ -96,7 +97,8 @@ def test_every_role_the_runtime_runs_ends_in_a_kind_that_needs_nothing():
 
 def test_tune_defaults_to_the_kinds_the_runtime_runs():
     assert registry.default_kinds() == ["fwd_ws", "fwd", "bwd_dq_ws", "bwd_dq", "bwd_dkuv_ws", "bwd_dkuv",
-                                        "norm_router", "router", "norm_router_bwd", "router_bwd"]
+                                        "norm_router", "router", "norm_router_bwd", "router_bwd",
+                                        "norm_router_core", "router_core"]
 
 
 @pytest.mark.parametrize("arch, tokens, expected", [

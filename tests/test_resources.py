@@ -164,7 +164,8 @@ def test_untuned_defaults_compile_without_spills_on_each_architecture():
     assert {(r["arch"], r["kind"]) for r in reports} >= {
         ("sm_80", "fwd"), ("sm_80", "bwd_dq"), ("sm_80", "bwd_dkuv"), ("sm_80", "norm_router"),
         ("sm_80", "router_bwd"), ("sm_89", "bwd_dkuv"), ("sm_89", "router_bwd"), ("sm_90", "fwd"),
-        ("sm_90", "norm_router"), ("sm_90", "norm_router_bwd")}
+        ("sm_90", "norm_router"), ("sm_90", "norm_router_bwd"), ("sm_80", "norm_router_core"),
+        ("sm_90", "norm_router_core")}
     assert all(r["ok"] for r in reports), [r for r in reports if not r["ok"]]
     # Before Hopper no norm_router_bwd config of a 128-wide head fits without spills (mma.sync holds
     # its operands whole per warp): the registry runs none there, the layer runs PyTorch instead.

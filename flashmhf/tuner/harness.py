@@ -19,7 +19,19 @@ from flashmhf.checks import (
     rel_error,
 )
 from flashmhf.codegen import Config, Spec, get_kind, load
-from flashmhf.codegen.kinds import BACKWARD, DKUV, DQ, FORWARD, NORM_ROUTER, NORM_ROUTER_BWD, ROUTER, ROUTER_BWD, Role
+from flashmhf.codegen.kinds import (
+    BACKWARD,
+    DKUV,
+    DQ,
+    FORWARD,
+    NORM_ROUTER,
+    NORM_ROUTER_BWD,
+    NORM_ROUTER_CORE,
+    ROUTER,
+    ROUTER_BWD,
+    ROUTER_CORE,
+    Role,
+)
 from flashmhf_runtime.reference import HEAD_NORM_EPS
 
 TOLERANCE = {"bf16": 1e-2, "fp16": 3e-3, "fp32": 1e-4}
@@ -154,3 +166,23 @@ def _norm_router_bwd(spec: Spec, tokens: int, device: str, seed: int, with_refer
         ref = [dq64, dw_r64] + ([dw_norm64] if norm else [])
     outputs = [dq, dw_r] + ([dw_norm] if norm else [])
     return Problem(spec, tokens, (q, norm_w, w_r, dqn, dr, dq, dw_r, dw_norm, HEAD_NORM_EPS), outputs, ref)
+
+
+@builder(ROUTER_CORE)
+@builder(NORM_ROUTER_CORE)
+def _norm_router_core(spec: Spec, tokens: int, device: str, seed: int, with_reference: bool) -> Problem:
+    """q before the norm, the norm/router weights and K/U/V -> s. The split's counters are kept zeroed
+    between launches by the kernel itself, so one buffer (sized for the smallest row tile) serves
+    every config."""
+    q, norm_w, w_r = _norm_router_inputs(spec, tokens, device, seed)
+    _, k, u, v, _ = core_inputs(spec, tokens, q.dtype, device, seed + 1)
+    norm = spec.kind == "norm_router_core"
+    out = torch.full_like(q, float("nan"))
+    smallest = min(dict(zip(get_kind(spec.kind).param_names, get_kind(spec.kind).params))["block_m"].values)
+    counters = torch.zeros(-(-tokens * spec.group // smallest) * spec.n_kv_heads, dtype=torch.int32, device=device)
+    ref = []
+    if with_reference:
+        qn64, r64 = reference_norm_router_f64(q, norm_w if norm else None, w_r)
+        ref = [reference_f64(qn64, k, u, v, r64)]
+    args = (q, norm_w if norm else w_r, w_r, k, u, v, out, HEAD_NORM_EPS, counters)
+    return Problem(spec, tokens, args, [out], ref)

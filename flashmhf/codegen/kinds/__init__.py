@@ -12,8 +12,10 @@ from flashmhf.codegen.kinds.base import (
     FORWARD,
     NORM_ROUTER,
     NORM_ROUTER_BWD,
+    NORM_ROUTER_CORE,
     ROUTER,
     ROUTER_BWD,
+    ROUTER_CORE,
     Config,
     KernelKind,
     Param,
@@ -28,11 +30,12 @@ from flashmhf.codegen.kinds.bwd_fused import BWD_FUSED
 from flashmhf.codegen.kinds.fwd import FWD
 from flashmhf.codegen.kinds.fwd_ws import FWD_WS
 from flashmhf.codegen.kinds.norm_router import NORM_ROUTER_BWD_KIND, NORM_ROUTER_KIND, ROUTER_BWD_KIND, ROUTER_KIND
+from flashmhf.codegen.kinds.norm_router_core import NORM_ROUTER_CORE_KIND, ROUTER_CORE_KIND
 
 # Within a role the runtime prefers the kinds no other kind falls back to (in this order), then their
 # fallbacks.
 _REGISTERED = (FWD, FWD_WS, BWD_DQ, BWD_DQ_WS, BWD_DKUV, BWD_DKUV_WS, BWD_FUSED, NORM_ROUTER_KIND, ROUTER_KIND,
-               NORM_ROUTER_BWD_KIND, ROUTER_BWD_KIND)
+               NORM_ROUTER_BWD_KIND, ROUTER_BWD_KIND, NORM_ROUTER_CORE_KIND, ROUTER_CORE_KIND)
 KINDS: dict[str, KernelKind] = {k.name: k for k in _REGISTERED}
 
 
@@ -45,5 +48,5 @@ def get_kind(name: str) -> KernelKind:
         raise SpecError(f"kind must be one of {', '.join(KINDS)}, got {name!r}") from None
 
 
-__all__ = ["BACKWARD", "CORE_ROLES", "DKUV", "DQ", "FORWARD", "KINDS", "NORM_ROUTER", "NORM_ROUTER_BWD", "ROUTER",
-           "ROUTER_BWD", "Config", "KernelKind", "Param", "Role", "format_config", "get_kind"]
+__all__ = ["BACKWARD", "CORE_ROLES", "DKUV", "DQ", "FORWARD", "KINDS", "NORM_ROUTER", "NORM_ROUTER_BWD",
+           "NORM_ROUTER_CORE", "ROUTER", "ROUTER_BWD", "ROUTER_CORE", "Config", "KernelKind", "Param", "Role", "format_config", "get_kind"]

@@ -40,6 +40,10 @@ NORM_ROUTER = Role("norm_router", "the layer's head RMSNorm (qn) and router (r)"
 ROUTER = Role("router", "the layer's router (r), without a head norm")
 NORM_ROUTER_BWD = Role("norm_router_bwd", "the head RMSNorm's and router's dq, dW_r, dw_norm", gradient=True)
 ROUTER_BWD = Role("router_bwd", "the router's dq and dW_r", gradient=True)
+# The norm (or router) and the core forward in one kernel: the layer op runs it in place of the two
+# steps where it measured faster (decode sizes).
+NORM_ROUTER_CORE = Role("norm_router_core", "s from the W_in output: head RMSNorm, router and core in one kernel")
+ROUTER_CORE = Role("router_core", "s from the W_in output: router and core in one kernel (no head norm)")
 
 
 @dataclass(frozen=True)

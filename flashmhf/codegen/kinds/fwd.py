@@ -109,20 +109,20 @@ def reject_default(spec: Spec, c: Config, tokens: int | None, arch: Arch) -> str
     return reject(spec, c, tokens, arch)
 
 
-def default(spec: Spec, tokens: int, arch: Arch) -> Config:
-    """A safe heuristic from the measured bests: at large T, 128 x 64 tiles through TMA descriptors
-    (where the arch has them); below that, pointer loads of up to 64 rows, and split d_ff at small T.
-    Where registers or shared memory are short (mma.sync GPUs, 99 KiB parts) the largest tiles that
-    fit."""
+def candidates(spec: Spec, tokens: int, arch: Arch, tma: bool = True) -> list[Config]:
+    """The default's candidates in order of preference: at large T, 128 x 64 tiles through TMA
+    descriptors (where the arch has them and ``tma``); below that, pointer loads of up to 64 rows,
+    and split d_ff at small T; then smaller tiles, for where registers or shared memory are short."""
     rows = max(tokens, 1) * spec.group
     full_grid = int(FULL_GRID_SHARE * arch.sm_count)
+    large = tma and tokens >= TMA_MIN_TOKENS
     # 128-row tiles through pointers (below TMA_MIN_TOKENS) spill on sm_90 with 64-wide d_ff tiles.
-    preferred_m = min(128 if tokens >= TMA_MIN_TOKENS else 64, max(16, next_pow2(rows)))
+    preferred_m = min(128 if large else 64, max(16, next_pow2(rows)))
     # Masked loads of a head dim that is not a power of two (d_h 96) take more registers: through
     # pointers, 64-wide d_ff tiles spill on sm_90 there (repo-128m), 32-wide ones do not.
     widths = (32, 64, 16) if next_pow2(spec.head_dim) != spec.head_dim and (
-        tokens < TMA_MIN_TOKENS or TMA not in arch.features) else (64, 32, 16)
-    candidates = []
+        not large or TMA not in arch.features) else (64, 32, 16)
+    found = []
     for block_m in (preferred_m, *(bm for bm in (64, 32, 16) if bm < preferred_m)):
         for block_f in (bf for bf in widths if spec.expert_dim % bf == 0):
             programs = cdiv(rows, block_m) * spec.n_kv_heads
@@ -131,14 +131,20 @@ def default(spec: Spec, tokens: int, arch: Arch) -> Config:
             while (programs < full_grid and programs * split * 2 <= split_target(arch)
                    and split * 2 <= n_ftiles):
                 split *= 2
-            candidates += [
+            found += [
                 {"block_m": block_m, "block_f": block_f, "num_warps": warps, "num_stages": s, "split": split,
-                 "tma": tma}
+                 "tma": t}
                 for warps in ((8, 4) if block_m >= 128 else (4, 8))
-                for tma in ((1, 0) if tokens >= TMA_MIN_TOKENS else (0,))
+                for t in ((1, 0) if large else (0,))
                 for s in (3, 2, 1)
             ]
-    return first_accepted(reject_default, spec, arch, candidates, "fwd")
+    return found
+
+
+def default(spec: Spec, tokens: int, arch: Arch) -> Config:
+    """A safe heuristic from the measured bests (:func:`candidates`): the first that fits ``arch``
+    (mma.sync GPUs and 99 KiB parts take smaller tiles)."""
+    return first_accepted(reject_default, spec, arch, candidates(spec, tokens, arch), "fwd")
 
 
 def flops(spec: Spec, tokens: int) -> float:
