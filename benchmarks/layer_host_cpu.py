@@ -3,7 +3,8 @@
 Runs a small FlashMHF layer once under Triton's interpreter (which fills the layer op's fast path),
 then swaps the two kernel launches of that path for no-ops and times ``layer(x)`` at T = 1 without
 grad: what is left is the host work around the kernels (module lookups, checks, allocations, the two
-projections), the part of a decode call that Python costs. The two projections alone are timed
+projections), the part of a decode call that Python costs. (The stubs skip the launchers themselves,
+with their own allocations: the one-kernel forward's workspace and counters.) The two projections alone are timed
 beside it. Minimum over rounds of the mean of many calls: the least-disturbed figure on a shared
 machine. Absolute times differ on a GPU host; differences between versions of the code carry over.
 
@@ -34,11 +35,12 @@ def _us_per_call(fn, calls: int = 5000) -> float:
 
 
 def _stub_launches() -> int:
-    """Replace every launcher pair of the layer op's fast path by no-ops; how many were replaced."""
+    """Replace the launchers of the layer op's fast path by no-ops (the one-kernel forward's, or the
+    norm/router's and the core's); how many token counts were stubbed."""
     count = 0
     for per_tokens in layer_op._fast_forward.values():
-        for n_tokens in per_tokens:
-            per_tokens[n_tokens] = (lambda *a: None, lambda *a: None, per_tokens[n_tokens][2])
+        for n_tokens, (prologue, _core, direct) in per_tokens.items():
+            per_tokens[n_tokens] = (None if prologue is None else (lambda *a: None), lambda *a: None, direct)
             count += 1
     return count
 

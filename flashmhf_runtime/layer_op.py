@@ -38,10 +38,14 @@ from flashmhf_runtime.lean_autograd import head_rms_norm_backward, head_rms_norm
 from flashmhf_runtime.reference import HEAD_NORM_EPS, at_least_fp32
 from flashmhf_runtime.validation import DTYPE_NAMES, check_layer_inputs, shape_text
 
-# Without tuned times to compare, the one-kernel forward (norm_router_core / router_core) runs up to
-# this many tokens: at decode sizes one launch instead of three is most of a call's time; above, the
-# core's own kinds (warp-specialized, TMA) are faster.
+# Up to this many tokens the one-kernel forward (norm_router_core / router_core) runs unless the
+# tuning cache times the norm/router kind and the core's forward together faster by more than
+# DECODE_GPU_MARGIN: an eager call there is mostly host time, and one launch instead of three saves
+# ~30 µs of it on the H200 host (2026-12-02: repo-1.3b T = 1 eager 83 -> 55 µs) against a GPU
+# difference of a few µs either way. Above, the faster by the cache runs (the two steps where times
+# are missing: the core's warp-specialized and TMA kinds serve large T).
 FUSED_MAX_TOKENS = 64
+DECODE_GPU_MARGIN = 0.10
 # Direct launchers of the norm/router kinds by (spec key, token count, device index, eps). Bounded:
 # variable sequence lengths make one entry per token count.
 _direct: dict[tuple, DirectLauncher | None] = {}
@@ -124,9 +128,8 @@ def _kinds(norm_w: torch.Tensor | None, backward: bool) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=4096)
 def _fused_kind(head_norm: bool, shape_key: tuple, n_tokens: int, device: torch.device) -> str | None:
     """The one-kernel forward kind to run in place of the norm/router kind and the core's forward
-    kind, or None to run those two. Where the tuning cache has all three at this token bucket, the
-    faster of the one kernel and the two together; elsewhere the one kernel up to FUSED_MAX_TOKENS.
-    ``shape_key`` is the core's (H, H_kv, d_h, E, d_e, dtype), equal to the layer's (no padding)."""
+    kind, or None to run those two (see FUSED_MAX_TOKENS). ``shape_key`` is the core's (H, H_kv,
+    d_h, E, d_e, dtype), equal to the layer's (no padding)."""
     fused = op.kind_for(NORM_ROUTER_CORE if head_norm else ROUTER_CORE, shape_key, n_tokens, device)
     core = op.kind_for(FORWARD, shape_key, n_tokens, device)
     if fused is None or core is None:
@@ -134,9 +137,11 @@ def _fused_kind(head_norm: bool, shape_key: tuple, n_tokens: int, device: torch.
     bucket = token_bucket(n_tokens)
     times = [op.tuned_ms(kind, shape_key, bucket, device.index)
              for kind in (fused, "norm_router" if head_norm else "router", core)]
+    decode = n_tokens <= FUSED_MAX_TOKENS
     if None in times or op.arch_of(device).is_interpreter:
-        return fused if n_tokens <= FUSED_MAX_TOKENS else None
-    return fused if times[0] < times[1] + times[2] else None
+        return fused if decode else None
+    two_steps = times[1] + times[2]
+    return fused if times[0] < two_steps * (1 + DECODE_GPU_MARGIN if decode else 1) else None
 
 
 dispatch.on_reset(_fused_kind.cache_clear)
