@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
-from flashmhf_runtime.layer_op import layer_core_backward, layer_core_forward
+from flashmhf_runtime.layer_op import layer_core_backward, layer_core_forward, prepared_forward
 
 
 def autocast_on(device_type: str) -> bool:
@@ -97,4 +97,8 @@ def layer(x: torch.Tensor, w_in: torch.Tensor, norm_w: torch.Tensor | None, w_r:
                                     or u.requires_grad or v.requires_grad or w_out.requires_grad
                                     or (norm_w is not None and norm_w.requires_grad)):
         return _Layer.apply(x, w_in, norm_w, w_r, k, u, v, w_out, eps)
-    return F.linear(layer_core_forward(F.linear(x, w_in), norm_w, w_r, k, u, v, eps), w_out)
+    # q is shaped like x (W_in is square): the layer op's fast path is set up before W_in is enqueued.
+    run = prepared_forward(x, norm_w, w_r, k, u, v, eps)
+    q = F.linear(x, w_in)
+    s = run(q) if run is not None and q.is_contiguous() else layer_core_forward(q, norm_w, w_r, k, u, v, eps)
+    return F.linear(s, w_out)

@@ -173,33 +173,55 @@ def _norm_router_reference(q4, norm_w, w_r, eps):
     return qn, g / total, g, total, rstd
 
 
+def prepared_forward(q_like: torch.Tensor, norm_w, w_r, k, u, v, eps: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The forward's fast path for a q with ``q_like``'s shape, dtype and device (contiguous): the
+    memory it writes is allocated now, and the returned ``run(q)`` only launches and returns s
+    (shaped like q). None where the fast path does not serve this call (the first call of a
+    signature and token count, non-contiguous weights, tensors off the current device).
+
+    A layer call asks before its W_in product is enqueued and runs after it, so that the GPU does
+    not wait between that product and the kernels for this host work (decode sizes)."""
+    sig = _signature(q_like, norm_w, w_r, k, u, v)
+    launchers = _fast_forward.get((sig, eps))
+    if launchers is None or not (k.is_contiguous() and u.is_contiguous() and v.is_contiguous()
+                                 and w_r.is_contiguous() and (norm_w is None or norm_w.is_contiguous())
+                                 and op.launches_directly(q_like.device.index)):
+        return None
+    n_heads, _, head_dim, n_exp, _ = _checked[sig]
+    n_tokens = q_like.numel() // (n_heads * head_dim)
+    plan = launchers.get(n_tokens)
+    if plan is None:
+        return None
+    # No checks (the signature passed them) and no dispatch: direct launches, memory made here.
+    prologue, core, direct = plan
+    first = w_r if norm_w is None else norm_w
+    if prologue is None:  # the norm, router and core in one kernel
+        s = torch.empty(q_like.shape, dtype=q_like.dtype, device=q_like.device)
+
+        def run_one(q: torch.Tensor) -> torch.Tensor:
+            core(q, first, w_r, k, u, v, s)
+            return s
+
+        return run_one
+    # Direct launches pass addresses only: q, qn and s keep q's shape (a view is host time).
+    shape = q_like.shape if direct else (n_tokens, n_heads, head_dim)
+    r = torch.empty((n_tokens, n_heads, n_exp), dtype=torch.float32, device=q_like.device)
+    out = torch.empty(shape, dtype=q_like.dtype, device=q_like.device)
+    qn = None if norm_w is None else torch.empty_like(out)
+
+    def run_two(q: torch.Tensor) -> torch.Tensor:
+        rows = q if direct else q.view(shape)
+        prologue(rows, first, w_r, rows if qn is None else qn, r)
+        core(rows if qn is None else qn, k, u, v, r, out)
+        return out if direct else out.view(q.shape)
+
+    return run_two
+
+
 def layer_core_forward(q, norm_w, w_r, k, u, v, eps: float = HEAD_NORM_EPS) -> torch.Tensor:
     """s (shaped like q) for q (..., H * d_h): norm, router and core, without autograd."""
-    sig = _signature(q, norm_w, w_r, k, u, v)
-    launchers = _fast_forward.get((sig, eps))
-    if launchers is not None and q.is_contiguous() and k.is_contiguous() and u.is_contiguous() and \
-            v.is_contiguous() and w_r.is_contiguous() and (norm_w is None or norm_w.is_contiguous()) and \
-            op.launches_directly(q.device.index):
-        # Fast path (decode and every repeated call): two direct launches, no checks (the
-        # signature passed them), no dispatch.
-        dims = _checked[sig]
-        n_heads, head_dim, n_exp = dims[0], dims[2], dims[3]
-        n_tokens = q.numel() // (n_heads * head_dim)
-        plan = launchers.get(n_tokens)
-        if plan is not None:
-            prologue, core, direct = plan
-            if prologue is None:  # the norm, router and core in one kernel
-                s = torch.empty_like(q)
-                core(q, w_r if norm_w is None else norm_w, w_r, k, u, v, s)
-                return s
-            # Direct launches pass addresses only: q, qn and s keep q's shape (a view is host time).
-            rows = q if direct else q.view(n_tokens, n_heads, head_dim)
-            r = torch.empty((n_tokens, n_heads, n_exp), dtype=torch.float32, device=q.device)
-            qn = rows if norm_w is None else torch.empty_like(rows)
-            s = torch.empty_like(rows)
-            prologue(rows, w_r if norm_w is None else norm_w, w_r, qn, r)
-            core(qn, k, u, v, r, s)
-            return s if direct else s.view(q.shape)
+    if q.is_contiguous() and (run := prepared_forward(q, norm_w, w_r, k, u, v, eps)) is not None:
+        return run(q)
     dims = _dims(q, norm_w, w_r, k, u, v)
     n_heads, head_dim = dims[0], dims[2]
     if not op.uses_kernels(q.device):
@@ -223,7 +245,7 @@ def layer_core_forward(q, norm_w, w_r, k, u, v, eps: float = HEAD_NORM_EPS) -> t
         qn, r = _norm_router_kernel(q3, norm_w, w_r, eps, shape_key)
         with torch.no_grad():  # the core's inference fast path
             s = op.flash_mhf(qn, k, u, v, r)
-    _remember_forward(sig, eps, q3, k, u, v, w_r, norm_w, shape_key, dims, fused)
+    _remember_forward(_signature(q, norm_w, w_r, k, u, v), eps, q3, k, u, v, w_r, norm_w, shape_key, dims, fused)
     return s.view(q.shape)
 
 

@@ -16,7 +16,7 @@ from flashmhf.bench.layer import saved_bytes_by_dtype
 from flashmhf.codegen import Spec, get_kind, render
 from flashmhf.codegen.arch import INTERPRETER, SM80, SM90
 from flashmhf.tuner.harness import make_problem
-from flashmhf_runtime import layer_op, op, reference
+from flashmhf_runtime import layer_eager, layer_op, op, reference
 from tests.helpers import rel_error
 
 PATHS = ["interpreter", "cpu-reference"]
@@ -321,13 +321,19 @@ def test_tuned_times_choose_between_one_kernel_and_two(monkeypatch):
     assert choose(True, shape, 64, cuda) == "norm_router_core"  # no times: by size
 
 
-def test_repeated_forward_takes_the_fast_path_and_follows_the_weights():
+@pytest.mark.parametrize("tokens", [11, layer_op.FUSED_MAX_TOKENS + 6], ids=["one-kernel", "two-steps"])
+def test_repeated_forward_takes_the_fast_path_and_follows_the_weights(tokens, monkeypatch):
     layer = make_layer(torch.float32, head_norm=True)
-    x = torch.randn(11, 48)
+    x = torch.randn(tokens, 48)
     with torch.no_grad():
         first = layer(x)
-        assert any(11 in per_t for per_t in layer_op._fast_forward.values())  # launchers kept
+        kept = [per_t[tokens] for per_t in layer_op._fast_forward.values() if tokens in per_t]
+        assert len(kept) == 1 and (kept[0][0] is None) == (tokens <= layer_op.FUSED_MAX_TOKENS)  # launchers kept
+        calls = []
+        real = layer_op.prepared_forward
+        monkeypatch.setattr(layer_eager, "prepared_forward", lambda *a: calls.append(real(*a)) or calls[-1])
         again = layer(x)
+        assert len(calls) == 1 and calls[0] is not None  # the fast path ran it
         layer.head_norm.weight.mul_(1.5)  # same signature, new values: the fast path must see them
         layer.router.add_(0.1)
         changed = layer(x)
