@@ -252,13 +252,16 @@ def test_bad_inputs_name_the_argument():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 16, 64])
-def test_decode_launches_three_kernels(tokens):
-    """A layer call at decode sizes: W_in, the norm, router and core in one kernel, W_out (the op's
-    choice there unless the cache times the two steps much faster, see layer_op.FUSED_MAX_TOKENS)."""
+def test_decode_launches_the_fewest_kernels(tokens):
+    """A layer call at decode sizes: W_in, the norm, router and core in one kernel, W_out, where the
+    op runs the one kernel (at T = 1 always: three launches instead of five), else W_in, the
+    norm/router kernel, the core's (with its split's reduction) and W_out."""
     from torch.profiler import ProfilerActivity, profile
 
     layer = fm.FlashMHF.from_preset("repo-1.3b", device="cuda", dtype=torch.bfloat16)
     x = torch.randn(tokens, layer.d_model, device="cuda", dtype=torch.bfloat16)
+    one_kernel = layer_op._fused_kind(True, (16, 16, 128, 22, 256, "bf16"), tokens, x.device)
+    assert one_kernel == "norm_router_core" or tokens > 1
     with torch.no_grad():
         for _ in range(3):
             layer(x)
@@ -266,8 +269,11 @@ def test_decode_launches_three_kernels(tokens):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             layer(x)
             torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    assert len(kernels) == 3 and "norm_router_core" in kernels[1].name, [e.name for e in kernels]
+    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    if one_kernel:
+        assert len(kernels) == 3 and "norm_router_core" in kernels[1], kernels
+    else:
+        assert 4 <= len(kernels) <= 5 and "norm_router" in kernels[1], kernels
 
 
 @pytest.mark.parametrize("head_norm", [True, False], ids=["norm", "nonorm"])

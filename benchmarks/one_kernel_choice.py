@@ -1,0 +1,54 @@
+"""Which forward the layer op runs on a GPU model, from the tuning caches in effect (no GPU needed):
+for every preset, dtype and tuned token bucket, the one-kernel forward's time (``norm_router_core``
+or ``router_core``) beside the norm/router kind's plus the core's forward kind's, and the choice
+``layer_op`` makes from them (see ``layer_op.FUSED_MAX_TOKENS``).
+
+    python -m benchmarks.one_kernel_choice [--device nvidia-h200] [--capability 9.0]
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import torch
+import triton
+
+from benchmarks.common import argument_parser
+from flashmhf.cache import lookup
+from flashmhf.cache.device import DeviceInfo
+from flashmhf.codegen import Spec
+from flashmhf.codegen.arch import arch_for_capability
+from flashmhf_runtime import layer_op, op
+from flashmhf_runtime.presets import PRESETS
+
+BUCKETS = (1, 16, 64, 256, 1024)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser("benchmarks.one_kernel_choice", __doc__)
+    parser.add_argument("--device", default="nvidia-h200", help="GPU model name as the cache keys it")
+    parser.add_argument("--capability", default="9.0", help="its compute capability")
+    args = parser.parse_args(argv)
+    info = DeviceInfo(args.device, args.capability, triton.__version__, "")
+    arch = arch_for_capability(tuple(int(x) for x in args.capability.split(".")))
+    device = torch.device("cuda", 0)  # a key only: nothing runs on it
+    times = lambda kind, shape, bucket, index: lookup.tuned_times(Spec(kind, *shape), info).get(bucket)  # noqa: E731
+    print("| preset | dtype | T | one kernel ms | norm/router + core ms (core kind) | runs |\n|---|---|---|---|---|---|")
+    with mock.patch.object(op, "tuned_ms", times), mock.patch.object(op, "arch_of", lambda device: arch), \
+            mock.patch.object(op, "device_info", lambda index: info):
+        for name, p in PRESETS.items():
+            for dtype in ("bf16", "fp16"):
+                shape = (p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, dtype)
+                fused = "norm_router_core" if p.head_norm else "router_core"
+                prologue = "norm_router" if p.head_norm else "router"
+                for bucket in BUCKETS:
+                    core = op._kind.__wrapped__(op.FORWARD, shape, bucket, device, frozenset())
+                    one, two = times(fused, shape, bucket, 0), [times(k, shape, bucket, 0) for k in (prologue, core)]
+                    chosen = layer_op._fused_kind.__wrapped__(p.head_norm, shape, bucket, device)
+                    two_text = "–" if None in two else f"{sum(two):.4f} ({core})"
+                    print(f"| {name} | {dtype} | {bucket} | {'–' if one is None else f'{one:.4f}'} | {two_text} | "
+                          f"{'one kernel' if chosen else 'two steps'} |")
+
+
+if __name__ == "__main__":
+    main()
