@@ -2,7 +2,8 @@
 
 ``layer_core(q, norm_w, w_r, k, u, v, eps)`` computes the head RMSNorm (when ``norm_w`` is given)
 and the router in one generated kernel (kind ``norm_router``, or ``router`` without a norm) and the
-core in the core op's kernels. Its backward recomputes qn and r with that kernel, runs the core's
+core in the core op's kernels, or all three in one kernel (``norm_router_core`` / ``router_core``)
+where that measured faster (``_fused_kind``: decode sizes, and mid sizes on small layers). Its backward recomputes qn and r with that kernel, runs the core's
 backward kernels, then one generated kernel (``norm_router_bwd`` / ``router_bwd``) for the router's
 and the norm's backward together with their weight gradients. Only q and the weights are saved for
 backward: nothing of the norm or router is kept between the passes.
@@ -14,7 +15,7 @@ small training sizes host time is what the layer's speed is made of. Both run th
 
 Host path: a call's checks are memoised per signature (shapes, dtypes, devices), and the generated
 kernels are launched through ``DirectLauncher`` (precomputed arguments) after their first launch for
-a token count. Off CUDA (without ``TRITON_INTERPRET=1``) the same maths runs in plain PyTorch.
+a token count; ``prepared_forward`` lets the layer do that host work before it enqueues W_in. Off CUDA (without ``TRITON_INTERPRET=1``) the same maths runs in plain PyTorch.
 """
 
 from __future__ import annotations
