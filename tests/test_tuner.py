@@ -131,6 +131,21 @@ def test_warm_up_starts_the_child_that_then_measures():
         assert worker._proc is None
 
 
+def test_compile_pool_warm_up_starts_every_process_before_the_first_job():
+    """A tuning run warms its compile processes beside the measuring worker, so the first key's share
+    of the budget is not spent starting them (it measured 2-3 configs where later keys got 16+)."""
+    import os
+
+    from flashmhf.tuner.precompile import CompilePool
+
+    config = get_kind("fwd").default(TINY, 16)
+    with CompilePool(workers=2, device="cpu") as pool:
+        pids = [f.result(timeout=300) for f in pool.warm_up()]
+        assert all(isinstance(p, int) and p != os.getpid() for p in pids)
+        assert len(pool._pool._processes) == 2  # both started by the warm-up, none left to start later
+        assert pool.submit([(TINY, config, 16)])[0].result(timeout=300) is None  # and they compile
+
+
 def test_sigkilled_tune_leaves_a_valid_cache_and_resumes(tmp_path):
     cache_path = tmp_path / "c.sqlite"
     cmd = [sys.executable, "-m", "flashmhf.cli", "tune", "--d-model", "64", "--heads", "2", "--kv-heads", "1",

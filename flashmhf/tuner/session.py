@@ -3,6 +3,7 @@ measuring worker, one compile pool, the cache and the Optuna storage, under one 
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import fcntl
 import hashlib
 import math
@@ -155,10 +156,13 @@ def run(request: Request, progress: ProgressFn | None = None, say: Callable[[str
     say = say or (lambda line: print(line, file=sys.stderr))
     try:
         with MeasureWorker(isolate=request.isolate) as worker:
-            # The worker's start-up is part of the budget but not of the first key's share: each key
-            # gets an equal part of what is left after it (before this, a short budget could leave
-            # the first key with only its default measured).
+            # The worker's and the compile processes' start-up is part of the budget but not of the
+            # first key's share: each key gets an equal part of what is left after it (before this, a
+            # short budget could leave the first key with only its default measured; with a cold
+            # compile pool, with 2-3 configs measured where later keys got 16 or more).
+            warming = pool.warm_up() if pool is not None else []
             worker.warm_up()
+            cf.wait(warming)
             for i, (spec, bucket) in enumerate(_ordered_with_locks(jobs, request, device, say)):
                 # Past the deadline a job still measures its default (Search guarantees one result
                 # per key), so a spent budget leaves every key with a result, not just the first ones.
