@@ -276,6 +276,36 @@ def test_decode_launches_the_fewest_kernels(tokens):
         assert 4 <= len(kernels) <= 5 and "norm_router" in kernels[1], kernels
 
 
+@pytest.mark.gpu
+def test_one_kernel_decode_replays_in_a_cuda_graph_beside_eager_calls():
+    """Captured, the one kernel gets its own zeroed counters and workspace (graph memory); replays
+    interleaved with eager calls on the same stream (which use the stream's counters and scratch)
+    both stay right, on fresh inputs each time."""
+    layer = fm.FlashMHF.from_preset("repo-1.3b", device="cuda", dtype=torch.bfloat16)
+    assert layer_op._fused_kind(True, (16, 16, 128, 22, 256, "bf16"), 1, torch.device("cuda", 0)) == \
+        "norm_router_core"
+    static_x = torch.randn(1, layer.d_model, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(3):
+            layer(static_x)  # the fast path, its counters and scratch set up
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        for _ in range(3):
+            x = torch.randn(1, layer.d_model, device="cuda", dtype=torch.bfloat16)
+            static_x.copy_(x)
+            graph.replay()
+            eager = layer(x)
+            torch.cuda.synchronize()
+            want = reference_output(layer, x)
+            assert rel_error(static_y, want) <= 1e-2 and rel_error(eager, want) <= 1e-2
+
+
 @pytest.mark.parametrize("head_norm", [True, False], ids=["norm", "nonorm"])
 def test_decode_sizes_run_one_kernel_and_larger_ones_two(head_norm, monkeypatch):
     """Without tuned times the layer op runs its norm, router and core as one kernel up to
