@@ -32,8 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     info = DeviceInfo(args.device, args.capability, triton.__version__, "")
     arch = arch_for_capability(tuple(int(x) for x in args.capability.split(".")))
     device = torch.device("cuda", 0)  # a key only: nothing runs on it
-    times = lambda kind, shape, bucket, index: lookup.tuned_times(Spec(kind, *shape), info).get(bucket)  # noqa: E731
-    print("| preset | dtype | T | one kernel ms | norm/router + core ms (core kind) | runs |\n|---|---|---|---|---|---|")
+    def times(kind: str, shape: tuple, bucket: int, _index: int | None) -> float | None:
+        return lookup.tuned_times(Spec(kind, *shape), info).get(bucket)
+
+    print("| preset | dtype | T | one kernel ms | norm/router + core ms (core kind) | runs |")
+    print("|---|---|---|---|---|---|")
     with mock.patch.object(op, "tuned_ms", times), mock.patch.object(op, "arch_of", lambda device: arch), \
             mock.patch.object(op, "device_info", lambda index: info):
         for name, p in PRESETS.items():

@@ -3,10 +3,11 @@
 ``layer_core(q, norm_w, w_r, k, u, v, eps)`` computes the head RMSNorm (when ``norm_w`` is given)
 and the router in one generated kernel (kind ``norm_router``, or ``router`` without a norm) and the
 core in the core op's kernels, or all three in one kernel (``norm_router_core`` / ``router_core``)
-where that measured faster (``_fused_kind``: decode sizes, and mid sizes on small layers). Its backward recomputes qn and r with that kernel, runs the core's
-backward kernels, then one generated kernel (``norm_router_bwd`` / ``router_bwd``) for the router's
-and the norm's backward together with their weight gradients. Only q and the weights are saved for
-backward: nothing of the norm or router is kept between the passes.
+where that measured faster (``_fused_kind``: decode sizes, and mid sizes on small layers). Its
+backward recomputes qn and r with the norm/router kernel, runs the core's backward kernels, then one
+generated kernel (``norm_router_bwd`` / ``router_bwd``) for the router's and the norm's backward
+together with their weight gradients. Only q and the weights are saved for backward: nothing of the
+norm or router is kept between the passes.
 
 The same functions back the torch custom ops ``flashmhf::layer_core`` and ``flashmhf::layer_core_bwd``
 (what torch.compile sees) and, in eager mode, a ``torch.autograd.Function``: the Python dispatch of a
@@ -15,7 +16,8 @@ small training sizes host time is what the layer's speed is made of. Both run th
 
 Host path: a call's checks are memoised per signature (shapes, dtypes, devices), and the generated
 kernels are launched through ``DirectLauncher`` (precomputed arguments) after their first launch for
-a token count; ``prepared_forward`` lets the layer do that host work before it enqueues W_in. Off CUDA (without ``TRITON_INTERPRET=1``) the same maths runs in plain PyTorch.
+a token count; ``prepared_forward`` lets the layer do that host work before it enqueues W_in. Off
+CUDA (without ``TRITON_INTERPRET=1``) the same maths runs in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from typing import NamedTuple
 
 import torch
 
+from flashmhf.cache.buckets import token_bucket
 from flashmhf.codegen import Spec, get_kind
 from flashmhf.codegen.arch import Arch
-from flashmhf.cache.buckets import token_bucket
 from flashmhf.codegen.kinds import DKUV, DQ, FORWARD, NORM_ROUTER_CORE, ROUTER_CORE
 from flashmhf.codegen.spec import kernel_dims
 from flashmhf_runtime import dispatch, op
@@ -174,7 +176,8 @@ def _norm_router_reference(q4, norm_w, w_r, eps):
     return qn, g / total, g, total, rstd
 
 
-def prepared_forward(q_like: torch.Tensor, norm_w, w_r, k, u, v, eps: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def prepared_forward(q_like: torch.Tensor, norm_w: torch.Tensor | None, w_r: torch.Tensor, k: torch.Tensor,
+                     u: torch.Tensor, v: torch.Tensor, eps: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The forward's fast path for a q with ``q_like``'s shape, dtype and device (contiguous): the
     memory it writes is allocated now, and the returned ``run(q)`` only launches and returns s
     (shaped like q). None where the fast path does not serve this call (the first call of a

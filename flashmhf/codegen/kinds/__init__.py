@@ -49,4 +49,5 @@ def get_kind(name: str) -> KernelKind:
 
 
 __all__ = ["BACKWARD", "CORE_ROLES", "DKUV", "DQ", "FORWARD", "KINDS", "NORM_ROUTER", "NORM_ROUTER_BWD",
-           "NORM_ROUTER_CORE", "ROUTER", "ROUTER_BWD", "ROUTER_CORE", "Config", "KernelKind", "Param", "Role", "format_config", "get_kind"]
+           "NORM_ROUTER_CORE", "ROUTER", "ROUTER_BWD", "ROUTER_CORE", "Config", "KernelKind", "Param", "Role",
+           "format_config", "get_kind"]

@@ -21,7 +21,6 @@ from flashmhf.codegen.kinds.base import (
     ROUTER_CORE,
     Config,
     KernelKind,
-    Param,
     Role,
     first_accepted,
     fma_products,
@@ -30,6 +29,7 @@ from flashmhf.codegen.kinds.base import (
 )
 from flashmhf.codegen.kinds.norm_router import e_pad, flops_forward
 from flashmhf.codegen.spec import Spec
+
 
 def _core_config(c: Config) -> Config:
     """The config as ``fwd``'s checks read it (pointer loads)."""
