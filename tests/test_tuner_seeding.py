@@ -140,15 +140,17 @@ def test_tables_load_from_a_cache_export_and_from_the_gpu_scripts_json(tmp_path,
 
 class _RecordingPool:
     """A compile pool that compiles nothing: records what was submitted, in order; of all the jobs
-    submitted, the first ``finish`` (None: all) finish at once, the others never start."""
+    submitted, the first ``finish`` (None: all) finish (after ``delay_s`` seconds, on a thread), the
+    others never start."""
 
-    def __init__(self, finish: int | None = None) -> None:
-        self.finish = finish
+    def __init__(self, finish: int | None = None, delay_s: float = 0.0) -> None:
+        self.finish, self.delay_s = finish, delay_s
         self.submitted: list[str] = []
         self.futures: list = []
 
     def submit(self, jobs):
         import concurrent.futures as cf
+        import threading
 
         out = []
         for _spec, config, _tokens in jobs:
@@ -156,7 +158,10 @@ class _RecordingPool:
             future = cf.Future()
             if self.finish is None or len(self.futures) + len(out) < self.finish:
                 future.set_running_or_notify_cancel()
-                future.set_result(None)
+                if self.delay_s:
+                    threading.Timer(self.delay_s, future.set_result, (None,)).start()
+                else:
+                    future.set_result(None)
             out.append(future)
         self.futures += out
         return out
@@ -193,6 +198,32 @@ def test_sure_seeds_compile_first_and_a_spent_share_cancels_the_rest(tmp_path):
     assert measured == [default, canonical_config(needle)]
     assert pool.submitted[:2] == [default, canonical_config(needle)] and len(pool.submitted) > 2
     assert all(f.cancelled() for f in pool.futures[2:])  # never started, and not waited for
+
+
+@pytest.mark.parametrize("cap_s,more", [(None, False), (30.0, True), (0.6, False)],
+                         ids=["no-cap", "cap-far", "cap-near"])
+def test_waiting_for_compiles_moves_a_keys_deadline_up_to_the_runs(tmp_path, cap_s, more):
+    """At the start of a run a key's configs compile for seconds a round (later keys load them from
+    Triton's cache), so a key's share counts measuring only: its compile waits move its deadline, up
+    to the run's deadline (``deadline_cap``). The first key then measures as the others do, not its
+    sure seeds only (2-4 configs on the H200 where the next keys measured 12-26)."""
+    import time
+
+    import optuna
+
+    from flashmhf.tuner.search import Search
+
+    table = _needle_table()
+    pool = _RecordingPool(delay_s=0.3)
+    now = time.monotonic()
+    with TuningCache(tmp_path / "c.sqlite") as cache:
+        search = Search(SPEC, 16384, H200, cache, optuna.storages.InMemoryStorage(), rp.TableWorker(table.times),
+                        trials=12, deadline=now + 0.2, seed=0, brute_force_up_to=0, batch=4, seed_caches=[],
+                        space=table.configs, compile_pool=pool, deadline_cap=None if cap_s is None else now + cap_s)
+        search.run()
+    assert (len(search.order) == 12) == more, len(search.order)
+    if cap_s is not None:
+        assert time.monotonic() - now < cap_s + 1.0  # never far past the run's deadline
 
 
 def test_with_a_compile_pool_and_time_left_the_search_measures_its_whole_budget(tmp_path):

@@ -131,17 +131,20 @@ class Search:
         seed_caches: list[Path] | None = None,
         space: list[Config] | None = None,
         arch: Arch | None = None,
+        deadline_cap: float | None = None,
     ) -> None:
         """``seed_caches``: cache files whose results seed the study besides ``cache`` (None: the files
         in effect, as the runtime reads them); ``space``: the configs to search (default: the kind's
-        pruned space at ``bucket``; the offline replay passes the configs of a measured table)."""
+        pruned space at ``bucket``; the offline replay passes the configs of a measured table);
+        ``deadline_cap``: how far waiting for compiles may move ``deadline`` (the run's own deadline;
+        None: not at all)."""
         self.spec, self.bucket, self.device = spec, bucket, device
         # What the space is pruned for and the default chosen for: the device's (its table row by default).
         self.arch = arch or arch_for_capability(device.cuda_capability)
         self.kind = get_kind(spec.kind)
         self.key = ResultKey.for_spec(spec, bucket, device)
         self.cache, self.storage, self.worker = cache, storage, worker
-        self.trials, self.deadline = trials, deadline
+        self.trials, self.deadline, self.deadline_cap = trials, deadline, deadline_cap
         self.rng = random.Random(seed)
         self.input_seed = self.rng.randrange(2**31) if seed is not None else uuid.uuid4().int % 2**31
         self.shared = shared
@@ -384,7 +387,16 @@ class Search:
         return len(picked)
 
     def _precompile(self, configs: list[Config]) -> None:
-        cf.wait(self._start_compiles(configs))
+        self._wait_compiles(self._start_compiles(configs))
+
+    def _wait_compiles(self, futures: list[cf.Future]) -> None:
+        """Wait for compiles; the wait moves the deadline (up to ``deadline_cap``). A share is for
+        measuring: the first key of a run compiles configs that its later keys load from Triton's
+        cache (seconds a round on a GPU host), and the later keys' shares come from what is left."""
+        waited = time.monotonic()
+        cf.wait(futures)
+        if self.deadline_cap is not None:
+            self.deadline = min(self.deadline + time.monotonic() - waited, max(self.deadline, self.deadline_cap))
 
     def _start_compiles(self, configs: list[Config]) -> list[cf.Future]:
         """Compiles of ``configs`` started in the pool (none without one, or for a single config:
@@ -410,7 +422,7 @@ class Search:
         # only, and the rest go on compiling meanwhile (a spent share cancels those not started).
         n_first = min(len(todo), sum(canonical_config(c) not in self.measured for c in queue[:sure]))
         compiling = self._start_compiles(todo)
-        cf.wait(compiling[:n_first])
+        self._wait_compiles(compiling[:n_first])
         for i, config in enumerate(queue):
             self._refresh_shared(study)
             # A key always gets its sure seeds (the default, given configs, the nearest key's best)
@@ -419,7 +431,7 @@ class Search:
             if self._measured_in_space() >= self._goal() or (self._done() and i >= sure and self.measured):
                 break
             if i == sure:
-                cf.wait(compiling[n_first:])
+                self._wait_compiles(compiling[n_first:])
             self._measure_fixed(study, config)
         for future in compiling:
             future.cancel()

@@ -178,7 +178,8 @@ def run(request: Request, progress: ProgressFn | None = None, say: Callable[[str
 
                 search = Search(
                     spec, bucket, device, cache, storage, worker, trials=request.trials,
-                    deadline=now + share, seed=None if request.seed is None else request.seed + i,
+                    deadline=now + share, deadline_cap=deadline if math.isfinite(deadline) else None,
+                    seed=None if request.seed is None else request.seed + i,
                     shared=request.shared, on_measure=report, compile_pool=pool, seed_caches=request.seed_caches,
                     arch=arch,
                 )
