@@ -17,8 +17,9 @@ import torch
 import flashmhf_runtime as fm
 from benchmarks.common import argument_parser, host_us
 from flashmhf.bench.baselines import swiglu, swiglu_weights
+from flashmhf.bench.layer import layer_error
 from flashmhf.bench.timing import median_ms
-from flashmhf_runtime import layer_op, op, reference
+from flashmhf_runtime import layer_op, op
 
 PATHS = {"one kernel": set(), "two steps": {"norm_router_core", "router_core"}}  # path -> kinds disabled
 
@@ -26,15 +27,6 @@ PATHS = {"one kernel": set(), "two steps": {"norm_router_core", "router_core"}} 
 def use_path(path: str) -> None:
     op.DISABLED_KINDS = set(PATHS[path])
     fm.reset()  # the fast paths keep the launchers they were given
-
-
-def float64_error(layer: fm.FlashMHF, x: torch.Tensor) -> float:
-    params = {n: t.detach().double() for n, t in layer.named_parameters()}
-    with torch.no_grad():
-        want = reference.layer(x.double(), params["w_in.weight"], params["w_out.weight"], params["k"], params["u"],
-                               params["v"], params["router"], params.get("head_norm.weight"))
-        got = layer(x).double()
-    return ((got - want).norm() / want.norm()).item()
 
 
 def launched_kernels(layer: fm.FlashMHF, x: torch.Tensor) -> int:
@@ -54,7 +46,7 @@ def rows(preset: str, tokens: int, rounds: int) -> list[str]:
     for path in PATHS:
         use_path(path)
         for _ in range(3):
-            error = float64_error(layer, x)  # the first calls set the fast path up; the last one runs on it
+            error = layer_error(layer, x, None)  # the first calls set the fast path up; the last one runs on it
         checks[path] = (error, launched_kernels(layer, x))
     samples: dict[str, list[float]] = {}
     with torch.no_grad():

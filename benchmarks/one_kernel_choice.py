@@ -14,9 +14,7 @@ import torch
 import triton
 
 from benchmarks.common import argument_parser
-from flashmhf.cache import lookup
 from flashmhf.cache.device import DeviceInfo
-from flashmhf.codegen import Spec
 from flashmhf.codegen.arch import arch_for_capability
 from flashmhf_runtime import layer_op, op
 from flashmhf_runtime.presets import PRESETS
@@ -32,22 +30,20 @@ def main(argv: list[str] | None = None) -> None:
     info = DeviceInfo(args.device, args.capability, triton.__version__, "")
     arch = arch_for_capability(tuple(int(x) for x in args.capability.split(".")))
     device = torch.device("cuda", 0)  # a key only: nothing runs on it
-    def times(kind: str, shape: tuple, bucket: int, _index: int | None) -> float | None:
-        return lookup.tuned_times(Spec(kind, *shape), info).get(bucket)
-
     print("| preset | dtype | T | one kernel ms | norm/router + core ms (core kind) | runs |")
     print("|---|---|---|---|---|---|")
-    with mock.patch.object(op, "tuned_ms", times), mock.patch.object(op, "arch_of", lambda device: arch), \
-            mock.patch.object(op, "device_info", lambda index: info):
+    # The op's own choices, with this GPU model's architecture and cache rows standing in for a device.
+    with mock.patch.object(op, "arch_of", lambda device: arch), mock.patch.object(op, "device_info", lambda i: info):
         for name, p in PRESETS.items():
             for dtype in ("bf16", "fp16"):
                 shape = (p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, dtype)
                 fused = "norm_router_core" if p.head_norm else "router_core"
                 prologue = "norm_router" if p.head_norm else "router"
                 for bucket in BUCKETS:
-                    core = op._kind.__wrapped__(op.FORWARD, shape, bucket, device, frozenset())
-                    one, two = times(fused, shape, bucket, 0), [times(k, shape, bucket, 0) for k in (prologue, core)]
-                    chosen = layer_op._fused_kind.__wrapped__(p.head_norm, shape, bucket, device)
+                    core = op.kind_for(op.FORWARD, shape, bucket, device)
+                    one = op.tuned_ms(fused, shape, bucket, 0)
+                    two = [op.tuned_ms(k, shape, bucket, 0) for k in (prologue, core)]
+                    chosen = layer_op._fused_kind(p.head_norm, shape, bucket, device)
                     two_text = "–" if None in two else f"{sum(two):.4f} ({core})"
                     print(f"| {name} | {dtype} | {bucket} | {'–' if one is None else f'{one:.4f}'} | {two_text} | "
                           f"{'one kernel' if chosen else 'two steps'} |")

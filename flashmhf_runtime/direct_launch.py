@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import operator
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -71,13 +72,6 @@ def _same_values(a: Sequence, b: Sequence) -> bool:
     return len(a) == len(b) and all(
         x is y or (not hasattr(x, "data_ptr") and not hasattr(y, "data_ptr") and x == y) for x, y in zip(a, b)
     )
-
-
-def _numel(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _stream_getter() -> Callable[[int | None], int]:
@@ -147,7 +141,7 @@ class DirectLauncher:
         self.device_index = device_index
         self.slots = tuple(module.SLOTS)
         self.n_counters = getattr(plan, "counters", 0)
-        self.ws_numel = 0 if plan.workspace is None else _numel(plan.workspace)
+        self.ws_numel = 0 if plan.workspace is None else math.prod(plan.workspace)
         counters_slot = (module.COUNTERS_SLOT,) if self.n_counters else ()
         self.env_slots = (*self.slots, module.WORKSPACE_SLOT, *counters_slot)
         self.direct: list[_Step] | None = None  # set up after the first aligned JIT launch

@@ -178,7 +178,7 @@ def _norm_router_core(spec: Spec, tokens: int, device: str, seed: int, with_refe
     _, k, u, v, _ = core_inputs(spec, tokens, q.dtype, device, seed + 1)
     norm = spec.kind == "norm_router_core"
     out = torch.full_like(q, float("nan"))
-    smallest = min(dict(zip(get_kind(spec.kind).param_names, get_kind(spec.kind).params))["block_m"].values)
+    smallest = min(next(p for p in get_kind(spec.kind).params if p.name == "block_m").values)
     counters = torch.zeros(-(-tokens * spec.group // smallest) * spec.n_kv_heads, dtype=torch.int32, device=device)
     ref = []
     if with_reference:
