@@ -19,12 +19,13 @@ the caller must ensure they are the same (the op checks it: `op.launches_directl
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import operator
 from collections.abc import Callable, Sequence
 from types import ModuleType
+
+from flashmhf_runtime import scratch
 
 log = logging.getLogger("flashmhf.direct_launch")
 
@@ -104,36 +105,14 @@ class _Step:
         self.pick = pick
 
 
-# Scratch memory of the direct path: (device index, raw stream, dtype) -> a buffer that every plan's
-# workspace on that stream uses, grown to the largest asked for. Launches on one stream run one after
-# another, so they can share it; each plan's steps finish with the workspace before the next plan's
-# kernels start. Saves an allocation per call (host time at decode sizes).
-_scratch: dict[tuple, object] = {}
-
-
-@functools.cache
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (False where torch has no CUDA)."""
-    import torch
-
-    return _has_cuda() and torch.cuda.is_current_stream_capturing()
-
-
 class DirectLauncher:
     """``launcher(*tensors)`` launches ``plan`` of ``module`` on the tensors of ``module.SLOTS``
     (for fwd: q, k, u, v, r, out).
 
-    The plan's workspace comes from the stream's shared scratch buffer (``_scratch``). A plan with
-    ``counters`` (kernels that count their programs in zeroed int32 memory and zero it again before
-    they finish) gets one counter buffer per stream, made once. During CUDA graph capture each call
-    gets a fresh workspace and fresh zeroed counters instead (memory of the graph's pool, a memset
-    node), so a graph never shares them with eager launches or other graphs."""
+    The plan's workspace and, for a plan with ``counters`` (kernels that count their programs in
+    zeroed int32 memory and zero it again before they finish), its counters are the stream's
+    scratch (``flashmhf_runtime.scratch``: shared by the launches of a stream, fresh during CUDA
+    graph capture)."""
 
     def __init__(self, module: ModuleType, plan, device_index: int | None):
         self.module = module
@@ -148,7 +127,6 @@ class DirectLauncher:
         self.gave_up = False  # the direct path cannot serve this plan (interpreter, unknown Triton)
         self._stream: Callable | None = None
         self._knobs = None
-        self._counters: dict[int, object] = {}  # raw stream -> zeroed int32 counters
 
     def __call__(self, *tensors) -> None:
         direct = self.direct
@@ -169,24 +147,9 @@ class DirectLauncher:
 
     def _scratch_for(self, stream: int, like) -> tuple:
         """(workspace or None[, counters]) for a launch on ``stream``."""
-        import torch
-
-        dtype = self.module.WORKSPACE_DTYPE
-        if _capturing():
-            ws = like.new_empty(self.ws_numel, dtype=dtype) if self.ws_numel else None
-            return (ws, like.new_zeros(self.n_counters, dtype=torch.int32)) if self.n_counters else (ws,)
-        ws = None
-        if self.ws_numel:
-            key = (self.device_index, stream, dtype)
-            ws = _scratch.get(key)
-            if ws is None or ws.numel() < self.ws_numel:
-                ws = _scratch[key] = like.new_empty(self.ws_numel, dtype=dtype)
-        if not self.n_counters:
-            return (ws,)
-        counters = self._counters.get(stream)
-        if counters is None:
-            counters = self._counters[stream] = like.new_zeros(self.n_counters, dtype=torch.int32)
-        return ws, counters
+        ws, counters = scratch.take(self.device_index, stream, like, self.ws_numel, self.module.WORKSPACE_DTYPE,
+                                    self.n_counters)
+        return (ws, counters) if self.n_counters else (ws,)
 
     def _jit(self, tensors: tuple) -> None:
         """Launch through Triton's JIT, then set the direct path up if it has not been yet."""

@@ -19,6 +19,7 @@ from flashmhf.codegen import Config, Spec, SpecError, format_config, get_kind, p
 from flashmhf.codegen.arch import DEFAULT_ARCH, Arch, arch_for_capability
 from flashmhf_runtime.jit_memo import runtime_load
 from flashmhf_runtime.replay_launch import ReplayLauncher
+from flashmhf_runtime.scratch import ScratchLauncher
 
 log = logging.getLogger("flashmhf.dispatch")
 
@@ -52,9 +53,13 @@ def choose_config(spec: Spec, tokens: int, device: DeviceInfo, arch: Arch | None
     return get_kind(spec.kind).default(spec, bucket, arch), "default"
 
 
-def _bind(spec: Spec, config: Config) -> Launcher:
-    """The module's launch with ``config`` bound; repeated calls on the same memory replay it."""
-    return ReplayLauncher(runtime_load(spec).launch, config)
+def bind(spec: Spec, config: Config) -> Launcher:
+    """The module's launch with ``config`` bound; repeated calls on the same memory replay it. A
+    module that declares ``scratch`` (a split's partials and counters) gets the stream's."""
+    module = runtime_load(spec)
+    launcher = ReplayLauncher(module.launch, config)
+    sizes = getattr(module, "scratch", None)
+    return launcher if sizes is None else ScratchLauncher(launcher, sizes, config)
 
 
 def _first_launch(key: tuple, spec: Spec, tokens: int, device_index: int | None, args: tuple) -> None:
@@ -70,7 +75,7 @@ def _first_launch(key: tuple, spec: Spec, tokens: int, device_index: int | None,
             f"d_h={spec.head_dim}, E={spec.n_experts}, d_e={spec.expert_dim}, {spec.dtype}): {exc}"
         ) from None
     config, source = choose_config(spec, tokens, device, arch)
-    launcher = _bind(spec, config)
+    launcher = bind(spec, config)
     try:
         launcher(*args)
     except Exception as exc:  # noqa: BLE001 - any compile/launch failure of a cached config
@@ -83,7 +88,7 @@ def _first_launch(key: tuple, spec: Spec, tokens: int, device_index: int | None,
         )
         lookup.demote(spec, token_bucket(tokens), device, config, repr(exc))
         config, source = get_kind(spec.kind).default(spec, token_bucket(tokens), arch), "default (cached demoted)"
-        launcher = _bind(spec, config)
+        launcher = bind(spec, config)
         launcher(*args)
     log.debug("%s tokens=%d: config %s from %s", spec.label(), tokens, format_config(config), source)
     with _lock:
@@ -118,7 +123,7 @@ def memoised_config(spec_key: tuple, tokens: int, device_index: int | None) -> C
 def _explicit_launcher(spec: Spec, items: tuple[tuple[str, int], ...], arch: Arch) -> Launcher:
     config = dict(items)
     get_kind(spec.kind).check_config(spec, config, None, arch)
-    return _bind(spec, config)
+    return bind(spec, config)
 
 
 def launch_with_config(spec_key: tuple, config: Config, *args, arch: Arch = DEFAULT_ARCH) -> None:

@@ -39,7 +39,7 @@ from flashmhf.codegen import Config, Spec, registry
 from flashmhf.codegen.arch import INTERPRETER, Arch
 from flashmhf.codegen.kinds import CORE_ROLES, DKUV, DQ, FORWARD, Role
 from flashmhf.codegen.spec import kernel_dims
-from flashmhf_runtime import direct_launch, dispatch, padding, reference
+from flashmhf_runtime import dispatch, padding, reference, scratch
 from flashmhf_runtime.direct_launch import DirectLauncher
 from flashmhf_runtime.jit_memo import runtime_load
 from flashmhf_runtime.validation import DTYPE_NAMES, check_core_inputs, check_grad_output
@@ -414,7 +414,7 @@ class _Core(torch.autograd.Function):
 # (H * d_h, spec key, device index, {token count: DirectLauncher of the config dispatch chose}).
 _fast_plans: dict[tuple, tuple[int, tuple, int | None, dict]] = {}
 dispatch.on_reset(_fast_plans.clear)
-dispatch.on_reset(direct_launch._scratch.clear)  # the direct path's per-stream scratch memory
+dispatch.on_reset(scratch.clear)  # the per-stream scratch memory of the launch paths
 
 
 @functools.cache

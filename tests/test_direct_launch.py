@@ -13,7 +13,7 @@ import triton
 
 import flashmhf_runtime as fm
 from flashmhf.codegen import Spec, load
-from flashmhf_runtime import direct_launch, op
+from flashmhf_runtime import direct_launch, op, scratch
 from flashmhf_runtime.direct_launch import DirectLauncher, argument_values
 from tests.helpers import POISON, TOLERANCE, core_inputs, misaligned, reference_core, rel_error
 
@@ -55,7 +55,8 @@ class FakeKernel:
 def _fake_launcher(monkeypatch, config=SPLIT_CONFIG, tokens=SHAPE[0], spec=SPEC, *plan_args):
     """A DirectLauncher of the real plan of ``spec``, its kernels replaced by fakes."""
     monkeypatch.setattr(direct_launch, "_stream_getter", lambda: lambda device_index: STREAM)
-    monkeypatch.setattr(direct_launch, "_scratch", {})
+    monkeypatch.setattr(scratch, "_workspace", {})
+    monkeypatch.setattr(scratch, "_counters", {})
     mod = load(spec)
     plan = mod.contiguous_plan(tokens, *plan_args, **config)
     fakes = [FakeKernel(step.kernel) for step in plan.steps]
@@ -132,7 +133,7 @@ def test_workspace_is_the_streams_scratch_and_fresh_under_graph_capture(monkeypa
     fresh memory per call (its own pool), never the eager buffer."""
     launcher, plan, fakes = _fake_launcher(monkeypatch)
     bigger, _, bigger_fakes = _fake_launcher(monkeypatch, tokens=3 * SHAPE[0])
-    direct_launch._scratch.clear()
+    scratch.clear()
     for seed in (1, 2, 3):
         launcher(*_tensors(seed))
     calls = fakes[1].compiled.calls  # the reduce: (grid, 6 launch args, ws, out, n_elems, ...)
@@ -148,7 +149,7 @@ def test_workspace_is_the_streams_scratch_and_fresh_under_graph_capture(monkeypa
     launcher._stream = lambda device_index: STREAM + 1  # as set up from Triton's stream query
     launcher(q, k, u, v, r, out)
     assert fakes[1].compiled.calls[-1][9] is not big_ws  # another stream, another buffer
-    monkeypatch.setattr(direct_launch, "_capturing", lambda: True)
+    monkeypatch.setattr(scratch, "capturing", lambda: True)
     launcher(q, k, u, v, r, out)
     launcher(q, k, u, v, r, out)
     captured = [c[9] for c in fakes[1].compiled.calls[-2:]]
@@ -170,7 +171,7 @@ def test_counters_are_zeroed_once_per_stream_and_fresh_under_graph_capture(monke
     calls = [dict(zip(names, c[9:])) for c in fakes[0].compiled.calls]
     assert len(calls) == 2 and calls[0]["count_ptr"] is calls[1]["count_ptr"]
     assert calls[0]["count_ptr"].dtype == torch.int32 and not calls[0]["count_ptr"].any()
-    monkeypatch.setattr(direct_launch, "_capturing", lambda: True)
+    monkeypatch.setattr(scratch, "capturing", lambda: True)
     launcher(*tensors)
     captured = dict(zip(names, fakes[0].compiled.calls[-1][9:]))
     assert captured["count_ptr"] is not calls[0]["count_ptr"] and not captured["count_ptr"].any()

@@ -118,15 +118,16 @@ def test_op_runs_it_from_1024_tokens_on_hopper_only(monkeypatch):
     pretend_gpu(monkeypatch, op, "9.0")
     try:
         assert op.kind_for(FORWARD, key, 1024, cuda) == "fwd_ws"
-        assert op.kind_for(FORWARD, key, 1023, cuda) == "fwd"  # decode and short prefill stay on fwd
+        assert op.kind_for(FORWARD, key, 1023, cuda) == "fwd_ws_split"  # d_ff split over more programs
+        assert op.kind_for(FORWARD, key, 255, cuda) == "fwd"  # decode and short prefill stay on fwd
         assert op.kind_for(FORWARD, (4, 4, 48, 3, 128, "bf16"), 4096, cuda) == "fwd"  # shape it cannot take
         assert op.kind_for(FORWARD, (*REPO_128M, "bf16"), 4096, cuda) == "fwd_ws"  # d_h = 96
-        assert op.kind_for(FORWARD, (*REPO_128M, "bf16"), 1023, cuda) == "fwd"
+        assert op.kind_for(FORWARD, (*REPO_128M, "bf16"), 255, cuda) == "fwd"
         assert op.kind_for(FORWARD, (*REPO_13B, "fp32"), 4096, cuda) == "fwd"
         assert op.kind_for(FORWARD, key, 4096, torch.device("cpu")) == "fwd"
         assert op.kernel_kinds(key, 4096, cuda) == {"forward": "fwd_ws", "dq": "bwd_dq_ws", "dkuv": "bwd_dkuv_ws"}
         assert op.kernel_kinds(key, 64, cuda) == {"forward": "fwd", "dq": "bwd_dq", "dkuv": "bwd_dkuv_ws"}
-        monkeypatch.setattr(op, "DISABLED_KINDS", {"fwd_ws"})
+        monkeypatch.setattr(op, "DISABLED_KINDS", {"fwd_ws", "fwd_ws_split"})
         assert op.kind_for(FORWARD, key, 4096, cuda) == "fwd"
         monkeypatch.setattr(op, "DISABLED_KINDS", set())
         pretend_gpu(monkeypatch, op, "8.0")

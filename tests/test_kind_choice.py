@@ -49,7 +49,9 @@ def record(kind: str, times: dict[int, float], device: DeviceInfo | None = None,
 
 def test_preference_decides_without_times(hopper):
     assert op.kind_for(FORWARD, SHAPE, 1024, CUDA) == "fwd_ws"
-    assert op.kind_for(FORWARD, SHAPE, 1023, CUDA) == "fwd"  # below fwd_ws's minimum
+    assert op.kind_for(FORWARD, SHAPE, 1023, CUDA) == "fwd_ws_split"  # below fwd_ws's minimum
+    assert op.kind_for(FORWARD, SHAPE, 255, CUDA) == "fwd"  # below fwd_ws_split's too
+    assert op.kind_for(FORWARD, SHAPE, 4097, CUDA) == "fwd_ws"  # above fwd_ws_split's maximum
 
 
 def test_the_kind_measured_faster_runs(hopper):
@@ -77,12 +79,12 @@ def test_a_kind_without_times_is_not_displaced(hopper):
 def test_disabled_and_unable_kinds_are_never_chosen(hopper, monkeypatch):
     record("fwd", {1024: 0.5})
     record("fwd_ws", {1024: 0.1})
-    monkeypatch.setattr(op, "DISABLED_KINDS", {"fwd_ws"})
+    monkeypatch.setattr(op, "DISABLED_KINDS", {"fwd_ws", "fwd_ws_split"})
     flashmhf_runtime.reset()
     assert op.kind_for(FORWARD, SHAPE, 1024, CUDA) == "fwd"
     monkeypatch.setattr(op, "DISABLED_KINDS", set())
     flashmhf_runtime.reset()
-    assert op.kind_for(FORWARD, SHAPE, 512, CUDA) == "fwd"  # fwd_ws needs 1024 tokens, however fast
+    assert op.kind_for(FORWARD, SHAPE, 200, CUDA) == "fwd"  # fwd_ws needs 1024 tokens, however fast
 
 
 def test_another_gpus_times_do_not_count(hopper):
@@ -126,10 +128,10 @@ def test_the_choice_is_memoised_per_call_signature_until_reset(hopper, monkeypat
     monkeypatch.setattr(registry, "candidates", lambda *a, **k: asked.append(a[2]) or real(*a, **k))
     assert [op.kind_for(FORWARD, SHAPE, 1024, CUDA) for _ in range(3)] == ["fwd_ws"] * 3
     assert asked == [1024]  # worked out once
-    assert op.kind_for(FORWARD, SHAPE, 512, CUDA) == "fwd" and asked == [1024, 512]  # another token count
-    monkeypatch.setattr(op, "DISABLED_KINDS", {"fwd_ws"})  # part of the signature: no reset needed
+    assert op.kind_for(FORWARD, SHAPE, 200, CUDA) == "fwd" and asked == [1024, 200]  # another token count
+    monkeypatch.setattr(op, "DISABLED_KINDS", {"fwd_ws", "fwd_ws_split"})  # part of the signature: no reset
     assert op.kind_for(FORWARD, SHAPE, 1024, CUDA) == "fwd"
     monkeypatch.setattr(op, "DISABLED_KINDS", set())
-    assert op.kind_for(FORWARD, SHAPE, 1024, CUDA) == "fwd_ws" and asked == [1024, 512, 1024]
+    assert op.kind_for(FORWARD, SHAPE, 1024, CUDA) == "fwd_ws" and asked == [1024, 200, 1024]
     record("fwd", {1024: 0.01})  # new tuned times, then reset() (as `flashmhf tune` does): chosen again
-    assert op.kind_for(FORWARD, SHAPE, 1024, CUDA) == "fwd" and asked == [1024, 512, 1024, 1024]
+    assert op.kind_for(FORWARD, SHAPE, 1024, CUDA) == "fwd" and asked == [1024, 200, 1024, 1024]

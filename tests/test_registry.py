@@ -96,14 +96,16 @@ def test_every_role_the_runtime_runs_ends_in_a_kind_that_needs_nothing():
 
 
 def test_tune_defaults_to_the_kinds_the_runtime_runs():
-    assert registry.default_kinds() == ["fwd_ws", "fwd", "bwd_dq_ws", "bwd_dq", "bwd_dkuv_ws", "bwd_dkuv",
+    assert registry.default_kinds() == ["fwd_ws", "fwd_ws_split", "fwd", "bwd_dq_ws", "bwd_dq", "bwd_dkuv_ws", "bwd_dkuv",
                                         "norm_router", "router", "norm_router_bwd", "router_bwd",
                                         "norm_router_core", "router_core"]
 
 
 @pytest.mark.parametrize("arch, tokens, expected", [
     (SM90, 1, ("fwd", "bwd_dq", "bwd_dkuv_ws")),
-    (SM90, 1023, ("fwd", "bwd_dq", "bwd_dkuv_ws")),
+    (SM90, 255, ("fwd", "bwd_dq", "bwd_dkuv_ws")),
+    (SM90, 256, ("fwd_ws_split", "bwd_dq", "bwd_dkuv_ws")),  # d_ff split over programs: 256-4096 tokens
+    (SM90, 1023, ("fwd_ws_split", "bwd_dq", "bwd_dkuv_ws")),
     (SM90, 1024, ("fwd_ws", "bwd_dq_ws", "bwd_dkuv_ws")),
     (SM90, 16384, ("fwd_ws", "bwd_dq_ws", "bwd_dkuv_ws")),
     (SM80, 16384, ("fwd", "bwd_dq", "bwd_dkuv")),
@@ -132,8 +134,9 @@ def test_choice_per_shape_on_hopper(dims, dtype, expected):
 
 def test_disabled_kinds_fall_back_and_the_reason_names_the_limit():
     shape = _shape(*REPO_13B)
-    assert registry.choose(FORWARD, shape, 4096, SM90, disabled={"fwd_ws"}) == "fwd"
-    assert registry.choose(FORWARD, shape, 4096, SM90, disabled={"fwd_ws", "fwd"}) is None
+    assert registry.choose(FORWARD, shape, 4096, SM90, disabled={"fwd_ws"}) == "fwd_ws_split"
+    assert registry.choose(FORWARD, shape, 4097, SM90, disabled={"fwd_ws"}) == "fwd"  # above its 4096
+    assert registry.choose(FORWARD, shape, 4096, SM90, disabled={"fwd_ws", "fwd_ws_split", "fwd"}) is None
     assert "at most 256" in registry.reason(FORWARD, _shape(4, 4, 264, 2, 64), SM90)
 
 
@@ -145,7 +148,7 @@ def test_a_new_kind_is_its_module_and_one_registry_line(monkeypatch):
     registry.runnable.cache_clear()
     try:
         shape = _shape(*REPO_13B)
-        assert [k.name for k in registry.kinds_of(FORWARD)] == ["fwd_ws", "fwd_fancy", "fwd"]
+        assert [k.name for k in registry.kinds_of(FORWARD)] == ["fwd_ws", "fwd_ws_split", "fwd_fancy", "fwd"]
         assert registry.choose(FORWARD, shape, 64, SM90, disabled={"fwd_ws"}) == "fwd_fancy"
         assert registry.choose(FORWARD, shape, 63, SM90, disabled={"fwd_ws"}) == "fwd"
         assert registry.choose(FORWARD, shape, 64, SM80) == "fwd"
@@ -184,7 +187,7 @@ def test_every_default_passes_its_archs_checks(arch):
                     continue
                 for tokens in BUCKETS:
                     config = kind.default(spec, tokens, arch)
-                    assert kind.reject(spec, config, tokens if tokens >= kind.min_tokens else None, arch) is None, \
+                    assert kind.reject(spec, config, None if kind.token_reason(tokens) else tokens, arch) is None, \
                         (arch.name, spec.label(), tokens, config)
                     if "tma" in config:
                         assert not config["tma"] or "tma" in arch.features

@@ -29,7 +29,7 @@ def test_hashes_are_distinct_per_template_and_cover_the_gluon_helpers(monkeypatc
         changed = {name for name in KINDS if template_hash(name) != hashes[name]}
     finally:
         template_hash.cache_clear()
-    assert changed == {"fwd_ws", "bwd_dq_ws", "bwd_dkuv_ws"}
+    assert changed == {"fwd_ws", "fwd_ws_split", "bwd_dq_ws", "bwd_dkuv_ws"}
 
 
 def test_head_dims_split_into_power_of_two_parts():

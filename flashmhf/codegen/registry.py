@@ -1,6 +1,6 @@
 """Which kernel runs here: the kinds of each role, in the order the runtime prefers them.
 
-A kind declares its role, what it needs of the architecture, its minimum token count and its
+A kind declares its role, what it needs of the architecture, the token counts it runs at and its
 fallback (``KernelKind``); the registry (``flashmhf.codegen.kinds.KINDS``) lists them. For a role,
 every kind is tried before the kinds it falls back to, and the first that can run the shape on the
 architecture at the token count runs. A role's last kind needs nothing of the architecture and takes
@@ -11,6 +11,7 @@ tuning cache measured fastest (flashmhf_runtime.op.kind_for); preference decides
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import replace
 from functools import cache
@@ -57,16 +58,15 @@ def _hops(kind: KernelKind) -> int:
 def why_not(kind: KernelKind, shape: Spec, tokens: int | None, arch: Arch) -> str | None:
     """Why ``kind`` does not run ``shape``'s layer shape and dtype (its kind field is ignored) at
     ``tokens`` (None: at some token count) on ``arch``; None when it does."""
-    if tokens is not None and tokens < kind.min_tokens:
-        return f"below {kind.min_tokens} tokens"
-    return kind.unavailable(arch) or kind.shape_reason(replace(shape, kind=kind.name), arch)
+    return kind.token_reason(tokens) or kind.unavailable(arch) or kind.shape_reason(replace(shape, kind=kind.name), arch)
 
 
 @cache
-def runnable(role_: Role, shape: Spec, arch: Arch) -> tuple[tuple[str, int], ...]:
-    """(kind, minimum tokens) of every kind of ``role_`` that can run ``shape`` on ``arch``, in order
-    of preference. Memoised: this is what the runtime asks on every call."""
-    return tuple((k.name, k.min_tokens) for k in kinds_of(role_) if why_not(k, shape, None, arch) is None)
+def runnable(role_: Role, shape: Spec, arch: Arch) -> tuple[tuple[str, int, float], ...]:
+    """(kind, minimum tokens, maximum tokens) of every kind of ``role_`` that can run ``shape`` on
+    ``arch``, in order of preference. Memoised: this is what the runtime asks on every call."""
+    return tuple((k.name, k.min_tokens, k.max_tokens or math.inf) for k in kinds_of(role_)
+                 if why_not(k, shape, None, arch) is None)
 
 
 def candidates(role_: Role, shape: Spec, tokens: int, arch: Arch, disabled: Collection[str] = ()) -> tuple[str, ...]:
@@ -74,7 +74,7 @@ def candidates(role_: Role, shape: Spec, tokens: int, arch: Arch, disabled: Coll
     ``arch`` and is not ``disabled``, in order of preference (the runtime may pick a later one that
     measured faster on the device)."""
     found = runnable(role_, shape if shape.kind == "" else replace(shape, kind=""), arch)
-    return tuple(name for name, min_tokens in found if tokens >= min_tokens and name not in disabled)
+    return tuple(name for name, low, high in found if low <= tokens <= high and name not in disabled)
 
 
 def choose(role_: Role, shape: Spec, tokens: int, arch: Arch, disabled: Collection[str] = ()) -> str | None:

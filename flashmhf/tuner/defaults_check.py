@@ -71,7 +71,7 @@ def _configs_by_default(spec: Spec, arch: Arch, buckets: Iterable[int]) -> list[
     kind = get_kind(spec.kind)
     grouped: dict[tuple, tuple[Config, list[int]]] = {}
     for b in buckets:
-        if b < kind.min_tokens:
+        if kind.token_reason(b):
             continue
         config = kind.default(spec, b, arch)
         grouped.setdefault(tuple(sorted(config.items())), (config, []))[1].append(b)

@@ -29,12 +29,13 @@ from flashmhf.codegen.kinds.bwd_dq_ws import BWD_DQ_WS
 from flashmhf.codegen.kinds.bwd_fused import BWD_FUSED
 from flashmhf.codegen.kinds.fwd import FWD
 from flashmhf.codegen.kinds.fwd_ws import FWD_WS
+from flashmhf.codegen.kinds.fwd_ws_split import FWD_WS_SPLIT
 from flashmhf.codegen.kinds.norm_router import NORM_ROUTER_BWD_KIND, NORM_ROUTER_KIND, ROUTER_BWD_KIND, ROUTER_KIND
 from flashmhf.codegen.kinds.norm_router_core import NORM_ROUTER_CORE_KIND, ROUTER_CORE_KIND
 
 # Within a role the runtime prefers the kinds no other kind falls back to (in this order), then their
 # fallbacks.
-_REGISTERED = (FWD, FWD_WS, BWD_DQ, BWD_DQ_WS, BWD_DKUV, BWD_DKUV_WS, BWD_FUSED, NORM_ROUTER_KIND, ROUTER_KIND,
+_REGISTERED = (FWD, FWD_WS, FWD_WS_SPLIT, BWD_DQ, BWD_DQ_WS, BWD_DKUV, BWD_DKUV_WS, BWD_FUSED, NORM_ROUTER_KIND, ROUTER_KIND,
                NORM_ROUTER_BWD_KIND, ROUTER_BWD_KIND, NORM_ROUTER_CORE_KIND, ROUTER_CORE_KIND)
 KINDS: dict[str, KernelKind] = {k.name: k for k in _REGISTERED}
 

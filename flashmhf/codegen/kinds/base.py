@@ -71,8 +71,9 @@ class KernelKind:
     arch)`` is the config to run untuned; it raises ``SpecError`` for a shape the kind cannot take.
 
     ``needs`` names the architecture features (``flashmhf.codegen.arch``) the kind cannot run
-    without; below ``min_tokens`` tokens, or where it cannot run, ``fallback`` (a kind of the same
-    role) runs instead. The registry (``flashmhf.codegen.registry``) reads these to choose.
+    without; below ``min_tokens`` tokens (or above ``max_tokens``), or where it cannot run,
+    ``fallback`` (a kind of the same role) runs instead. The registry (``flashmhf.codegen.registry``)
+    reads these to choose.
     """
 
     name: str
@@ -85,6 +86,7 @@ class KernelKind:
     flops: Callable[[Spec, int], float]
     needs: frozenset[str] = frozenset()
     min_tokens: int = 1
+    max_tokens: int | None = None
     fallback: str | None = None
     extra_hash: tuple[str, ...] = field(default_factory=tuple)
 
@@ -109,11 +111,19 @@ class KernelKind:
             h.update(extra.encode())
         return h.hexdigest()[:16]
 
+    def token_reason(self, tokens: int | None) -> str | None:
+        """Why the kind does not run at ``tokens`` (None: it does, or ``tokens`` is None)."""
+        if tokens is None:
+            return None
+        if tokens < self.min_tokens:
+            return f"below {self.min_tokens} tokens {self.fallback or 'another kind'} is the one to run"
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            return f"above {self.max_tokens} tokens {self.fallback or 'another kind'} is the one to run"
+        return None
+
     def reject(self, spec: Spec, config: Config, tokens: int | None = None, arch: Arch = DEFAULT_ARCH) -> str | None:
         """Why ``config`` cannot run ``spec`` at ``tokens`` on ``arch`` (None: it can)."""
-        if tokens is not None and tokens < self.min_tokens:
-            return f"below {self.min_tokens} tokens {self.fallback or 'another kind'} is the one to run"
-        return self.reject_fn(spec, config, tokens, arch)
+        return self.token_reason(tokens) or self.reject_fn(spec, config, tokens, arch)
 
     def default(self, spec: Spec, tokens: int, arch: Arch = DEFAULT_ARCH) -> Config:
         """The config to run ``spec`` at ``tokens`` with on ``arch`` when nothing is tuned."""
