@@ -96,7 +96,8 @@ def test_every_role_the_runtime_runs_ends_in_a_kind_that_needs_nothing():
 
 
 def test_tune_defaults_to_the_kinds_the_runtime_runs():
-    assert registry.default_kinds() == ["fwd_ws", "fwd_ws_split", "fwd", "bwd_dq_ws", "bwd_dq", "bwd_dkuv_ws", "bwd_dkuv",
+    assert registry.default_kinds() == ["fwd_ws", "fwd_ws_split", "fwd", "bwd_dq_ws", "bwd_dq", "bwd_dkuv_ws",
+                                        "bwd_dkuv",
                                         "norm_router", "router", "norm_router_bwd", "router_bwd",
                                         "norm_router_core", "router_core"]
 

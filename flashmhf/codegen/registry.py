@@ -58,7 +58,8 @@ def _hops(kind: KernelKind) -> int:
 def why_not(kind: KernelKind, shape: Spec, tokens: int | None, arch: Arch) -> str | None:
     """Why ``kind`` does not run ``shape``'s layer shape and dtype (its kind field is ignored) at
     ``tokens`` (None: at some token count) on ``arch``; None when it does."""
-    return kind.token_reason(tokens) or kind.unavailable(arch) or kind.shape_reason(replace(shape, kind=kind.name), arch)
+    return (kind.token_reason(tokens) or kind.unavailable(arch)
+            or kind.shape_reason(replace(shape, kind=kind.name), arch))
 
 
 @cache

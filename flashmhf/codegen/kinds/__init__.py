@@ -35,8 +35,8 @@ from flashmhf.codegen.kinds.norm_router_core import NORM_ROUTER_CORE_KIND, ROUTE
 
 # Within a role the runtime prefers the kinds no other kind falls back to (in this order), then their
 # fallbacks.
-_REGISTERED = (FWD, FWD_WS, FWD_WS_SPLIT, BWD_DQ, BWD_DQ_WS, BWD_DKUV, BWD_DKUV_WS, BWD_FUSED, NORM_ROUTER_KIND, ROUTER_KIND,
-               NORM_ROUTER_BWD_KIND, ROUTER_BWD_KIND, NORM_ROUTER_CORE_KIND, ROUTER_CORE_KIND)
+_REGISTERED = (FWD, FWD_WS, FWD_WS_SPLIT, BWD_DQ, BWD_DQ_WS, BWD_DKUV, BWD_DKUV_WS, BWD_FUSED, NORM_ROUTER_KIND,
+               ROUTER_KIND, NORM_ROUTER_BWD_KIND, ROUTER_BWD_KIND, NORM_ROUTER_CORE_KIND, ROUTER_CORE_KIND)
 KINDS: dict[str, KernelKind] = {k.name: k for k in _REGISTERED}
 
 
