@@ -29,7 +29,7 @@ print(",".join(k for k in names if get_kind(k).shape_reason(
     Spec(k, p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16")) is None))
 PYEOF
 }
-FORWARD=$(kinds fwd fwd_ws LAYER)
+FORWARD=$(kinds fwd fwd_ws fwd_ws_split LAYER)
 FUSED=$(kinds LAYER_core)
 BACKWARD=$(kinds bwd_dq bwd_dq_ws bwd_dkuv bwd_dkuv_ws LAYER_bwd)
 # One run tunes every dtype named, under one --time-budget: BUDGET_S for each of them.

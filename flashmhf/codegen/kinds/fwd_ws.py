@@ -18,6 +18,7 @@ from flashmhf.codegen.kinds.base import DTYPE_BYTES, FORWARD, Config, KernelKind
 from flashmhf.codegen.spec import Spec
 
 ROWS = 64  # rows per warp group; a program covers two groups
+PREFERRED_TILES = ((128, 2), (64, 3), (64, 2))  # (block_f, num_stages), best first (see ``default``)
 
 
 def estimate_smem(spec: Spec, c: Config) -> int:
@@ -46,7 +47,7 @@ def default(spec: Spec, tokens: int, arch: Arch) -> Config:
     Measured on an H200 (repo-1.3b, bf16, T = 16384; docs/benchmarks/2026-11-29-fast-sigmoid.md):
     1.83 ms, 64-wide tiles in 3 slots 1.80 (the tuner's pick); before the fast sigmoid 2.02 against
     2.27 for fwd's best config."""
-    candidates = ({"block_f": bf, "num_stages": stages} for bf, stages in ((128, 2), (64, 3), (64, 2)))
+    candidates = ({"block_f": bf, "num_stages": stages} for bf, stages in PREFERRED_TILES)
     return hopper.default("fwd_ws", spec, "fwd", reject, arch, candidates, hopper.SPLIT_HEAD_DIMS)
 
 

@@ -51,14 +51,13 @@ def default_split(spec: Spec, tokens: int, arch: Arch, values: tuple[int, ...]) 
 
 
 def default(spec: Spec, tokens: int, arch: Arch) -> Config:
-    """``fwd_ws``'s tiles and ring, split so that every SM has a program."""
-    tiles = fwd_ws.default(spec, tokens, arch)
-    split = default_split(spec, tokens, arch, SPLIT.values)
-    found = {**tiles, "split": split}
-    # A d_ff too short for the split (fewer tiles than shares): the most shares it has tiles for.
-    while reject(spec, found, None, arch) and found["split"] > min(SPLIT.values):
-        found["split"] = max(v for v in SPLIT.values if v < found["split"])
-    return found
+    """``fwd_ws``'s preferred tiles and ring, split so that every SM has a program; fewer shares
+    where d_ff has too few tiles for that many."""
+    want = default_split(spec, tokens, arch, SPLIT.values)
+    splits = sorted((s for s in SPLIT.values if s <= want), reverse=True)
+    candidates = ({"block_f": bf, "num_stages": stages, "split": split}
+                  for bf, stages in fwd_ws.PREFERRED_TILES for split in splits)
+    return hopper.default("fwd_ws_split", spec, "fwd", reject, arch, candidates, hopper.SPLIT_HEAD_DIMS)
 
 
 SPLIT = Param("split", (2, 3, 4, 8), log2=False,
