@@ -135,3 +135,18 @@ def test_the_choice_is_memoised_per_call_signature_until_reset(hopper, monkeypat
     assert op.kind_for(FORWARD, SHAPE, 1024, CUDA) == "fwd_ws" and asked == [1024, 200, 1024]
     record("fwd", {1024: 0.01})  # new tuned times, then reset() (as `flashmhf tune` does): chosen again
     assert op.kind_for(FORWARD, SHAPE, 1024, CUDA) == "fwd" and asked == [1024, 200, 1024, 1024]
+
+
+def test_tuned_times_take_a_files_fastest_row_of_a_bucket():
+    """A file may hold a bucket under two keys (tuned in an earlier config space, then again): the
+    kind choice compares the fastest, as the config lookup runs it."""
+    import dataclasses
+
+    spec = Spec("fwd", *SHAPE)
+    config = get_kind("fwd").default(spec, 1024, arch_for_capability("9.0"))
+    key = ResultKey.for_spec(spec, 1024, gpu_info())
+    with TuningCache(paths.user_cache_path()) as cache:
+        cache.record_trial(dataclasses.replace(key, space_hash="earlier-space"), config, "ok", median_ms=0.3)
+        cache.record_trial(key, config, "ok", median_ms=0.1)
+    flashmhf_runtime.reset()
+    assert tuned_times(spec, gpu_info()) == {1024: 0.1}

@@ -72,15 +72,43 @@ def test_shipped_configs_stay_in_use_on_their_gpu_and_under_another_triton(tmp_p
         for *key, median, config in rows:
             if tuple(key) not in fastest or median < fastest[tuple(key)][0]:
                 fastest[tuple(key)] = (median, json.loads(config))
+        by_spec: dict[tuple, list] = {}  # the note on another Triton comes once per spec and device
         for (*spec, bucket, device, capability, triton_version), (_, config) in fastest.items():
+            by_spec.setdefault((*spec, device, capability, triton_version), []).append((bucket, config))
+        for (*spec, device, capability, triton_version), buckets in by_spec.items():
             for running in (triton_version, "9.9.9"):
                 lookup.invalidate()
                 with warnings.catch_warnings(record=True) as said:
                     warnings.simplefilter("always")
-                    found = lookup.find_config(Spec(*spec), bucket,
-                                               DeviceInfo(device, capability, running, "2.11.0"), SM90)
+                    for bucket, config in buckets:
+                        found = lookup.find_config(Spec(*spec), bucket,
+                                                   DeviceInfo(device, capability, running, "2.11.0"), SM90)
+                        assert found is not None, (spec, bucket, running)
+                        assert found[0] == config and f"bucket {bucket}" in found[1], (spec, bucket, found)
                 assert [str(w.message) for w in said if "tuned under Triton" in str(w.message)] == (
                     [] if running == triton_version else [mock.ANY])
-                assert found is not None, (spec, bucket, running)
-                assert found[0] == config and f"bucket {bucket}" in found[1], (spec, bucket, found)
     lookup.invalidate()
+
+
+def test_the_h200_cache_holds_every_key_the_tuning_phases_name():
+    """Every preset in bf16 and fp16: each kind the runtime runs at each bucket it serves
+    (flashmhf.tuner.phases, what scripts/tune_preset.sh tunes), on the installed templates."""
+    from flashmhf.codegen import template_hash
+    from flashmhf.codegen.arch import SM90
+    from flashmhf.tuner.phases import jobs
+    from flashmhf_runtime.presets import PRESETS
+
+    path = next(p for p in SHIPPED if p.name == "nvidia-h200.sqlite")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        held = set(conn.execute(
+            "SELECT k.kind, k.n_heads, k.n_kv_heads, k.head_dim, k.n_experts, k.expert_dim, k.dtype, k.bucket, "
+            "k.template_hash FROM best b JOIN result_keys k ON k.id = b.key_id"))
+    finally:
+        conn.close()
+    wanted = [(spec, bucket) for p in PRESETS.values() for dtype in ("bf16", "fp16")
+              for spec, bucket in jobs(p, dtype, SM90)]
+    assert {spec.kind for spec, _ in wanted} >= {"fwd_ws_split", "norm_router_core", "bwd_dkuv_ws"}
+    missing = [(spec.label(), bucket) for spec, bucket in wanted
+               if (*spec.as_tuple(), bucket, template_hash(spec.kind)) not in held]
+    assert not missing, missing

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from flashmhf.codegen.spec import Spec
 
+# The buckets a GPU model's cache is tuned at by default: decode (1, 16, 64), prefill chunks and small
+# batches (256, 1024), training sizes (4096, 16384). Others are looked up at the nearest tuned one.
+TUNED_BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384)
+
 
 def token_bucket(tokens: int) -> int:
     """Tokens rounded up to a power of two: the granularity at which configs are tuned and chosen."""

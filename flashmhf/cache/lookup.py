@@ -256,7 +256,8 @@ def tuned_times(spec: Spec, device: DeviceInfo) -> dict[int, float]:
     """Median time (ms) of ``spec``'s best tuned config on ``device`` at each tuned token bucket:
     what the runtime compares to choose among the kinds of one role. Rows as :func:`find_config`
     takes them (installed template, not demoted; per bucket, the first file in effect that has one,
-    the running Triton version before others). {} when nothing is tuned."""
+    the running Triton version before others; within a file, its fastest row). {} when nothing is
+    tuned."""
     spec_key = _spec_device_key(spec, device)
     with _lock:
         if spec_key in _times:
@@ -264,8 +265,11 @@ def tuned_times(spec: Spec, device: DeviceInfo) -> dict[int, float]:
     same, other, _stale = _rows_by_file(spec, device)
     times: dict[int, float] = {}
     for _where, rows in same + other:  # the running Triton version first; files in effect in order
-        for r in rows:
-            times.setdefault(r.bucket, r.median_ms)
+        in_file: dict[int, float] = {}
+        for r in rows:  # a file may hold a bucket under several keys (e.g. earlier config spaces): its fastest
+            in_file[r.bucket] = min(r.median_ms, in_file.get(r.bucket, math.inf))
+        for bucket, ms in in_file.items():
+            times.setdefault(bucket, ms)
     with _lock:
         _times[spec_key] = times
     return dict(times)

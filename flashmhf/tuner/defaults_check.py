@@ -14,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from flashmhf.cache.buckets import TUNED_BUCKETS
 from flashmhf.codegen import Config, Spec, get_kind, registry
 from flashmhf.codegen.arch import Arch
 from flashmhf.codegen.kinds import Role
 from flashmhf.tuner.resources import KernelReport, kernel_resources
 
-BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384)
+BUCKETS = TUNED_BUCKETS
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 
+from flashmhf.cache.buckets import TUNED_BUCKETS
 from flashmhf.cache.device import device_arch, device_info, interpreting
 from flashmhf.cache.store import ResultKey, TuningCache
 from flashmhf.codegen import Spec, get_kind
@@ -24,7 +25,7 @@ from flashmhf.tuner.precompile import CompilePool
 from flashmhf.tuner.search import Search, SearchResult, study_name
 from flashmhf.tuner.worker import MeasureWorker
 
-DEFAULT_BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384)
+DEFAULT_BUCKETS = TUNED_BUCKETS
 # Under the CPU interpreter a miniature of the layer is tuned at small token counts.
 INTERPRETER_BUCKETS = (1, 16)
 

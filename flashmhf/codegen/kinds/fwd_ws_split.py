@@ -5,8 +5,9 @@ idle: 1024 tokens of 8 heads are 64 programs on an H200's 132 SMs. This kind ren
 (``fwd_ws.py.jinja``) with a third program axis that gives each program a share of the kv head's
 d_ff tiles. Each 64-row group stores its fp32 partial of s, counts it in an int32 counter (after a
 barrier of its warps, one atomic with acquire-release order), and the last of the split's programs
-sums the partials in share order (the same result whichever finished last) and writes s. The counters are left zeroed, so a
-caller may keep one buffer per stream (``scratch`` gives both sizes; the runtime passes them).
+sums the partials in share order (the same result whichever finished last) and writes s. The
+counters are left zeroed, so a caller may keep one buffer per stream (``scratch`` gives both sizes;
+the runtime passes them).
 
 It runs from 256 to 4096 tokens: below, ``fwd``'s smaller row tiles waste less of a 128-row
 program; above, ``fwd_ws`` alone has a program for every SM and the partials would only cost memory
