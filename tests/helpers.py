@@ -71,6 +71,26 @@ def ws_case_id(case) -> str:
     return "T{}-H{}-kv{}-d{}-E{}x{}-{}".format(*case[:6], str(case[6])[6:])
 
 
+def ws_spec(kind: str, case):
+    """The Spec of ``kind`` for a (tokens, H, H_kv, d_h, E, d_e, torch dtype) case."""
+    from flashmhf.codegen import Spec
+
+    _, h, h_kv, d_h, e, d_e, dtype = case
+    return Spec(kind, h, h_kv, d_h, e, d_e, "bf16" if dtype == torch.bfloat16 else "fp16")
+
+
+def ws_gpu_runs(kind: str, configs) -> list:
+    """pytest params (case, config): each case of WS_GPU_CASES and DH96_GPU_CASES with each of
+    ``configs`` that the kind accepts for its shape (128-wide tiles of d_e = 64 do not fit)."""
+    import pytest
+
+    from flashmhf.codegen import get_kind
+
+    return [pytest.param(case, config, id=ws_case_id(case) + "-" + "-".join(f"{k}{v}" for k, v in config.items()))
+            for case in WS_GPU_CASES + DH96_GPU_CASES for config in configs
+            if get_kind(kind).reject(ws_spec(kind, case), config, None) is None]
+
+
 def pretend_gpu(monkeypatch, op_module, capability: str, name: str = "pretend-gpu") -> None:
     """Make ``op_module`` (flashmhf_runtime.op) see a GPU of this compute capability, outside the
     interpreter, called ``name`` (what its tuned results are filed under)."""

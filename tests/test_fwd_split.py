@@ -18,7 +18,7 @@ from flashmhf.codegen.arch import SM80, SM90
 from flashmhf.codegen.kinds import fwd_ws_split
 from flashmhf_runtime import dispatch, scratch
 from flashmhf_runtime.scratch import ScratchLauncher
-from tests.helpers import DH96_GPU_CASES, REPO_13B, REPO_128M, WS_GPU_CASES, core_inputs, ws_case_id
+from tests.helpers import REPO_13B, REPO_128M, core_inputs, ws_gpu_runs, ws_spec
 
 KIND = get_kind("fwd_ws_split")
 REPO_370M = (8, 8, 128, 11, 256)
@@ -107,23 +107,16 @@ def test_dispatch_binds_modules_with_scratch_through_it(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ GPU
 
-def _spec(case) -> Spec:
-    _, h, h_kv, d_h, e, d_e, dtype = case
-    return Spec("fwd_ws_split", h, h_kv, d_h, e, d_e, "bf16" if dtype == torch.bfloat16 else "fp16")
-
-
-_GPU_RUNS = [pytest.param(case, config, id=f"{ws_case_id(case)}-bf{config['block_f']}-s{config['split']}")
-             for case in WS_GPU_CASES + DH96_GPU_CASES
-             for config in ({"block_f": 64, "num_stages": 3, "split": 2}, {"block_f": 128, "num_stages": 2, "split": 3},
-                            {"block_f": 64, "num_stages": 2, "split": 8})
-             if KIND.reject(_spec(case), config, None) is None]
+_GPU_RUNS = ws_gpu_runs("fwd_ws_split", ({"block_f": 64, "num_stages": 3, "split": 2},
+                                         {"block_f": 128, "num_stages": 2, "split": 3},
+                                         {"block_f": 64, "num_stages": 2, "split": 8}))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case, config", _GPU_RUNS)
 def test_kernel_matches_float64_and_leaves_its_counters_zeroed_on_gpu(case, config):
     tokens, h, h_kv, d_h, e, d_e, dtype = case
-    spec = _spec(case)
+    spec = ws_spec("fwd_ws_split", case)
     q, k, u, v, r = core_inputs(tokens, h, h_kv, d_h, e, d_e, dtype, seed=11, device="cuda")
     want = reference_f64(q, k, u, v, r)
     module = dispatch.runtime_load(spec)
@@ -143,7 +136,7 @@ def test_kernel_matches_float64_and_leaves_its_counters_zeroed_on_gpu(case, conf
 
 
 @pytest.mark.gpu
-def test_op_runs_it_on_hopper_with_the_streams_scratch():
+def test_op_runs_it_on_hopper_with_the_streams_scratch(monkeypatch):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the warp-specialized kernel needs a Hopper GPU")
     import flashmhf_runtime as fm
@@ -151,9 +144,7 @@ def test_op_runs_it_on_hopper_with_the_streams_scratch():
 
     q, k, u, v, r = core_inputs(700, 8, 8, 128, 11, 256, torch.bfloat16, seed=5, device="cuda")
     want = reference_f64(q, k, u, v, r)
-    old = set(op.DISABLED_KINDS)
-    op.DISABLED_KINDS.clear()
-    op.DISABLED_KINDS.update({"fwd"})  # between 256 and 1023 tokens only fwd_ws_split is left
+    monkeypatch.setattr(op, "DISABLED_KINDS", {"fwd"})  # between 256 and 1023 tokens only fwd_ws_split is left
     fm.reset()
     try:
         for _ in range(3):  # the first call chooses, the next take the fast path (replayed)
@@ -168,6 +159,4 @@ def test_op_runs_it_on_hopper_with_the_streams_scratch():
         torch.cuda.synchronize()
         assert rel_error(captured, want) <= 1e-2 and torch.equal(captured, eager)
     finally:
-        op.DISABLED_KINDS.clear()
-        op.DISABLED_KINDS.update(old)
         fm.reset()

@@ -14,7 +14,7 @@ from flashmhf.cli.app import main as cli
 from flashmhf.codegen import Spec, SpecError, get_kind, render
 from flashmhf.codegen.kinds import fwd_ws
 from flashmhf_runtime import dispatch
-from tests.helpers import DH96_GPU_CASES, REPO_13B, REPO_128M, WS_GPU_CASES, core_inputs, pretend_gpu, ws_case_id
+from tests.helpers import REPO_13B, REPO_128M, core_inputs, pretend_gpu, ws_gpu_runs, ws_spec
 
 KIND = get_kind("fwd_ws")
 
@@ -82,24 +82,15 @@ def test_show_renders_the_gluon_source():
 
 # ------------------------------------------------------------------------------------------------ GPU
 
-def _spec(case) -> Spec:
-    _, h, h_kv, d_h, e, d_e, dtype = case
-    return Spec("fwd_ws", h, h_kv, d_h, e, d_e, "bf16" if dtype == torch.bfloat16 else "fp16")
-
-
-# Each case with the configs of the space that fit its shape (128-wide tiles of d_e = 64 do not).
-_GPU_RUNS = [pytest.param(case, config, id=f"{ws_case_id(case)}-bf{config['block_f']}-s{config['num_stages']}")
-             for case in WS_GPU_CASES + DH96_GPU_CASES
-             for config in ({"block_f": 64, "num_stages": 3}, {"block_f": 64, "num_stages": 2},
-                            {"block_f": 128, "num_stages": 2})
-             if KIND.reject(_spec(case), config, None) is None]
+_GPU_RUNS = ws_gpu_runs("fwd_ws", ({"block_f": 64, "num_stages": 3}, {"block_f": 64, "num_stages": 2},
+                                   {"block_f": 128, "num_stages": 2}))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case, config", _GPU_RUNS)
 def test_kernel_matches_float64_on_gpu(case, config):
     tokens, h, h_kv, d_h, e, d_e, dtype = case
-    spec = _spec(case)
+    spec = ws_spec("fwd_ws", case)
     q, k, u, v, r = core_inputs(tokens, h, h_kv, d_h, e, d_e, dtype, seed=7, device="cuda")
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
     dispatch.launch_with_config(tuple(vars(spec).values()), config, q, k, u, v, r, out)
