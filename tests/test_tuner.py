@@ -279,3 +279,25 @@ def test_concurrent_tuners_of_one_key_measure_each_config_once(tmp_path):
     configs = [t.canonical_config() for t in trials]
     assert len(configs) == len(set(configs)) == 4, configs  # 3 tuners, a 4-config goal: 4 measurements
     assert sum("already tuned (4 results), nothing to do" in out for out in outputs) == 2, outputs
+
+
+def test_problems_launch_through_the_runtimes_bound_launcher(monkeypatch):
+    """A tuned time is what the runtime pays: the harness launches each config through
+    ``dispatch.bind`` (replayed arguments, the stream's scratch), bound once per config."""
+    from flashmhf.tuner.harness import make_problem
+    from flashmhf_runtime import dispatch
+
+    bound, calls = [], []
+
+    def bind(spec, config):
+        bound.append((spec.kind, dict(config)))
+        return lambda *args: calls.append(args)
+
+    monkeypatch.setattr(dispatch, "bind", bind)
+    problem = make_problem(Spec("fwd", 2, 2, 32, 2, 32, "fp32"), 4, "cpu", seed=0, with_reference=False)
+    config = get_kind("fwd").default(problem.spec, 4)
+    for _ in range(3):
+        problem.run(config)
+    problem.run({**config, "num_warps": 8})
+    assert bound == [("fwd", config), ("fwd", {**config, "num_warps": 8})]
+    assert len(calls) == 4 and all(args == problem.args for args in calls)

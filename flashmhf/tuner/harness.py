@@ -47,12 +47,11 @@ class Problem:
     args: tuple  # positional arguments of the rendered module's launch()
     outputs: list[torch.Tensor]  # tensors the kernel writes (poisoned before each check)
     reference: list[torch.Tensor] = field(default_factory=list)  # float64 expected values, same order
+    launchers: dict = field(default_factory=dict, repr=False)  # config items -> the runtime's launcher
 
     @property
     def tolerance(self) -> float:
         return (GRAD_TOLERANCE if get_kind(self.spec.kind).role.gradient else TOLERANCE)[self.spec.dtype]
-
-    launchers: dict = field(default_factory=dict, repr=False)  # config items -> the runtime's launcher
 
     def run(self, config: Config) -> object:
         """One launch with ``config``, the way the runtime launches it (``dispatch.bind``): repeated
