@@ -120,6 +120,8 @@ _REPO_13B, _REPO_128M = [16, 16, 128, 22, 256], [8, 8, 96, 8, 256]
     ("fwd_ws", _REPO_128M, None), ("fwd_ws", _REPO_128M, dict(block_f=64, num_stages=4)),  # d_h 96: 64 + 32
     ("bwd_dq_ws", _REPO_13B, None), ("bwd_dq_ws", _REPO_13B, dict(num_stages=2, pingpong=0)),
     ("bwd_dq_ws", _REPO_128M, None), ("bwd_dq_ws", _REPO_128M, dict(num_stages=4, pingpong=0)),
+    # d_ff split between programs: the partials' store, count and sum fit beside the same loop
+    ("fwd_ws_split", _REPO_128M, None), ("fwd_ws_split", _REPO_13B, dict(block_f=64, num_stages=4, split=4)),
 ])
 def test_warp_specialized_forward_and_dq_compile_for_hopper_without_spills(kind, shape, config):
     # Each row group holds a (64, d_h) fp32 accumulator (d_h = 96: two, of 64 and 32 columns) and its
