@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 
+from flashmhf.cache.buckets import TUNED_BUCKETS
 from flashmhf.codegen import KINDS, Spec, SpecError, get_kind, registry
 from flashmhf.codegen.arch import (
     CHECKED_ARCHS,
@@ -27,7 +28,7 @@ from flashmhf.codegen.spec import kernel_dims
 from flashmhf_runtime.presets import PRESETS
 
 REPO_13B = (16, 16, 128, 22, 256)
-BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384)
+BUCKETS = TUNED_BUCKETS
 
 
 def _shape(*dims, dtype="bf16") -> Spec:
