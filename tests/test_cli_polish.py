@@ -62,6 +62,18 @@ def test_show_rejects_a_negative_token_count():
     assert "--tokens must be a positive token count" in one_error_line(run("show", *SHAPE, "--tokens", "-1"))
 
 
+def test_show_says_where_a_kind_does_not_run_instead_of_compiling_it():
+    # A Gluon kind for an A100 made ptxas abort the process; a token count outside a kind's range
+    # showed a config the runtime never launches there.
+    said = one_error_line(run("show", "--preset", "repo-370m", "--kind", "fwd_ws", "--resources", "--capability", "80"))
+    assert "fwd_ws does not run on sm_80" in said and "wgmma" in said
+    said = one_error_line(run("show", "--preset", "repo-370m", "--kind", "fwd_ws_split", "--tokens", "8192"))
+    assert "fwd_ws_split runs up to 4096 tokens" in said
+    assert "runs from 1024 tokens" in one_error_line(run("show", "--preset", "repo-370m", "--kind", "fwd_ws",
+                                                         "--tokens", "100"))
+    assert run("show", "--preset", "repo-370m", "--kind", "fwd_ws_split", "--tokens", "1024").exit_code == 0
+
+
 @pytest.mark.parametrize("width", [100, None])
 def test_configs_are_printed_whole_in_narrow_terminals_and_pipes(tmp_path, monkeypatch, width):
     path = tmp_path / "c.sqlite"

@@ -28,8 +28,8 @@ def test_runs_from_256_to_4096_tokens_where_fwd_ws_runs():
     spec = Spec("fwd_ws_split", *REPO_370M, "bf16")
     config = KIND.default(spec, 1024, SM90)
     assert KIND.reject(spec, config, 1024, SM90) is None and KIND.reject(spec, config, 256, SM90) is None
-    assert "below 256" in KIND.reject(spec, config, 255, SM90)
-    assert "above 4096" in KIND.reject(spec, config, 4097, SM90)
+    assert "runs from 256 tokens" in KIND.reject(spec, config, 255, SM90)
+    assert "runs up to 4096 tokens" in KIND.reject(spec, config, 4097, SM90)
     assert "Hopper" in KIND.unavailable(SM80)
     assert KIND.shape_reason(Spec("fwd_ws_split", *REPO_128M, "bf16")) is None  # d_h 96: column parts
     assert "16-bit" in KIND.shape_reason(Spec("fwd_ws_split", *REPO_370M, "fp32"))

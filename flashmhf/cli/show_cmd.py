@@ -42,6 +42,10 @@ def show(shape: dict, kind: str, dtype: str, config_json: str | None, tokens: in
     source = render(spec)
     k = get_kind(kind)
     arch = arch_for_capability(capability)
+    if reason := k.unavailable(arch):  # e.g. a Gluon kind for an A100: ptxas would abort on its instructions
+        raise SpecError(f"{kind} does not run on {arch.name}: {reason}")
+    if tokens is not None and (reason := k.token_reason(tokens)):
+        raise SpecError(f"--tokens {tokens}: {kind} does not run there ({reason})")
     if config_json:
         try:
             config = json.loads(config_json)

@@ -116,9 +116,9 @@ class KernelKind:
         if tokens is None:
             return None
         if tokens < self.min_tokens:
-            return f"below {self.min_tokens} tokens {self.fallback or 'another kind'} is the one to run"
+            return f"{self.name} runs from {self.min_tokens} tokens ({self.fallback or 'another kind'} below)"
         if self.max_tokens is not None and tokens > self.max_tokens:
-            return f"above {self.max_tokens} tokens {self.fallback or 'another kind'} is the one to run"
+            return f"{self.name} runs up to {self.max_tokens} tokens (another kind above)"
         return None
 
     def reject(self, spec: Spec, config: Config, tokens: int | None = None, arch: Arch = DEFAULT_ARCH) -> str | None:
