@@ -30,8 +30,7 @@ def out_dir() -> Path:
 
 def preset_spec(kind: str, preset: str, dtype: str = "bf16") -> Spec:
     """The spec of kernel ``kind`` for the layer shape of ``preset``."""
-    p = get_preset(preset)
-    return Spec(kind, p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, dtype)
+    return Spec(kind, *get_preset(preset).shape, dtype)
 
 
 def use_empty_user_cache() -> Path:

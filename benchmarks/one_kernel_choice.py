@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     with mock.patch.object(op, "arch_of", lambda device: arch), mock.patch.object(op, "device_info", lambda i: info):
         for name, p in PRESETS.items():
             for dtype in ("bf16", "fp16"):
-                shape = (p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, dtype)
+                shape = (*p.shape, dtype)
                 fused = "norm_router_core" if p.head_norm else "router_core"
                 prologue = "norm_router" if p.head_norm else "router"
                 for bucket in BUCKETS:

@@ -22,6 +22,11 @@ class Preset:
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """(H, H_kv, d_h, E, d_e): the layer shape as kernel specs and cache keys name it."""
+        return (self.n_heads, self.kv_heads, self.head_dim, self.n_experts, self.expert_dim)
+
 
 def _p(name: str, d_model: int, h: int, d_h: int, d_ff: int, e: int, d_e: int, norm: bool, src: str) -> Preset:
     if d_model != h * d_h or d_ff != e * d_e:

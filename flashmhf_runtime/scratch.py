@@ -74,9 +74,9 @@ class ScratchLauncher:
         stream = 0
         if like.is_cuda:
             if self._stream is None:
-                from triton.runtime import driver
+                from flashmhf_runtime.direct_launch import _stream_getter  # imports this module
 
-                self._stream = driver.active.get_current_stream
+                self._stream = _stream_getter()
             stream = self._stream(device_index)
         ws, counters = take(device_index, stream, like, n_ws, torch.float32, n_counters)
         return self.inner(*args, ws, counters)

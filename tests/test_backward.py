@@ -367,7 +367,7 @@ def test_defaults_fit_every_preset_and_render(kind):
     k = get_kind(kind)
     for p in fm.PRESETS.values():
         for dtype_name in DTYPES:
-            spec = Spec(kind, p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, dtype_name)
+            spec = Spec(kind, *p.shape, dtype_name)
             for tokens in (1, 77, 4096, 16384):
                 config = k.default(spec, tokens)
                 assert k.reject(spec, config, tokens) is None, (p.name, dtype_name, tokens, config)

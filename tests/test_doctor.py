@@ -21,7 +21,7 @@ def isolated(tmp_path, monkeypatch):
 
 def preset_spec(name: str, kind: str = "fwd", dtype: str = "bf16") -> Spec:
     p = get_preset(name)
-    return Spec(kind, p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, dtype)
+    return Spec(kind, *p.shape, dtype)
 
 
 def test_doctor_without_cache_files():

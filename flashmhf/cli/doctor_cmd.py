@@ -65,7 +65,7 @@ def _arch_line() -> str:
     arch = device_arch()
     features = ", ".join(FEATURES[f] for f in sorted(arch.features)) or "none of wgmma, TMA, Gluon"
     p = get_preset("repo-1.3b")
-    shape_key = op.kernel_shape_key(p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim, "bf16")
+    shape_key = op.kernel_shape_key(*p.shape, "bf16")
     device = torch.device("cpu") if arch.is_interpreter else torch.device("cuda", torch.cuda.current_device())
     kinds = ", ".join(f"{role.name} {op.kind_for(role, shape_key, 16384, device)}" for role in registry.runtime_roles())
     return (f"architecture: {arch.label()}, {arch.smem_per_block // 1024} KiB shared memory per block, "
@@ -89,7 +89,7 @@ def _tuned_table(entries: list[TunedEntry]) -> Table:
     rows: list[tuple[str, list[TunedEntry]]] = []
     named = set()
     for p in PRESETS.values():
-        shape = (p.n_heads, p.kv_heads, p.head_dim, p.n_experts, p.expert_dim)
+        shape = p.shape
         named.add(shape)
         rows.append((p.name, by_shape.get(shape, [])))
     for shape, es in sorted(by_shape.items()):

@@ -37,7 +37,7 @@ PHASES = (
 
 
 def _spec(kind: str, preset: Preset, dtype: str) -> Spec:
-    return Spec(kind, preset.n_heads, preset.kv_heads, preset.head_dim, preset.n_experts, preset.expert_dim, dtype)
+    return Spec(kind, *preset.shape, dtype)
 
 
 def phase_kinds(phase: Phase, preset: Preset, dtype: str = "bf16") -> list[str]:
